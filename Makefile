@@ -1,0 +1,38 @@
+# Set-up is part of every target: `make demo` and `make test` each work on a fresh clone.
+# They create .venv here when it is missing and install everything into it, once.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sgr_d2-installed
+# torch/torchvision: the pair known to work together here (CUDA build, runs on CPU too).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
+DEMO_OUT ?= output/demo
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Everything, slow tests included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -m "slow or not slow" -q
+
+# The default fast subset.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) tools/demo_toy.py --output $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(PY) bench/sgr_overhead.py
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,215 @@
+"""Everything sgr_d2 does to run on both detectron2 v0.6 and upstream main, on today's libraries.
+
+sgr_d2 supports two detectron2 installs, which both report ``__version__ == "0.6"``:
+
+* detectron2 v0.6 as ``tools/install_detectron2.py`` installs it from PyPI (the Python files of
+  the sdist ``pb1-detectron2==0.6``, identical to upstream's tag v0.6, with no C++ extension);
+* a user's own build of upstream main (or of v0.6 with its extension).
+
+Each shim below checks whether it is needed and does nothing otherwise; ``apply()`` runs them
+all and returns the names of those that acted. It is called by ``import sgr_d2`` *before* any
+detectron2 sub-module is imported, because two of the problems strike at import time.
+
+1. ``detectron2._C`` missing (Python-only install). ``detectron2.layers`` imports it at import
+   time. We register a stub module: detectron2's own environment report reads it as "not built",
+   and calling any op in it (rotated boxes, deformable convolution, ``ROIAlignRotated``, the fast
+   COCO evaluation ``COCOeval_opt``) raises ``MissingCppOpError`` naming the op. sgr_d2 never
+   calls them (``COCOEvaluator`` is built with ``use_fast_impl=False`` when the stub is active).
+2. ``PIL.Image.LINEAR`` removed in Pillow 10. detectron2 v0.6 uses it as a default argument of
+   ``ExtentTransform``, evaluated at import. We alias it to ``Image.BILINEAR`` (the same filter).
+3. ``np.int`` / ``np.float`` / ``np.bool`` removed in NumPy 1.24 (``np.bool`` is back in 2.0).
+   detectron2 v0.6 uses them in ``SemSegEvaluator`` and ``BitMasks``. We alias each missing name
+   to the builtin it stood for, only when the installed detectron2's files still use them.
+4. ``detectron2.engine.launch`` in v0.6 asserts CUDA and hard-codes the NCCL backend, so several
+   worker processes cannot run on a CPU. ``launch()`` below uses detectron2's launcher whenever it
+   can and, only for v0.6 without CUDA, starts the workers itself with the gloo backend.
+5. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; detectron2 checkpoints hold
+   only tensors, numbers, strings and containers, which that mode accepts, so nothing is needed.
+   ``detectron2.model_zoo`` needs ``pkg_resources`` (gone from recent setuptools); sgr_d2 never
+   imports the model zoo, so nothing is done about it either.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import types
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["apply", "MissingCppOpError", "launch", "cpp_ops_available", "applied"]
+
+logger = logging.getLogger(__name__)
+
+_APPLIED: list[str] = []
+
+
+class MissingCppOpError(RuntimeError):
+    """Raised when code calls a detectron2 C++ op that this detectron2 install does not have."""
+
+
+def _missing_op(name: str):
+    def op(*args, **kwargs):
+        raise MissingCppOpError(
+            f"detectron2._C.{name} is not available: this detectron2 was installed without its "
+            "C++ extension (Python sources only, see tools/install_detectron2.py). sgr_d2 does not "
+            "use rotated boxes, deformable convolution or COCOeval_opt; to use them, build "
+            "detectron2 from source in this environment."
+        )
+
+    op.__name__ = name
+    return op
+
+
+def _stub_c_module() -> types.ModuleType:
+    mod = types.ModuleType("detectron2._C", "Stub for detectron2's missing C++ extension (sgr_d2.compat)")
+    mod.__spec__ = importlib.machinery.ModuleSpec("detectron2._C", None, origin="sgr_d2.compat stub")
+    mod.__file__ = __file__
+    mod.SGR_D2_STUB = True
+    mod.get_compiler_version = lambda: "none (Python-only detectron2; sgr_d2.compat stub)"
+    mod.get_cuda_version = lambda: "none (Python-only detectron2; sgr_d2.compat stub)"
+    mod.has_cuda = lambda: False
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _missing_op(name)
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+def _shim_c_extension() -> bool:
+    if "detectron2._C" in sys.modules:
+        return False
+    import detectron2  # the package __init__ does not import _C
+
+    if importlib.util.find_spec("detectron2._C") is not None:
+        return False
+    stub = _stub_c_module()
+    sys.modules["detectron2._C"] = stub
+    detectron2._C = stub
+    return True
+
+
+def cpp_ops_available() -> bool:
+    """True when detectron2's real C++ extension is importable (not our stub)."""
+    mod = sys.modules.get("detectron2._C")
+    if mod is None:
+        return importlib.util.find_spec("detectron2._C") is not None
+    return not getattr(mod, "SGR_D2_STUB", False)
+
+
+def _shim_pil_linear() -> bool:
+    from PIL import Image
+
+    if hasattr(Image, "LINEAR"):
+        return False
+    Image.LINEAR = Image.BILINEAR
+    return True
+
+
+_NUMPY_ALIASES = {"int": builtins.int, "float": builtins.float, "bool": builtins.bool}
+# detectron2 v0.6 files that use the removed aliases (relative to the detectron2 package).
+_NUMPY_ALIAS_USERS = ("evaluation/sem_seg_evaluation.py", "structures/masks.py")
+
+
+def _detectron2_uses_numpy_aliases(missing: list[str]) -> bool:
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(list(spec.submodule_search_locations)[0])
+    for rel in _NUMPY_ALIAS_USERS:
+        path = root / rel
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if any(f"np.{name})" in text or f"np.{name}," in text for name in missing):
+            return True
+    return False
+
+
+def _shim_numpy_aliases() -> bool:
+    missing = [name for name in _NUMPY_ALIASES if name not in np.__dict__]
+    if not missing or not _detectron2_uses_numpy_aliases(missing):
+        return False
+    for name in missing:
+        setattr(np, name, _NUMPY_ALIASES[name])
+    return True
+
+
+def apply() -> list[str]:
+    """Apply every shim that is needed; return the names of those that acted (idempotent)."""
+    for name, shim in (
+        ("detectron2._C stub", _shim_c_extension),
+        ("PIL.Image.LINEAR", _shim_pil_linear),
+        ("numpy type aliases", _shim_numpy_aliases),
+    ):
+        if name not in _APPLIED and shim():
+            _APPLIED.append(name)
+            logger.debug("sgr_d2.compat: applied %s", name)
+    return list(_APPLIED)
+
+
+def applied() -> list[str]:
+    return list(_APPLIED)
+
+
+# --------------------------------------------------------------------------- launch
+def _launch_needs_cuda() -> bool:
+    """True when the installed detectron2 launcher cannot run several workers without CUDA."""
+    import inspect
+
+    from detectron2.engine import launch as launch_mod
+
+    src = inspect.getsource(launch_mod)
+    return 'backend="NCCL"' in src
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
+           timeout=timedelta(minutes=30)):
+    """detectron2's ``launch``, except for v0.6 on a machine without CUDA (see shim 4)."""
+    import torch
+    from detectron2.engine import launch as d2_launch
+
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1 or torch.cuda.is_available() or not _launch_needs_cuda():
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    import torch.multiprocessing as mp
+
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported for several machines")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
+                timeout):
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    apply()
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
+                            timeout=timeout)
+    num_machines = world_size // num_per_machine
+    for i in range(num_machines):
+        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
+        group = dist.new_group(ranks)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)

@@ -1,0 +1,1 @@
+from .resnet import DilatedBasicBlock, build_dilated_resnet_backbone  # noqa: F401

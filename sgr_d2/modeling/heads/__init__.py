@@ -1,0 +1,1 @@
+from .fcn_head import DilatedFCNHead, per_pixel_loss  # noqa: F401

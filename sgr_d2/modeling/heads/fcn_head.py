@@ -1,0 +1,79 @@
+"""Dilated-FCN head (FCN on a dilated backbone, as in DeepLabV3's FCN baseline)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import fvcore.nn.weight_init as weight_init
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+__all__ = ["DilatedFCNHead", "per_pixel_loss"]
+
+
+def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
+    """Per-pixel cross-entropy of ``logits`` upsampled ×``scale`` to the target resolution."""
+    if scale != 1:
+        logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
+    if logits.shape[-2:] != targets.shape[-2:]:
+        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=ignore_value)
+    if not (targets != ignore_value).any():
+        loss = logits.sum() * 0.0  # an all-ignore batch trains with a zero loss, not NaN
+    return {"loss_sem_seg": loss * loss_weight}
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class DilatedFCNHead(nn.Module):
+    """``NUM_CONVS`` 3×3 conv-norm-ReLU on one feature map, dropout, a 1×1 classifier.
+
+    Same contract as detectron2's ``SemSegFPNHead``: ``forward(features, targets)`` returns
+    ``(None, losses)`` in training and ``(logits at the input resolution, {})`` in inference.
+    """
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_feature: str, num_classes: int,
+                 conv_dims: int, num_convs: int, dropout: float, norm: str, ignore_value: int = 255,
+                 loss_weight: float = 1.0):
+        super().__init__()
+        if in_feature not in input_shape:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURE is {in_feature!r}; the backbone produces {sorted(input_shape)}"
+            )
+        self.in_feature = in_feature
+        self.stride = input_shape[in_feature].stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        channels = input_shape[in_feature].channels
+        convs = []
+        for _ in range(num_convs):
+            conv = Conv2d(channels, conv_dims, 3, padding=1, bias=not norm, norm=get_norm(norm, conv_dims),
+                          activation=F.relu)
+            weight_init.c2_msra_fill(conv)
+            convs.append(conv)
+            channels = conv_dims
+        self.convs = nn.Sequential(*convs)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        h = cfg.MODEL.SEM_SEG_HEAD
+        return dict(input_shape=input_shape, in_feature=h.IN_FEATURE, num_classes=h.NUM_CLASSES,
+                    conv_dims=h.CONVS_DIM, num_convs=h.NUM_CONVS, dropout=h.DROPOUT, norm=h.NORM,
+                    ignore_value=h.IGNORE_VALUE, loss_weight=h.LOSS_WEIGHT)
+
+    def layers(self, features):
+        return self.predictor(self.dropout(self.convs(features[self.in_feature])))
+
+    def forward(self, features, targets=None):
+        x = self.layers(features)
+        if self.training:
+            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
+        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        return x, {}

@@ -1,0 +1,139 @@
+"""``build_sgr_backbone``: any registered detectron2 backbone with SGR after one of its stages."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from detectron2.layers import get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from ..config import validate_sgr_config
+from ..sgr import SGRModule
+
+__all__ = ["SGRBackbone", "build_sgr_backbone", "sgr_module_from_config", "find_sgr_backbone"]
+
+
+def sgr_module_from_config(cfg, in_channels: int, num_classes: Optional[int] = None) -> SGRModule:
+    s = cfg.MODEL.SGR
+    return SGRModule(
+        in_channels,
+        num_tokens=s.NUM_TOKENS,
+        token_dim=s.TOKEN_DIM,
+        num_layers=s.NUM_LAYERS,
+        num_heads=s.NUM_HEADS,
+        ffn_dim=s.FFN_DIM,
+        dropout=s.DROPOUT,
+        num_classes=num_classes,
+        norm_layer=lambda c: get_norm(s.NORM, c),
+        eps=s.EPS,
+    )
+
+
+class SGRBackbone(Backbone):
+    """Wraps ``backbone`` and applies SGR to the output of its stage ``in_feature``.
+
+    The stage is found as a sub-module named ``in_feature`` (``res4``, ``res5`` of detectron2's
+    ResNet, the stages of the Swin wrapper, ...) whose output is replaced through a forward
+    hook, so later stages and every returned feature see the SGR output. A backbone with a
+    ``bottom_up`` network (detectron2's FPN) gets SGR inside its bottom-up path. Otherwise the
+    feature must be one of the backbone's outputs and SGR is applied to it on return.
+
+    ``output_shape()`` and ``size_divisibility`` are the wrapped backbone's. After each forward,
+    ``self.sgr_outputs`` holds the component's region maps, logits and tokens for the losses.
+    """
+
+    def __init__(self, backbone: Backbone, in_feature: str, sgr: SGRModule):
+        super().__init__()
+        self.backbone = backbone
+        self.in_feature = in_feature
+        self.sgr = sgr
+        self.sgr_outputs: Optional[Dict[str, torch.Tensor]] = None
+        self._post_hoc = False
+        stage = self._find_stage(backbone, in_feature)
+        if stage is None:
+            if in_feature not in backbone.output_shape():
+                raise ValueError(
+                    f"MODEL.SGR.IN_FEATURE is {in_feature!r}, but the backbone "
+                    f"{type(backbone).__name__} has no stage of that name; its outputs are "
+                    f"{sorted(backbone.output_shape())}"
+                )
+            self._post_hoc = True
+        else:
+            stage.register_forward_hook(self._hook)
+
+    @staticmethod
+    def _find_stage(backbone: nn.Module, name: str) -> Optional[nn.Module]:
+        for candidate in (backbone, getattr(backbone, "bottom_up", None)):
+            if candidate is None:
+                continue
+            stage = getattr(candidate, name, None)
+            if isinstance(stage, nn.Module):
+                return stage
+        return None
+
+    def _hook(self, module, inputs, output):
+        y, self.sgr_outputs = self.sgr(output)
+        return y
+
+    def forward(self, x):
+        self.sgr_outputs = None
+        features = self.backbone(x)
+        if self._post_hoc:
+            features = dict(features)
+            features[self.in_feature], self.sgr_outputs = self.sgr(features[self.in_feature])
+        return features
+
+    def output_shape(self):
+        return self.backbone.output_shape()
+
+    @property
+    def size_divisibility(self):
+        return self.backbone.size_divisibility
+
+    @property
+    def padding_constraints(self):
+        return getattr(self.backbone, "padding_constraints", {})
+
+
+def _stage_channels(backbone: Backbone, name: str, cfg) -> int:
+    for candidate in (backbone, getattr(backbone, "bottom_up", None)):
+        if candidate is not None and name in candidate.output_shape():
+            return candidate.output_shape()[name].channels
+    stage = SGRBackbone._find_stage(backbone, name)
+    channels = getattr(stage, "out_channels", None)
+    if channels is None:
+        outs = sorted(backbone.output_shape())
+        raise ValueError(
+            f"MODEL.SGR.IN_FEATURE is {name!r}, but the backbone {type(backbone).__name__} "
+            f"does not produce it; its outputs are {outs}"
+        )
+    return channels
+
+
+@BACKBONE_REGISTRY.register()
+def build_sgr_backbone(cfg, input_shape):
+    """Builds ``cfg.MODEL.SGR.BACKBONE_NAME`` and inserts SGR after ``cfg.MODEL.SGR.IN_FEATURE``."""
+    validate_sgr_config(cfg)
+    name = cfg.MODEL.SGR.BACKBONE_NAME
+    if name == "build_sgr_backbone":
+        raise ValueError("MODEL.SGR.BACKBONE_NAME cannot be build_sgr_backbone itself")
+    if name not in BACKBONE_REGISTRY:
+        raise KeyError(
+            f"MODEL.SGR.BACKBONE_NAME is {name!r}, which is not a registered backbone; "
+            f"registered: {sorted(k for k, _ in BACKBONE_REGISTRY)}"
+        )
+    inner = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
+    in_feature = cfg.MODEL.SGR.IN_FEATURE
+    channels = _stage_channels(inner, in_feature, cfg)
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if cfg.MODEL.SGR.CLASS_WEIGHT > 0 else None
+    return SGRBackbone(inner, in_feature, sgr_module_from_config(cfg, channels, num_classes))
+
+
+def find_sgr_backbone(model: nn.Module) -> Optional[SGRBackbone]:
+    """The SGRBackbone inside ``model`` (None when it has none)."""
+    for m in model.modules():
+        if isinstance(m, SGRBackbone):
+            return m
+    return None

@@ -1,0 +1,24 @@
+"""The framework-agnostic SGR core: pure PyTorch (plus NumPy/SciPy/OpenCV), no detectron2.
+
+* :class:`SGRModule` — the component (SGR_SPEC §1);
+* :func:`connected_components` — supervision targets (SGR_SPEC §2);
+* :func:`pairwise_cost`, :func:`match_tokens` — the cost matrix and matching;
+* :class:`SGRCriterion` — the union, class and diversity losses with the β weighting.
+"""
+from .components import component_label_map, connected_components
+from .losses import SGRCriterion, downsample_components, weighted_bce, weighted_dice
+from .matching import MATCHING_MODES, match_tokens, pairwise_cost
+from .module import SGRModule
+
+__all__ = [
+    "SGRModule",
+    "SGRCriterion",
+    "connected_components",
+    "component_label_map",
+    "match_tokens",
+    "pairwise_cost",
+    "downsample_components",
+    "weighted_bce",
+    "weighted_dice",
+    "MATCHING_MODES",
+]

@@ -1,0 +1,140 @@
+"""SGR losses from connected components (SGR_SPEC §2): union, class and diversity terms.
+
+Resolution: the component masks are resized *down* to the region maps' resolution with area
+interpolation, so a target pixel holds the fraction of its area covered by the component.
+Pixels of the ignore label (and the padding) belong to no component; each reduced pixel is
+weighted by its labelled fraction ``w(x) = Σ_j M_j(x)`` and its targets are divided by it.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .matching import MATCHING_MODES, match_tokens, pairwise_cost
+
+__all__ = ["SGRCriterion", "downsample_components", "weighted_bce", "weighted_dice"]
+
+
+def downsample_components(masks: torch.Tensor, size: Sequence[int], eps: float = 1e-6):
+    """(N, H, W) bool masks -> ((N, h*w) soft targets, (h*w,) pixel weights)."""
+    n = masks.shape[0]
+    if n == 0:
+        weight = masks.new_zeros((int(size[0]) * int(size[1]),), dtype=torch.float32)
+        return masks.new_zeros((0, weight.numel()), dtype=torch.float32), weight
+    soft = F.interpolate(masks[None].float(), size=tuple(size), mode="area")[0]  # (N, h, w)
+    soft = soft.flatten(1)
+    weight = soft.sum(0).clamp(max=1.0)
+    targets = soft / weight.clamp(min=eps)
+    return targets.clamp(max=1.0), weight
+
+
+def weighted_bce(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Per-row weighted mean of binary cross-entropy between probabilities and targets."""
+    p = pred.clamp(eps, 1 - eps)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
+    return (bce * weight).sum(-1) / weight.sum().clamp(min=eps)
+
+
+def weighted_dice(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor):
+    """Per-row ``1 - (2 Σ w p t + 1) / (Σ w p + Σ w t + 1)``."""
+    inter = (pred * target * weight).sum(-1)
+    return 1 - (2 * inter + 1) / ((pred * weight).sum(-1) + (target * weight).sum(-1) + 1)
+
+
+def _world_mean_count(count: float, device) -> float:
+    """Average a count over distributed workers (as MaskFormer averages its mask count)."""
+    t = torch.as_tensor([float(count)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t = t / torch.distributed.get_world_size()
+    return max(float(t.item()), 1.0)
+
+
+class SGRCriterion(nn.Module):
+    """Computes ``β · (w_u L_union + w_c L_cls + w_d L_div)`` from SGR outputs and components.
+
+    ``forward(outputs, targets)``:
+      * ``outputs``: the dict returned by :class:`SGRModule` (``region_maps`` (B, K, h, w),
+        optional ``token_logits`` (B, K, num_classes));
+      * ``targets``: one dict per image with ``masks`` (N, H, W) bool at the (padded) input
+        resolution and ``classes`` (N,) int64.
+    Returns ``{"loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}``, already weighted.
+    """
+
+    def __init__(
+        self,
+        num_matched: int = 64,
+        matching: str = "hybrid",
+        cost_dice_weight: float = 1.0,
+        union_dice_weight: float = 1.0,
+        union_weight: float = 1.0,
+        class_weight: float = 1.0,
+        diversity_weight: float = 1.0,
+        loss_weight: float = 0.25,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if matching not in MATCHING_MODES:
+            raise ValueError(f"SGRCriterion: matching must be one of {MATCHING_MODES}, got {matching!r}")
+        self.num_matched = num_matched
+        self.matching = matching
+        self.cost_dice_weight = cost_dice_weight
+        self.union_dice_weight = union_dice_weight
+        self.union_weight = union_weight
+        self.class_weight = class_weight
+        self.diversity_weight = diversity_weight
+        self.loss_weight = loss_weight
+        self.eps = eps
+
+    @torch.no_grad()
+    def match(self, regions: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
+        cost = pairwise_cost(regions, targets, weight, self.cost_dice_weight, self.eps)
+        return match_tokens(cost, min(self.num_matched, regions.shape[0]), self.matching)
+
+    def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
+        regions = outputs["region_maps"]
+        token_logits: Optional[torch.Tensor] = outputs.get("token_logits")
+        b, k, h, w = regions.shape
+        if len(targets) != b:
+            raise ValueError(f"SGRCriterion: {b} images but {len(targets)} component targets")
+        zero = regions.sum() * 0.0  # keeps the graph connected when nothing is supervised
+        union_sum, cls_sum, div_sum = zero, zero, zero
+        n_comp = n_tok = n_pairs = 0
+        for i, tgt in enumerate(targets):
+            masks = tgt["masks"].to(regions.device)
+            if masks.shape[0] == 0:
+                continue
+            soft, weight = downsample_components(masks, (h, w), self.eps)
+            p = regions[i].flatten(1)  # (K, hw)
+            tok, comp = self.match(p.detach().float(), soft, weight)
+            matched = torch.unique(comp)
+            union = p.new_zeros((soft.shape[0], p.shape[1])).index_add(0, comp, p[tok])
+            union = union[matched].clamp(max=1.0)
+            t = soft[matched]
+            union_sum = union_sum + (
+                weighted_bce(union, t, weight, self.eps)
+                + self.union_dice_weight * weighted_dice(union, t, weight)
+            ).sum()
+            n_comp += len(matched)
+            if token_logits is not None:
+                classes = tgt["classes"].to(regions.device)[comp]
+                cls_sum = cls_sum + F.cross_entropy(token_logits[i, tok], classes, reduction="sum")
+                n_tok += len(tok)
+            if len(tok) > 1:
+                pm = F.normalize(p[tok], dim=1, eps=self.eps)
+                cos = pm @ pm.T
+                diff = (comp[:, None] != comp[None, :]).triu(diagonal=1)
+                if diff.any():
+                    div_sum = div_sum + F.relu(cos[diff]).sum()
+                    n_pairs += int(diff.sum())
+        n_comp = _world_mean_count(n_comp, regions.device)
+        n_tok = _world_mean_count(n_tok, regions.device)
+        beta = self.loss_weight
+        return {
+            "loss_sgr_union": beta * self.union_weight * union_sum / n_comp,
+            "loss_sgr_cls": beta * self.class_weight * cls_sum / n_tok,
+            "loss_sgr_div": beta * self.diversity_weight * div_sum / max(n_pairs, 1),
+        }

@@ -1,0 +1,94 @@
+"""Cost matrix and token-to-component matching (SGR_SPEC §2)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["MATCHING_MODES", "pairwise_cost", "match_tokens"]
+
+MATCHING_MODES = ("hybrid", "greedy", "hungarian")
+
+
+def pairwise_cost(
+    regions: torch.Tensor,
+    targets: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    dice_weight: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``C[k, j] = BCE(P_k, M_j) + ρ · Dice(P_k, M_j)``.
+
+    Args:
+        regions: P, (K, X) probabilities of the K region maps over X pixels.
+        targets: M, (N, X) component masks in [0, 1] (soft at reduced resolution).
+        weight: (X,) pixel weights (1 = labelled, 0 = ignore); None means all ones.
+        dice_weight: ρ.
+
+    BCE is the weighted mean over pixels; Dice is ``1 - (2 Σ w P M + 1) / (Σ w P + Σ w M + 1)``.
+    """
+    if weight is None:
+        weight = regions.new_ones(regions.shape[1])
+    wsum = weight.sum().clamp(min=eps)
+    p = regions.clamp(eps, 1 - eps)
+    t = targets.to(regions.dtype)
+    logp = torch.log(p) * weight
+    log1mp = torch.log1p(-p) * weight
+    bce = -(logp @ t.T + log1mp @ (1 - t).T) / wsum
+    pw = regions * weight
+    tw = t * weight
+    dice = 1 - (2 * pw @ t.T + 1) / (pw.sum(1, keepdim=True) + tw.sum(1).unsqueeze(0) + 1)
+    return bce + dice_weight * dice
+
+
+def match_tokens(cost: torch.Tensor, num_matched: int, mode: str = "hybrid") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Match tokens (rows of ``cost``) to components (columns).
+
+    Modes:
+      * ``"hungarian"``: a one-to-one assignment minimising the total cost, of
+        ``min(K, N, num_matched)`` pairs (when the optimal assignment has more pairs than
+        ``num_matched``, its cheapest ``num_matched`` pairs are kept);
+      * ``"greedy"``: the ``num_matched`` tokens with the lowest ``min_j cost[k, j]``, each to
+        its ``argmin_j``;
+      * ``"hybrid"`` (default, SGR_SPEC §2): the hungarian pairs, then the remaining tokens with
+        the lowest ``min_j cost[k, j]`` each to its ``argmin_j`` until ``num_matched`` tokens are
+        matched. With ``num_matched >= N`` every component gets at least one token.
+
+    Returns:
+        (token_idx, component_idx): int64 tensors of equal length, on ``cost``'s device.
+    """
+    if mode not in MATCHING_MODES:
+        raise ValueError(f"match_tokens: mode must be one of {MATCHING_MODES}, got {mode!r}")
+    if cost.dim() != 2:
+        raise ValueError(f"match_tokens: cost must be (K, N), got shape {tuple(cost.shape)}")
+    k, n = cost.shape
+    if num_matched > k:
+        raise ValueError(f"match_tokens: num_matched ({num_matched}) > number of tokens ({k})")
+    device = cost.device
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    if n == 0 or num_matched <= 0:
+        return empty, empty.clone()
+    c = cost.detach().float().cpu().numpy()
+    if not np.isfinite(c).all():
+        raise ValueError("match_tokens: the cost matrix has NaN or infinite entries")
+
+    rows = np.zeros(0, dtype=np.int64)
+    cols = np.zeros(0, dtype=np.int64)
+    if mode in ("hungarian", "hybrid"):
+        rows, cols = linear_sum_assignment(c)
+        if len(rows) > num_matched:
+            keep = np.sort(np.argsort(c[rows, cols], kind="stable")[:num_matched])
+            rows, cols = rows[keep], cols[keep]
+    if mode in ("greedy", "hybrid"):
+        need = num_matched - len(rows)
+        free = np.setdiff1d(np.arange(k), rows)
+        best = c[free].min(axis=1)
+        order = np.argsort(best, kind="stable")[:need]
+        extra = free[order]
+        rows = np.concatenate([rows, extra])
+        cols = np.concatenate([cols, c[extra].argmin(axis=1)])
+    token_idx = torch.as_tensor(rows, dtype=torch.int64, device=device)
+    comp_idx = torch.as_tensor(cols, dtype=torch.int64, device=device)
+    return token_idx, comp_idx
