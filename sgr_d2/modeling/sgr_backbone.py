@@ -12,7 +12,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from ..config import validate_sgr_config
 from ..sgr import SGRModule
 
-__all__ = ["SGRBackbone", "build_sgr_backbone", "sgr_module_from_config", "find_sgr_backbone"]
+__all__ = ["SGRBackbone", "build_sgr_backbone", "sgr_module_from_config", "find_sgr_backbone",
+           "attach_sgr_regions"]
 
 
 def sgr_module_from_config(cfg, in_channels: int, num_classes: Optional[int] = None) -> SGRModule:
@@ -137,3 +138,20 @@ def find_sgr_backbone(model: nn.Module) -> Optional[SGRBackbone]:
         if isinstance(m, SGRBackbone):
             return m
     return None
+
+
+def attach_sgr_regions(results, backbone, image_sizes, padded_hw):
+    """Add ``"sgr_regions"`` (K, h, w) to each inference result of a model with SGR.
+
+    The region maps cover the padded batch; each image keeps the part over its own pixels
+    (``ceil(size / stride)`` feature cells). The token-semantics metrics and the figures read them.
+    """
+    if not isinstance(backbone, SGRBackbone) or backbone.sgr_outputs is None:
+        return results
+    regions = backbone.sgr_outputs["region_maps"]
+    fh, fw = regions.shape[-2:]
+    for i, (r, (h, w)) in enumerate(zip(results, image_sizes)):
+        vh = min(fh, -(-h * fh // padded_hw[0]))
+        vw = min(fw, -(-w * fw // padded_hw[1]))
+        r["sgr_regions"] = regions[i, :, :vh, :vw]
+    return results

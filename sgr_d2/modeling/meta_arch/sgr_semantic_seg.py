@@ -12,7 +12,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ...sgr import SGRCriterion
-from ..sgr_backbone import SGRBackbone
+from ..sgr_backbone import SGRBackbone, attach_sgr_regions
 
 __all__ = ["SGRSemanticSegmentor", "build_sgr_criterion", "pad_component_targets", "sgr_losses"]
 
@@ -64,7 +64,8 @@ class SGRSemanticSegmentor(SemanticSegmentor):
 
     Training returns the head's losses and, when the backbone is a :class:`SGRBackbone`,
     ``loss_sgr_union``, ``loss_sgr_cls`` and ``loss_sgr_div``. Inference returns, per image,
-    ``{"sem_seg": (num_classes, height, width) softmax probabilities}``.
+    ``{"sem_seg": (num_classes, height, width) softmax probabilities}`` and, with SGR,
+    ``"sgr_regions"``: the (K, h, w) region maps over the image (see ``attach_sgr_regions``).
     """
 
     @configurable
@@ -108,4 +109,4 @@ class SGRSemanticSegmentor(SemanticSegmentor):
             width = x.get("width", image_size[1])
             r = sem_seg_postprocess(logit, image_size, height, width)
             results.append({"sem_seg": r.softmax(dim=0)})
-        return results
+        return attach_sgr_regions(results, self.backbone, images.image_sizes, images.tensor.shape[-2:])
