@@ -1,0 +1,127 @@
+"""Cityscapes (fine annotations, 19 train ids) for semantic segmentation.
+
+detectron2's ``builtin`` module already registers ``cityscapes_fine_sem_seg_{train,val}``
+(loader ``load_cityscapes_semantic``, ``evaluator_type="cityscapes_sem_seg"``). We keep those
+names, that loader and that metadata, and only add what sgr_d2 needs:
+
+* the loader resolves the root when it runs (detectron2's binds ``$DETECTRON2_DATASETS`` at
+  import time), checks the folders and the ``*_gtFine_labelTrainIds.png`` files made by
+  ``datasets/prepare_cityscapes_sem_seg.py``, and refreshes ``image_dir``/``gt_dir``/
+  ``instance_root`` in the metadata to the folders it read;
+* metadata ``stuff_colors`` (the train-id colors of ``cityscapesscripts.helpers.labels``),
+  ``instance_root`` (the ``gtFine/<split>`` folder), ``instance_suffix`` and
+  ``instance_source="instance_file"``: the instance map of a dataset dict is the
+  ``*_gtFine_instanceIds.png`` beside its label file, see
+  :func:`sgr_d2.data.datasets.instance_map_path`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.cityscapes import load_cityscapes_semantic
+
+from . import (
+    INSTANCE_FROM_FILE,
+    DatasetLayoutError,
+    datasets_root,
+    refresh_metadata_paths,
+    require_dir,
+)
+
+__all__ = ["CITYSCAPES_TRAIN_ID_COLORS", "load_cityscapes_sem_seg", "register_all_cityscapes"]
+
+_SPLITS = {"cityscapes_fine_sem_seg_train": "train", "cityscapes_fine_sem_seg_val": "val"}
+_PREPARE = "datasets/prepare_cityscapes_sem_seg.py"
+_LAYOUT = """\
+cityscapes/
+  leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+  gtFine/{train,val}/<city>/<name>_gtFine_{labelIds.png,instanceIds.png,polygons.json}
+  gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png   (made by prepare_cityscapes_sem_seg.py)"""
+
+
+def _train_id_colors() -> list[list[int]]:
+    from cityscapesscripts.helpers.labels import labels
+
+    by_train_id = {}
+    for label in labels:
+        if 0 <= label.trainId < 255 and label.trainId not in by_train_id:
+            by_train_id[label.trainId] = list(label.color)
+    return [by_train_id[k] for k in range(len(by_train_id))]
+
+
+CITYSCAPES_TRAIN_ID_COLORS = _train_id_colors()
+
+
+def _split_dirs(root: str, split: str) -> tuple[str, str]:
+    base = os.path.join(root, "cityscapes")
+    return os.path.join(base, "leftImg8bit", split), os.path.join(base, "gtFine", split)
+
+
+def _check_label_files(image_dir: str, gt_dir: str, dataset: str) -> None:
+    """Every image needs its train-id map and polygon file (read by detectron2's loader)."""
+    suffix = "_leftImg8bit.png"
+    for city in sorted(os.listdir(image_dir)):
+        city_dir = os.path.join(image_dir, city)
+        if not os.path.isdir(city_dir):
+            continue
+        for image in sorted(os.listdir(city_dir)):
+            if not image.endswith(suffix):
+                continue
+            stem = os.path.join(gt_dir, city, image[: -len(suffix)])
+            for ending, hint in (("_gtFine_labelTrainIds.png",
+                                  f"Run `python {_PREPARE}` to generate the train-id label files. "),
+                                 ("_gtFine_polygons.json", "")):
+                if not os.path.isfile(stem + ending):
+                    raise DatasetLayoutError(
+                        f"{dataset}: file not found: {stem + ending!r} (for image "
+                        f"{os.path.join(city_dir, image)!r}).\nExpected layout:\n{_LAYOUT}\n"
+                        f"{hint}See datasets/README.md."
+                    )
+
+
+def load_cityscapes_sem_seg(split: str, root: Optional[str] = None,
+                            name: Optional[str] = None) -> list:
+    """detectron2's ``load_cityscapes_semantic`` on ``<root>/cityscapes``, root resolved now.
+
+    Raises :class:`DatasetLayoutError` naming the missing folder or label file.
+    """
+    root = datasets_root(root)
+    image_dir, gt_dir = _split_dirs(root, split)
+    dataset = name or f"Cityscapes {split}"
+    require_dir(os.path.join(root, "cityscapes"), dataset=dataset, layout=_LAYOUT)
+    require_dir(image_dir, dataset=dataset, layout=_LAYOUT)
+    require_dir(gt_dir, dataset=dataset, layout=_LAYOUT)
+    _check_label_files(image_dir, gt_dir, dataset)
+    dicts = load_cityscapes_semantic(image_dir, gt_dir)
+    if name is not None:
+        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir, instance_root=gt_dir)
+    return dicts
+
+
+def register_all_cityscapes(root: Optional[str] = None) -> None:
+    """Complete detectron2's registration of the train and val splits (see module docstring)."""
+    for name, split in _SPLITS.items():
+        image_dir, gt_dir = _split_dirs(datasets_root(root), split)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)  # same name, same data: only the loader is replaced
+        DatasetCatalog.register(name, functools.partial(load_cityscapes_sem_seg, split, root, name))
+        meta = MetadataCatalog.get(name)
+        if "stuff_classes" not in meta.__dict__:  # only if detectron2 did not register it
+            from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+            meta.set(evaluator_type="cityscapes_sem_seg", ignore_label=255,
+                     **_get_builtin_metadata("cityscapes"))
+        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir, instance_root=gt_dir)
+        for key, value in dict(
+            stuff_colors=[list(c) for c in CITYSCAPES_TRAIN_ID_COLORS],
+            instance_suffix="_gtFine_instanceIds.png",
+            instance_source=INSTANCE_FROM_FILE,
+        ).items():
+            if key not in meta.__dict__:
+                meta.set(**{key: value})
+
+
+register_all_cityscapes()

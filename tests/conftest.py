@@ -1,0 +1,32 @@
+"""Shared test set-up: sgr_d2 first (compat shims), a private DETECTRON2_DATASETS, small configs."""
+import os
+import tempfile
+
+import pytest
+
+# The toy dataset is generated here once per test session (a few seconds), not in ./datasets.
+_DATASETS = tempfile.mkdtemp(prefix="sgr_d2_tests_datasets_")
+os.environ.setdefault("DETECTRON2_DATASETS", _DATASETS)
+
+import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_SGR = os.path.join(REPO, "configs", "toy", "dil_fcn_r18_sgr.yaml")
+TOY_BASE = os.path.join(REPO, "configs", "toy", "dil_fcn_r18.yaml")
+
+
+def tiny_toy_cfg(config_file=TOY_SGR, *opts):
+    """The toy config shrunk further for unit tests (CPU, 2 images, no workers)."""
+    from sgr_d2.engine import load_config
+
+    cfg = load_config(config_file, ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
+                                    "SOLVER.IMS_PER_BATCH", "2", *opts])
+    return cfg
+
+
+@pytest.fixture
+def toy_cfg():
+    return tiny_toy_cfg()

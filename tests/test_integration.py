@@ -1,0 +1,261 @@
+"""SGR inside detectron2: backbone wrapper, meta-architecture, config, mapper, solver, TTA."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TOY_BASE, TOY_SGR, tiny_toy_cfg
+from PIL import Image
+
+from detectron2.data import DatasetCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+
+from sgr_d2.config import add_sgr_config
+from sgr_d2.data import SemSegDatasetMapper
+from sgr_d2.engine import build_optimizer, build_poly_lr_scheduler, load_config
+from sgr_d2.modeling import SGRBackbone, SemanticSegmentorWithTTA
+from sgr_d2.sgr import connected_components
+
+
+def _batch(n=2, size=64, num_classes=6, seed=0, all_ignore=False):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        sem = np.kron(rng.integers(0, num_classes, (4, 4)), np.ones((size // 4, size // 4), int)).astype(np.uint8)
+        if all_ignore:
+            sem[:] = 255
+        masks, classes = connected_components(sem)
+        out.append({
+            "image": torch.as_tensor(rng.integers(0, 255, (3, size, size)), dtype=torch.uint8),
+            "sem_seg": torch.as_tensor(sem.astype(np.int64)),
+            "components": {"masks": masks, "classes": classes},
+            "height": size, "width": size,
+        })
+    return out
+
+
+# ------------------------------------------------------------------ build_sgr_backbone
+@pytest.mark.parametrize("stride", [8, 32])
+def test_sgr_backbone_keeps_the_wrapped_output_shapes(stride):
+    cfg = tiny_toy_cfg(TOY_SGR, "MODEL.RESNETS.OUTPUT_STRIDE", str(stride),
+                       "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']")
+    inner = BACKBONE_REGISTRY.get(cfg.MODEL.SGR.BACKBONE_NAME)(cfg, ShapeSpec(channels=3))
+    wrapped = BACKBONE_REGISTRY.get("build_sgr_backbone")(cfg, ShapeSpec(channels=3))
+    assert isinstance(wrapped, SGRBackbone)
+    assert wrapped.output_shape() == inner.output_shape()
+    x = torch.randn(1, 3, 64, 64)
+    inner.eval(), wrapped.eval()
+    a, b = inner(x), wrapped(x)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert b["res5"].shape[-1] == 64 // stride
+    assert wrapped.sgr_outputs["region_maps"].shape[-2:] == b["res5"].shape[-2:]
+
+
+def test_sgr_after_an_inner_stage_feeds_the_later_stages():
+    cfg = tiny_toy_cfg(TOY_SGR, "MODEL.SGR.IN_FEATURE", "res4", "MODEL.RESNETS.OUT_FEATURES", "['res4', 'res5']")
+    model = BACKBONE_REGISTRY.get("build_sgr_backbone")(cfg, ShapeSpec(channels=3)).eval()
+    torch.nn.init.constant_(model.sgr.out_norm.weight, 1.0)  # make SGR change its input
+    x = torch.randn(1, 3, 64, 64)
+    with_sgr = model(x)
+    plain = model.backbone(x) if False else None  # the hook is always on; compare with it removed
+    model.sgr.out_norm.weight.data.zero_()
+    model.sgr.out_norm.bias.data.zero_()
+    without = model(x)
+    assert not torch.allclose(with_sgr["res4"], without["res4"])
+    assert not torch.allclose(with_sgr["res5"], without["res5"])  # res5 consumed SGR's res4
+
+
+def test_unknown_in_feature_is_a_clear_error():
+    cfg = tiny_toy_cfg(TOY_SGR, "MODEL.SGR.IN_FEATURE", "res9")
+    with pytest.raises(ValueError, match="res9"):
+        build_model(cfg)
+
+
+def test_gradients_reach_the_backbone_through_sgr():
+    cfg = tiny_toy_cfg(TOY_SGR)
+    model = build_model(cfg).train()
+    losses = model(_batch())
+    sgr_only = losses["loss_sgr_union"] + losses["loss_sgr_cls"] + losses["loss_sgr_div"]
+    sgr_only.backward()
+    stem_grad = model.backbone.backbone.stem.conv1.weight.grad
+    assert stem_grad is not None and stem_grad.abs().sum() > 0
+    assert model.sem_seg_head.predictor.weight.grad is None  # the head is not on this path
+
+
+def test_training_step_losses_with_and_without_sgr():
+    for path, has_sgr in ((TOY_SGR, True), (TOY_BASE, False)):
+        model = build_model(tiny_toy_cfg(path)).train()
+        losses = model(_batch())
+        assert ("loss_sgr_union" in losses) == has_sgr
+        assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_all_ignore_image_trains_with_zero_sgr_loss():
+    model = build_model(tiny_toy_cfg()).train()
+    losses = model(_batch(all_ignore=True))
+    for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
+        assert losses[k].item() == 0.0
+    sum(losses.values()).backward()
+
+
+def test_inference_gives_probabilities_and_region_maps():
+    cfg = tiny_toy_cfg()
+    model = build_model(cfg).eval()
+    x = _batch(1, size=64)[0]
+    x["height"], x["width"] = 100, 90
+    with torch.no_grad():
+        out = model([x])[0]
+    assert out["sem_seg"].shape == (6, 100, 90)
+    assert torch.allclose(out["sem_seg"].sum(0), torch.ones(100, 90), atol=1e-5)
+    assert out["sgr_regions"].shape == (cfg.MODEL.SGR.NUM_TOKENS, 8, 8)
+
+
+# ------------------------------------------------------------------ config
+def test_every_sgr_key_round_trips(tmp_path):
+    cfg = load_config(TOY_SGR)
+    new = {}
+    for key, value in cfg.MODEL.SGR.items():
+        if isinstance(value, bool):
+            new[key] = not value
+        elif isinstance(value, (int, float)) and key not in ("NUM_MATCHED", "NUM_TOKENS", "NUM_HEADS", "TOKEN_DIM"):
+            new[key] = type(value)(value * 3 + 1)
+        elif key == "MATCHING":
+            new[key] = "greedy"
+        elif key in ("NUM_MATCHED", "NUM_TOKENS", "NUM_HEADS", "TOKEN_DIM"):
+            new[key] = {"NUM_MATCHED": 7, "NUM_TOKENS": 9, "NUM_HEADS": 2, "TOKEN_DIM": 10}[key]
+        else:
+            new[key] = value + "_x" if key != "NORM" else "GN"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"_BASE_": TOY_SGR, "MODEL": {"SGR": new}}))
+    loaded = load_config(str(path))
+    assert {k: loaded.MODEL.SGR[k] for k in new} == new
+    dumped = tmp_path / "dump.yaml"
+    dumped.write_text(loaded.dump())
+    again = load_config(str(dumped))
+    assert dict(again.MODEL.SGR) == dict(loaded.MODEL.SGR)
+
+
+def test_bad_config_values_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"_BASE_": TOY_SGR, "MODEL": {"SGR": {"NUM_TOKEN": 3}}}))
+    with pytest.raises(ValueError, match=r"bad\.yaml.*MODEL\.SGR\.NUM_TOKEN"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match=r"NUM_MATCHED \(40\).*NUM_TOKENS \(32\)"):
+        load_config(TOY_SGR, ["MODEL.SGR.NUM_MATCHED", "40"])
+    with pytest.raises(ValueError, match="MATCHING"):
+        load_config(TOY_SGR, ["MODEL.SGR.MATCHING", "nearest"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+# ------------------------------------------------------------------ data
+def _write_pair(folder, size_img, size_lbl, values):
+    img = np.random.default_rng(0).integers(0, 255, (*size_img, 3), dtype=np.uint8)
+    lbl = np.zeros(size_lbl, np.uint8)
+    lbl.flat[: len(values)] = values
+    Image.fromarray(img).save(folder / "a.jpg")
+    Image.fromarray(lbl).save(folder / "a.png")
+    return {"file_name": str(folder / "a.jpg"), "sem_seg_file_name": str(folder / "a.png")}
+
+
+def test_mapper_pads_small_crops_with_ignore_and_emits_components(tmp_path):
+    cfg = tiny_toy_cfg(TOY_SGR, "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.COLOR_AUG", "False")
+    mapper = SemSegDatasetMapper(cfg, True)
+    d = _write_pair(tmp_path, (64, 80), (64, 80), [1, 2, 3])
+    out = mapper(d)
+    assert out["image"].shape == (3, 128, 128)
+    sem = out["sem_seg"].numpy()
+    assert (sem[64:, :] == 255).all() and (sem[:, 80:] == 255).all()
+    assert (sem[:64, :80] != 255).all()
+    masks = out["components"]["masks"].numpy()
+    assert (masks.any(0) == (sem != 255)).all()
+    for m, c in zip(masks, out["components"]["classes"].tolist()):
+        assert (sem[m] == c).all()
+
+
+def test_mapper_reports_bad_labels_by_file(tmp_path):
+    mapper = SemSegDatasetMapper(tiny_toy_cfg(), True)
+    d = _write_pair(tmp_path, (40, 40), (40, 40), [1, 9])
+    with pytest.raises(ValueError, match=r"a\.png.*\[9\].*0\.\.5"):
+        mapper(d)
+    d = _write_pair(tmp_path, (40, 40), (40, 30), [1])
+    with pytest.raises(ValueError, match=r"a\.png is 30x40"):
+        mapper(d)
+    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image file .*a\.jpg"):
+        mapper(d)
+
+
+def test_toy_dataset_is_deterministic_and_has_disconnected_instances():
+    from sgr_d2.data.toy import draw_scene
+
+    a, b = draw_scene(1234), draw_scene(1234)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    dicts = DatasetCatalog.get("sgr_toy_sem_seg_val")
+    assert len(dicts) == 40
+    multi = 0
+    for d in dicts[:10]:
+        sem = np.asarray(Image.open(d["sem_seg_file_name"]))
+        assert set(np.unique(sem)) <= {0, 1, 2, 3, 4, 5, 255}
+        _, classes = connected_components(sem)
+        multi += sum(int((classes == c).sum() > 1) for c in (3, 4, 5))
+    assert multi >= 10  # most object classes appear as several separate regions
+
+
+# ------------------------------------------------------------------ solver
+def test_poly_schedule_and_head_multiplier():
+    cfg = tiny_toy_cfg(TOY_SGR, "SOLVER.MAX_ITER", "100", "SOLVER.BASE_LR", "0.01")
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    sched = build_poly_lr_scheduler(cfg, opt)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["backbone.stem.conv1.weight"]["lr"] == pytest.approx(0.01) if "backbone.stem.conv1.weight" in by_name else True
+    assert by_name["backbone.backbone.stem.conv1.weight"]["lr"] == pytest.approx(0.01)
+    assert by_name["backbone.sgr.region_conv.weight"]["lr"] == pytest.approx(0.1)
+    assert by_name["sem_seg_head.predictor.weight"]["lr"] == pytest.approx(0.1)
+    assert by_name["backbone.backbone.stem.conv1.norm.weight"]["weight_decay"] == 0.0
+    assert by_name["backbone.backbone.stem.conv1.weight"]["weight_decay"] == pytest.approx(1e-4)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    expected = 0.01 * (1 - 30 / 100) ** 0.9
+    assert by_name["backbone.backbone.stem.conv1.weight"]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert by_name["sem_seg_head.predictor.weight"]["lr"] == pytest.approx(10 * expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------ TTA
+class _FlipEquivariant(torch.nn.Module):
+    """sem_seg = per-pixel softmax over (intensity, -intensity) resized to the output size."""
+
+    def forward(self, batched):
+        out = []
+        for x in batched:
+            img = x["image"].float().mean(0, keepdim=True)[None]
+            img = torch.nn.functional.interpolate(img, size=(x["height"], x["width"]), mode="bilinear",
+                                                  align_corners=False)[0, 0] / 255.0
+            out.append({"sem_seg": torch.stack([img, -img]).softmax(0)})
+        return out
+
+
+def test_multiscale_flip_averages_probabilities():
+    model = _FlipEquivariant()
+    img = torch.arange(3 * 8 * 12, dtype=torch.float32).reshape(3, 8, 12) % 255
+    tta = SemanticSegmentorWithTTA(model, scales=[0.5, 1.0, 1.5], flip=True)
+    got = tta([{"image": img, "height": 8, "width": 12}])[0]["sem_seg"]
+    expected = []
+    for s in (0.5, 1.0, 1.5):
+        size = (int(round(8 * s)), int(round(12 * s)))
+        scaled = img if s == 1.0 else torch.nn.functional.interpolate(img[None], size=size, mode="bilinear",
+                                                                       align_corners=False)[0]
+        for flip in (False, True):
+            inp = scaled.flip(-1) if flip else scaled
+            p = model([{"image": inp, "height": 8, "width": 12}])[0]["sem_seg"]
+            expected.append(p.flip(-1) if flip else p)
+    assert torch.allclose(got, torch.stack(expected).mean(0), atol=1e-6)
+    # a flip-equivariant model gives the same prediction for an image and its mirror: the flip
+    # pair of the identity scale averages to exactly the plain prediction
+    one = SemanticSegmentorWithTTA(model, scales=[1.0], flip=True)([{"image": img, "height": 8, "width": 12}])
+    plain = model([{"image": img, "height": 8, "width": 12}])[0]["sem_seg"]
+    assert torch.allclose(one[0]["sem_seg"], plain, atol=1e-6)
