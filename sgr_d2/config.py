@@ -53,6 +53,12 @@ def add_sgr_config(cfg):
     # ---------------------------------------------------------------- test
     cfg.TEST.AUG.SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # relative to the test size
     cfg.TEST.TOKEN_SEMANTICS = False
+    from .modeling.backbone.swin import add_swin_config  # lazy: sgr_d2.modeling imports this module
+    from .modeling.heads import add_head_config
+    add_swin_config(cfg)
+    add_head_config(cfg)
+    from .modeling.maskformer.config import add_maskformer_config  # lazy, as above
+    add_maskformer_config(cfg)
     return cfg
 
 

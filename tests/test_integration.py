@@ -92,6 +92,22 @@ def test_training_step_losses_with_and_without_sgr():
         assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_mask_and_label_map_targets_give_the_same_loss():
+    from sgr_d2.sgr import component_label_map
+
+    model = build_model(tiny_toy_cfg()).train()
+    torch.manual_seed(0)
+    batch = _batch()
+    a = model(batch)
+    for x in batch:
+        labels, classes = component_label_map(x["sem_seg"].numpy())
+        x["components"] = {"labels": torch.from_numpy(labels), "classes": torch.from_numpy(classes)}
+    torch.manual_seed(0)
+    b = model(batch)
+    for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-5)
+
+
 def test_all_ignore_image_trains_with_zero_sgr_loss():
     model = build_model(tiny_toy_cfg()).train()
     losses = model(_batch(all_ignore=True))
@@ -169,7 +185,8 @@ def test_mapper_pads_small_crops_with_ignore_and_emits_components(tmp_path):
     sem = out["sem_seg"].numpy()
     assert (sem[64:, :] == 255).all() and (sem[:, 80:] == 255).all()
     assert (sem[:64, :80] != 255).all()
-    masks = out["components"]["masks"].numpy()
+    labels = out["components"]["labels"].numpy()
+    masks = labels[None] == np.arange(len(out["components"]["classes"]))[:, None, None]
     assert (masks.any(0) == (sem != 255)).all()
     for m, c in zip(masks, out["components"]["classes"].tolist()):
         assert (sem[m] == c).all()

@@ -194,6 +194,24 @@ def test_class_and_diversity_terms_hand_computed():
     assert out["loss_sgr_div"].item() == pytest.approx(0.25 * 1.0, rel=1e-5)  # cos = 1
 
 
+@pytest.mark.parametrize("size,reduced", [((32, 48), (4, 6)), ((30, 45), (4, 6))])
+def test_label_map_downsampling_equals_mask_interpolation(size, reduced):
+    from sgr_d2.sgr import downsample_component_labels, downsample_components
+
+    sem = _random_label_map(np.random.default_rng(3), shape=size)
+    masks, classes = connected_components(sem)
+    labels, _ = component_label_map(sem)
+    t1, w1 = downsample_components(masks, reduced)
+    t2, w2 = downsample_component_labels(torch.from_numpy(labels), len(classes), reduced)
+    assert torch.allclose(t1, t2, atol=1e-6) and torch.allclose(w1, w2, atol=1e-6)
+    # weights are the labelled fraction of each reduced cell
+    if size[0] % reduced[0] == 0:
+        f = (size[0] // reduced[0]) * (size[1] // reduced[1])
+        valid = torch.from_numpy(sem != 255).float()
+        expected = valid.view(reduced[0], size[0] // reduced[0], reduced[1], size[1] // reduced[1]).sum((1, 3)) / f
+        assert torch.allclose(w2, expected.flatten(), atol=1e-6)
+
+
 def test_all_ignore_gives_zero_loss_not_nan():
     m = SGRModule(16, num_tokens=8, token_dim=16, num_heads=2, ffn_dim=16, num_classes=3)
     x = torch.randn(2, 16, 6, 6, requires_grad=True)

@@ -14,7 +14,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from ..sgr import connected_components
+from ..sgr import component_label_map
 
 __all__ = ["SemSegDatasetMapper", "build_train_augmentations", "read_image_checked",
            "read_sem_seg_checked"]
@@ -86,7 +86,8 @@ class SemSegDatasetMapper:
     label, and emits the connected components of the augmented label map.
 
     Output keys: ``image`` (C, H, W) uint8 tensor, ``sem_seg`` (H, W) int64 tensor,
-    ``components`` = ``{"masks": (N, H, W) bool, "classes": (N,) int64}`` and, with
+    ``components`` = ``{"labels": (H, W) int32 component ids (-1 = none), "classes": (N,) int64}``
+    (the compact form of ``connected_components``' masks: mask j is ``labels == j``) and, with
     ``class_masks=True`` (MaskFormer-style heads), ``instances`` with one mask per class
     (``gt_classes``, ``gt_masks``).
     """
@@ -147,8 +148,9 @@ class SemSegDatasetMapper:
         sem = sem.astype(np.int64)
         dataset_dict["sem_seg"] = torch.as_tensor(sem)
         if self.components:
-            masks, classes = connected_components(sem, self.ignore_label)
-            dataset_dict["components"] = {"masks": masks, "classes": classes}
+            labels, classes = component_label_map(sem, self.ignore_label)
+            dataset_dict["components"] = {"labels": torch.from_numpy(labels),
+                                          "classes": torch.from_numpy(classes)}
         if self.class_masks:
             dataset_dict["instances"] = self._class_instances(sem)
         return dataset_dict

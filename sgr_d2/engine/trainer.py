@@ -118,6 +118,19 @@ class Trainer(DefaultTrainer):
             raise NotImplementedError(
                 f"no evaluator for dataset {dataset_name!r} with evaluator_type {kind!r}"
             )
+        if cfg.TEST.TOKEN_SEMANTICS:
+            # S_C, D_C, S_I, D_I (SGR_SPEC §3) from the outputs' "sgr_regions"; also written to
+            # <output_folder>/token_semantics.json.
+            if cfg.MODEL.BACKBONE.NAME != "build_sgr_backbone":
+                raise ValueError(
+                    "TEST.TOKEN_SEMANTICS is True but MODEL.BACKBONE.NAME is "
+                    f"{cfg.MODEL.BACKBONE.NAME!r}: the token metrics need a model with SGR "
+                    "(MODEL.BACKBONE.NAME 'build_sgr_backbone')"
+                )
+            from ..evaluation import TokenSemanticsEvaluator
+
+            evaluators.append(TokenSemanticsEvaluator(dataset_name, distributed=True,
+                                                      output_dir=output_folder))
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
     @classmethod

@@ -6,7 +6,7 @@
 * :class:`SGRCriterion` — the union, class and diversity losses with the β weighting.
 """
 from .components import component_label_map, connected_components
-from .losses import SGRCriterion, downsample_components, weighted_bce, weighted_dice
+from .losses import SGRCriterion, downsample_component_labels, downsample_components, weighted_bce, weighted_dice
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 from .module import SGRModule
 
@@ -18,6 +18,7 @@ __all__ = [
     "match_tokens",
     "pairwise_cost",
     "downsample_components",
+    "downsample_component_labels",
     "weighted_bce",
     "weighted_dice",
     "MATCHING_MODES",

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 
-__all__ = ["SGRCriterion", "downsample_components", "weighted_bce", "weighted_dice"]
+__all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
+           "weighted_dice"]
 
 
 def downsample_components(masks: torch.Tensor, size: Sequence[int], eps: float = 1e-6):
@@ -25,7 +26,35 @@ def downsample_components(masks: torch.Tensor, size: Sequence[int], eps: float =
         weight = masks.new_zeros((int(size[0]) * int(size[1]),), dtype=torch.float32)
         return masks.new_zeros((0, weight.numel()), dtype=torch.float32), weight
     soft = F.interpolate(masks[None].float(), size=tuple(size), mode="area")[0]  # (N, h, w)
-    soft = soft.flatten(1)
+    return _normalise(soft.flatten(1), eps)
+
+
+def downsample_component_labels(labels: torch.Tensor, num: int, size: Sequence[int], eps: float = 1e-6):
+    """Like :func:`downsample_components`, from an (H, W) component-id map (-1 = none).
+
+    When the reduced size divides the map (the training case: crops padded to the backbone's
+    size divisibility) the area average is a histogram of each reduced cell, O(H·W) whatever
+    the number of components; otherwise the masks are expanded and interpolated.
+    """
+    h, w = int(size[0]), int(size[1])
+    big_h, big_w = labels.shape
+    if num == 0:
+        weight = torch.zeros(h * w, device=labels.device)
+        return weight.new_zeros((0, h * w)), weight
+    if big_h % h or big_w % w:
+        masks = labels.unsqueeze(0) == torch.arange(num, device=labels.device).view(-1, 1, 1)
+        return downsample_components(masks, size, eps)
+    fy, fx = big_h // h, big_w // w
+    rows = torch.arange(big_h, device=labels.device) // fy
+    cols = torch.arange(big_w, device=labels.device) // fx
+    cell = rows[:, None] * w + cols[None, :]
+    valid = labels >= 0
+    key = labels[valid].long() * (h * w) + cell[valid]
+    counts = torch.bincount(key, minlength=num * h * w).view(num, h * w).float()
+    return _normalise(counts / (fy * fx), eps)
+
+
+def _normalise(soft: torch.Tensor, eps: float):
     weight = soft.sum(0).clamp(max=1.0)
     targets = soft / weight.clamp(min=eps)
     return targets.clamp(max=1.0), weight
@@ -59,8 +88,9 @@ class SGRCriterion(nn.Module):
     ``forward(outputs, targets)``:
       * ``outputs``: the dict returned by :class:`SGRModule` (``region_maps`` (B, K, h, w),
         optional ``token_logits`` (B, K, num_classes));
-      * ``targets``: one dict per image with ``masks`` (N, H, W) bool at the (padded) input
-        resolution and ``classes`` (N,) int64.
+      * ``targets``: one dict per image with ``classes`` (N,) int64 and either ``labels``, the
+        (H, W) component-id map (-1 = no component) at the (padded) input resolution, as the
+        dataset mapper emits it, or ``masks``, (N, H, W) bool.
     Returns ``{"loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}``, already weighted.
     """
 
@@ -104,10 +134,14 @@ class SGRCriterion(nn.Module):
         union_sum, cls_sum, div_sum = zero, zero, zero
         n_comp = n_tok = n_pairs = 0
         for i, tgt in enumerate(targets):
-            masks = tgt["masks"].to(regions.device)
-            if masks.shape[0] == 0:
+            classes = tgt["classes"].to(regions.device)
+            if classes.numel() == 0:
                 continue
-            soft, weight = downsample_components(masks, (h, w), self.eps)
+            if "labels" in tgt:
+                soft, weight = downsample_component_labels(tgt["labels"].to(regions.device), len(classes),
+                                                           (h, w), self.eps)
+            else:
+                soft, weight = downsample_components(tgt["masks"].to(regions.device), (h, w), self.eps)
             p = regions[i].flatten(1)  # (K, hw)
             tok, comp = self.match(p.detach().float(), soft, weight)
             matched = torch.unique(comp)
@@ -120,8 +154,7 @@ class SGRCriterion(nn.Module):
             ).sum()
             n_comp += len(matched)
             if token_logits is not None:
-                classes = tgt["classes"].to(regions.device)[comp]
-                cls_sum = cls_sum + F.cross_entropy(token_logits[i, tok], classes, reduction="sum")
+                cls_sum = cls_sum + F.cross_entropy(token_logits[i, tok], classes[comp], reduction="sum")
                 n_tok += len(tok)
             if len(tok) > 1:
                 pm = F.normalize(p[tok], dim=1, eps=self.eps)

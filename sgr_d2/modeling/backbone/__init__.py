@@ -1,1 +1,2 @@
 from .resnet import DilatedBasicBlock, build_dilated_resnet_backbone  # noqa: F401
+from .swin import SwinBackbone, add_swin_config, build_swin_backbone  # noqa: F401

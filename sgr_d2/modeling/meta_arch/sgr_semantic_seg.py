@@ -33,7 +33,11 @@ def build_sgr_criterion(cfg) -> SGRCriterion:
 
 
 def pad_component_targets(batched_inputs: List[Dict], padded_hw, device) -> List[Dict[str, torch.Tensor]]:
-    """The mapper's ``components`` of each image, padded (bottom/right, False) to the batch size."""
+    """The mapper's ``components`` of each image, padded (bottom/right) to the batch size.
+
+    Accepts the mapper's component-id map (``labels``, padded with -1) or boolean ``masks``
+    (padded with False).
+    """
     out = []
     for x in batched_inputs:
         if "components" not in x:
@@ -41,10 +45,12 @@ def pad_component_targets(batched_inputs: List[Dict], padded_hw, device) -> List
                 "SGR training needs the connected components of each image under the key 'components'; "
                 "use sgr_d2's dataset mapper (INPUT.DATASET_MAPPER_NAME 'sgr_sem_seg')"
             )
-        masks = x["components"]["masks"].to(device)
-        h, w = masks.shape[-2:]
-        masks = F.pad(masks, (0, padded_hw[1] - w, 0, padded_hw[0] - h))
-        out.append({"masks": masks, "classes": x["components"]["classes"].to(device)})
+        comp = x["components"]
+        key, fill = ("labels", -1) if "labels" in comp else ("masks", False)
+        value = comp[key].to(device)
+        h, w = value.shape[-2:]
+        value = F.pad(value, (0, padded_hw[1] - w, 0, padded_hw[0] - h), value=fill)
+        out.append({key: value, "classes": comp["classes"].to(device)})
     return out
 
 

@@ -1,0 +1,201 @@
+"""Swin Transformer (timm's implementation) as a detectron2 backbone with stages ``res2``..``res5``.
+
+The four stages are sub-modules named ``res2``, ``res3``, ``res4`` and ``res5`` whose input and
+output are NCHW tensors, so ``build_sgr_backbone`` can hook SGR onto any of them (SGR_SPEC §1:
+Swin-T at stride 32, SGR after ``res5``) and the hooked output is what later stages and the
+returned features see.
+
+Choices (documented here because the Swin papers' detection/segmentation code and timm differ):
+
+* Windows are always ``MODEL.SWIN.WINDOW_SIZE`` and every second block is shifted, at any input
+  size; feature maps that are not a multiple of the window are padded (timm's
+  ``always_partition=True``, ``strict_img_size=False``). This is how the Swin segmentation code
+  runs; timm's classification default would shrink the window and drop the shift on a stage whose
+  feature map is not larger than the window (e.g. ``res5`` at 224×224).
+* ``res5`` ends with timm's final LayerNorm (``norm``, part of the ImageNet checkpoints); the
+  other outputs are the stage outputs as they enter the next stage, as timm's ``features_only``
+  returns them. So a converted timm checkpoint fills every parameter of this backbone, and
+  ``res2``..``res5`` equal ``timm``'s ``forward_intermediates(x, norm=True)``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+__all__ = ["SwinStage", "SwinBackbone", "build_swin_backbone", "add_swin_config", "SWIN_STAGE_NAMES"]
+
+SWIN_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def add_swin_config(cfg):
+    """``MODEL.SWIN.*``: the Swin backbone's keys, with Swin-T's values as defaults."""
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.DROP_RATE = 0.0  # dropout after the attention / MLP projections
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3  # stochastic depth (0.3 in the Swin-T + UperNet recipe)
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing inside each stage
+    return cfg
+
+
+class SwinStage(nn.Module):
+    """One timm Swin stage (patch merging + blocks) with NCHW input and output.
+
+    ``norm`` (the last stage only) is a LayerNorm over channels applied to the stage output.
+    """
+
+    def __init__(self, stage: nn.Module, out_channels: int, stride: int, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.stage = stage
+        if norm is not None:
+            self.norm = norm
+        self.out_channels = out_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(x.permute(0, 2, 3, 1))  # timm stages work in NHWC
+        norm = getattr(self, "norm", None)
+        if norm is not None:
+            x = norm(x)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _timm_swin_class():
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ImportError("build_swin_backbone needs timm (pip install timm)") from e
+    params = inspect.signature(SwinTransformer.__init__).parameters
+    missing = [p for p in ("always_partition", "strict_img_size") if p not in params]
+    if missing:
+        import timm
+
+        raise ImportError(
+            f"timm {timm.__version__}'s SwinTransformer has no {missing} argument; sgr_d2's Swin "
+            "backbone needs a timm 1.0.x that has them (tested with 1.0.31): pip install -U timm"
+        )
+    return SwinTransformer
+
+
+class SwinBackbone(Backbone):
+    """Swin Transformer with outputs ``res2``..``res5`` (strides 4, 8, 16, 32)."""
+
+    def __init__(self, *, in_chans: int = 3, patch_size: int = 4, embed_dim: int = 96,
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.3,
+                 out_features=SWIN_STAGE_NAMES, use_checkpoint: bool = False):
+        super().__init__()
+        depths, num_heads, out_features = list(depths), list(num_heads), list(out_features)
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError(
+                f"MODEL.SWIN.DEPTHS ({depths}) and MODEL.SWIN.NUM_HEADS ({num_heads}) must have 4 "
+                "entries, one per stage res2..res5"
+            )
+        bad = [f for f in out_features if f not in SWIN_STAGE_NAMES]
+        if bad or not out_features:
+            raise ValueError(
+                f"MODEL.SWIN.OUT_FEATURES is {out_features}; expected a non-empty subset of "
+                f"{list(SWIN_STAGE_NAMES)}"
+            )
+        for i, heads in enumerate(num_heads):
+            if (embed_dim * 2**i) % heads:
+                raise ValueError(
+                    f"MODEL.SWIN.NUM_HEADS[{i}] ({heads}) must divide the width of stage "
+                    f"{SWIN_STAGE_NAMES[i]} (MODEL.SWIN.EMBED_DIM × 2^{i} = {embed_dim * 2**i})"
+                )
+        timm_swin = _timm_swin_class()(
+            img_size=224,  # nominal: any input size works (strict_img_size=False)
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            window_size=window_size,
+            always_partition=True,
+            strict_img_size=False,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+        self.patch_size = patch_size
+        self.patch_embed = timm_swin.patch_embed
+        self._out_features = out_features
+        self._out_feature_strides, self._out_feature_channels = {}, {}
+        last = max(SWIN_STAGE_NAMES.index(f) for f in out_features)
+        self.stage_names: List[str] = []
+        for i, name in enumerate(SWIN_STAGE_NAMES[: last + 1]):
+            stage = timm_swin.layers[i]
+            stage.grad_checkpointing = use_checkpoint
+            channels, stride = embed_dim * 2**i, patch_size * 2**i
+            norm = timm_swin.norm if name == "res5" else None
+            self.add_module(name, SwinStage(stage, channels, stride, norm))
+            self.stage_names.append(name)
+            self._out_feature_strides[name] = stride
+            self._out_feature_channels[name] = channels
+        del timm_swin
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.patch_size * 8  # 32: four halvings of the resolution after the patch embedding
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"SwinBackbone expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"SwinBackbone: input size {h}x{w} must be a multiple of the patch size "
+                f"{self.patch_size} (pad batches to size_divisibility {self.size_divisibility})"
+            )
+        x = self.patch_embed(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        outputs = {}
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+    def output_shape(self):
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+
+@BACKBONE_REGISTRY.register()
+def build_swin_backbone(cfg, input_shape: ShapeSpec):
+    """Swin Transformer from ``MODEL.SWIN.*`` (Swin-T by default), outputs ``MODEL.SWIN.OUT_FEATURES``."""
+    s = cfg.MODEL.SWIN
+    return SwinBackbone(
+        in_chans=input_shape.channels,
+        patch_size=s.PATCH_SIZE,
+        embed_dim=s.EMBED_DIM,
+        depths=s.DEPTHS,
+        num_heads=s.NUM_HEADS,
+        window_size=s.WINDOW_SIZE,
+        mlp_ratio=s.MLP_RATIO,
+        qkv_bias=s.QKV_BIAS,
+        drop_rate=s.DROP_RATE,
+        attn_drop_rate=s.ATTN_DROP_RATE,
+        drop_path_rate=s.DROP_PATH_RATE,
+        out_features=s.OUT_FEATURES,
+        use_checkpoint=s.USE_CHECKPOINT,
+    )

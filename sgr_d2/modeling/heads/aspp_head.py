@@ -1,0 +1,107 @@
+"""DeepLabV3 head: Atrous Spatial Pyramid Pooling on one feature map (Chen et al., 2017)."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from .fcn_head import per_pixel_loss
+
+__all__ = ["ASPP", "DeepLabV3Head", "add_aspp_config"]
+
+
+def add_aspp_config(cfg):
+    """``MODEL.SEM_SEG_HEAD.ASPP_*``: the DeepLabV3 head's keys."""
+    # atrous rates of the three 3×3 branches; 12/24/36 for output stride 8 (6/12/18 at OS 16)
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [12, 24, 36]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1  # after the ASPP projection
+    return cfg
+
+
+def _conv(in_ch, out_ch, k, norm, dilation=1):
+    conv = Conv2d(in_ch, out_ch, k, padding=dilation * (k // 2), dilation=dilation, bias=not norm,
+                  norm=get_norm(norm, out_ch), activation=F.relu)
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+class ASPP(nn.Module):
+    """A 1×1 branch, one 3×3 branch per atrous rate and an image-pooling branch, each
+    ``out_channels`` wide with norm and ReLU; concatenated, then projected by a 1×1 conv.
+
+    The image-pooling branch normalises a 1×1 map: with BatchNorm it needs more than one image
+    per device in training (use SyncBN, or GN via ``norm``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dilations: Sequence[int], norm: str,
+                 dropout: float = 0.0):
+        super().__init__()
+        if not dilations or any(int(d) < 1 for d in dilations):
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.ASPP_DILATIONS is {list(dilations)}; expected positive atrous rates"
+            )
+        self.branches = nn.ModuleList([_conv(in_channels, out_channels, 1, norm)])
+        self.branches.extend(_conv(in_channels, out_channels, 3, norm, int(d)) for d in dilations)
+        self.pool_conv = _conv(in_channels, out_channels, 1, norm)
+        self.project = _conv(out_channels * (len(dilations) + 2), out_channels, 1, norm)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        pooled = self.pool_conv(F.adaptive_avg_pool2d(x, 1))
+        outs.append(pooled.expand(-1, -1, *x.shape[-2:]))  # bilinear upsampling of a 1×1 map
+        return self.dropout(self.project(torch.cat(outs, dim=1)))
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class DeepLabV3Head(nn.Module):
+    """ASPP on ``IN_FEATURE``, a 3×3 conv-norm-ReLU, dropout and a 1×1 classifier.
+
+    Same contract as :class:`DilatedFCNHead`: ``forward(features, targets)`` returns
+    ``(None, {"loss_sem_seg": ...})`` in training and ``(logits at the input resolution, {})``
+    in inference.
+    """
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_feature: str, num_classes: int,
+                 conv_dims: int, dilations: Sequence[int], aspp_dropout: float, dropout: float,
+                 norm: str, ignore_value: int = 255, loss_weight: float = 1.0):
+        super().__init__()
+        if in_feature not in input_shape:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURE is {in_feature!r}; the backbone produces {sorted(input_shape)}"
+            )
+        self.in_feature = in_feature
+        self.stride = input_shape[in_feature].stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.aspp = ASPP(input_shape[in_feature].channels, conv_dims, dilations, norm, aspp_dropout)
+        self.conv = _conv(conv_dims, conv_dims, 3, norm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = Conv2d(conv_dims, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        h = cfg.MODEL.SEM_SEG_HEAD
+        return dict(input_shape=input_shape, in_feature=h.IN_FEATURE, num_classes=h.NUM_CLASSES,
+                    conv_dims=h.CONVS_DIM, dilations=list(h.ASPP_DILATIONS), aspp_dropout=h.ASPP_DROPOUT,
+                    dropout=h.DROPOUT, norm=h.NORM, ignore_value=h.IGNORE_VALUE, loss_weight=h.LOSS_WEIGHT)
+
+    def layers(self, features):
+        return self.predictor(self.dropout(self.conv(self.aspp(features[self.in_feature]))))
+
+    def forward(self, features, targets=None):
+        x = self.layers(features)
+        if self.training:
+            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
+        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        return x, {}

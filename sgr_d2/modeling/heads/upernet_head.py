@@ -1,0 +1,125 @@
+"""UperNet head (Xiao et al., ECCV 2018): a pyramid pooling module on the last feature and an
+FPN over all of them, fused at the finest resolution."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from .fcn_head import per_pixel_loss
+
+__all__ = ["PyramidPooling", "UperNetHead", "add_upernet_config"]
+
+
+def add_upernet_config(cfg):
+    """``MODEL.SEM_SEG_HEAD.POOL_SCALES``: the output sizes of the pyramid pooling module."""
+    cfg.MODEL.SEM_SEG_HEAD.POOL_SCALES = [1, 2, 3, 6]
+    return cfg
+
+
+def _conv(in_ch, out_ch, k, norm):
+    conv = Conv2d(in_ch, out_ch, k, padding=k // 2, bias=not norm, norm=get_norm(norm, out_ch),
+                  activation=F.relu)
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+def _resize(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pooling module: the input and, for each scale s, an s×s average pooling followed
+    by a 1×1 conv and bilinear upsampling, concatenated and fused by a 3×3 conv.
+
+    The 1×1-pooled branch is normalised over a batch of 1×1 maps: with BatchNorm it needs more
+    than one image per device in training (use SyncBN)."""
+
+    def __init__(self, in_channels: int, channels: int, scales: Sequence[int], norm: str):
+        super().__init__()
+        if not scales or any(int(s) < 1 for s in scales):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.POOL_SCALES is {list(scales)}; expected positive sizes")
+        self.scales = [int(s) for s in scales]
+        self.convs = nn.ModuleList(_conv(in_channels, channels, 1, norm) for _ in self.scales)
+        self.bottleneck = _conv(in_channels + len(self.scales) * channels, channels, 3, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        outs = [x] + [_resize(conv(F.adaptive_avg_pool2d(x, s)), size) for s, conv in zip(self.scales, self.convs)]
+        return self.bottleneck(torch.cat(outs, dim=1))
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class UperNetHead(nn.Module):
+    """UperNet on ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` (finest first, e.g. res2..res5).
+
+    * pyramid pooling on the coarsest feature gives the top of the FPN;
+    * every other feature: 1×1 lateral conv, plus the upsampled coarser level (top-down);
+    * each level except the top: a 3×3 conv; all levels are upsampled to the finest one,
+      concatenated, fused by a 3×3 conv, then dropout and a 1×1 classifier.
+
+    Every conv is ``CONVS_DIM`` wide with ``NORM`` and ReLU. Same contract as
+    :class:`DilatedFCNHead` (losses in training, logits at the input resolution in inference).
+    """
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_features: List[str], num_classes: int,
+                 conv_dims: int, pool_scales: Sequence[int], dropout: float, norm: str,
+                 ignore_value: int = 255, loss_weight: float = 1.0):
+        super().__init__()
+        missing = [f for f in in_features if f not in input_shape]
+        if missing or len(in_features) < 1:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES is {list(in_features)}; the backbone produces "
+                f"{sorted(input_shape)}"
+            )
+        strides = [input_shape[f].stride for f in in_features]
+        if strides != sorted(strides):
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES {list(in_features)} must go from fine to coarse; "
+                f"their strides are {strides}"
+            )
+        self.in_features = list(in_features)
+        self.stride = strides[0]
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        channels = [input_shape[f].channels for f in in_features]
+        self.ppm = PyramidPooling(channels[-1], conv_dims, pool_scales, norm)
+        self.lateral_convs = nn.ModuleList(_conv(c, conv_dims, 1, norm) for c in channels[:-1])
+        self.fpn_convs = nn.ModuleList(_conv(conv_dims, conv_dims, 3, norm) for _ in channels[:-1])
+        self.fuse = _conv(conv_dims * len(channels), conv_dims, 3, norm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = Conv2d(conv_dims, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        h = cfg.MODEL.SEM_SEG_HEAD
+        return dict(input_shape=input_shape, in_features=list(h.IN_FEATURES), num_classes=h.NUM_CLASSES,
+                    conv_dims=h.CONVS_DIM, pool_scales=list(h.POOL_SCALES), dropout=h.DROPOUT,
+                    norm=h.NORM, ignore_value=h.IGNORE_VALUE, loss_weight=h.LOSS_WEIGHT)
+
+    def layers(self, features):
+        feats = [features[f] for f in self.in_features]
+        levels = [conv(f) for conv, f in zip(self.lateral_convs, feats[:-1])] + [self.ppm(feats[-1])]
+        for i in range(len(levels) - 1, 0, -1):  # top-down
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0]] + [_resize(x, size) for x in outs[1:]], dim=1))
+        return self.predictor(self.dropout(fused))
+
+    def forward(self, features, targets=None):
+        x = self.layers(features)
+        if self.training:
+            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
+        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        return x, {}
