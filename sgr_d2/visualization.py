@@ -414,7 +414,7 @@ def token_histogram_figure(image_rgb: np.ndarray, region_maps: ArrayOrTensor, la
                           wspace=0.3, hspace=0.6)
     ax = fig.add_subplot(gs[:, 0])
     ax.imshow(draw_segments(image, inst_ids, inst_names, alpha=0.6,
-                            scale=_render_scale(image.shape, rows * panel_inches * dpi)))
+                            scale=_render_scale(image.shape, panel_inches * dpi)))
     _blank_axis(ax, f"image, {len(inst_names)} instances")
     total = float(mass.sum()) or 1.0
     for r, t in enumerate(tokens):

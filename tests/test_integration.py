@@ -273,6 +273,13 @@ def test_multiscale_flip_averages_probabilities():
     assert torch.allclose(got, torch.stack(expected).mean(0), atol=1e-6)
     # a flip-equivariant model gives the same prediction for an image and its mirror: the flip
     # pair of the identity scale averages to exactly the plain prediction
+    # wrapping an eval-mode model leaves it in eval mode after detectron2's inference_context
+    from detectron2.evaluation.evaluator import inference_context
+
+    model.eval()
+    with inference_context(SemanticSegmentorWithTTA(model, scales=[1.0])):
+        pass
+    assert not model.training
     one = SemanticSegmentorWithTTA(model, scales=[1.0], flip=True)([{"image": img, "height": 8, "width": 12}])
     plain = model([{"image": img, "height": 8, "width": 12}])[0]["sem_seg"]
     assert torch.allclose(one[0]["sem_seg"], plain, atol=1e-6)

@@ -80,6 +80,7 @@ def main(argv=None):
     train_name, val_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
+    model.eval()
     fig = out / "concept_regions.png"
     figure_ok = _concept_region_figure(cfg, model, val_name, fig)
 

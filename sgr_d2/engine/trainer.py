@@ -55,7 +55,7 @@ def _sync_norms(cfg, world_size: int):
     """With several workers, BatchNorm becomes detectron2's synchronised BatchNorm."""
     if world_size <= 1:
         return
-    sync = "SyncBN" if torch.cuda.is_available() else "NaiveSyncBN"  # NaiveSyncBN runs on gloo
+    sync = "SyncBN" if torch.cuda.is_available() else "naiveSyncBN"  # naiveSyncBN runs on gloo
     for node, key in ((cfg.MODEL.RESNETS, "NORM"), (cfg.MODEL.SEM_SEG_HEAD, "NORM"), (cfg.MODEL.SGR, "NORM")):
         if node[key] == "BN":
             node[key] = sync

@@ -123,10 +123,11 @@ def segment_masses(region_maps: ArrayOrTensor, segment_ids: List[ArrayOrTensor],
                    num_segments: List[int], max_floats: int = 1 << 25) -> List[torch.Tensor]:
     """``M[k, s] = Σ_{x ∈ segment s} P_k(x)`` for one or several partitions of the same pixels.
 
-    ``region_maps`` (K, h, w) are resized bilinearly (align_corners=False) to the size of the
-    segment maps (H, W) — which is exact in the sense that ``Σ_k P_k(x)`` is preserved — in
-    chunks of tokens so that at most about ``max_floats`` values are held at once. Pixels with a
-    negative id are left out. Returns one float64 (K, N) tensor per partition, on the CPU.
+    ``region_maps`` (K, h, w) are resized bilinearly (align_corners=False, which keeps
+    ``Σ_k P_k(x)``) to the size (H, W) of the segment-id maps, a chunk of tokens at a time so
+    that about ``max_floats`` values are held at once. Pixels with a negative id (ignore) are
+    left out; every partition must leave out the same pixels. Returns one float64 (K, N) tensor
+    per partition, on the CPU.
     """
     p = region_maps if isinstance(region_maps, torch.Tensor) else torch.from_numpy(np.asarray(region_maps))
     if p.dim() != 3 or min(p.shape) == 0:
@@ -145,6 +146,9 @@ def segment_masses(region_maps: ArrayOrTensor, segment_ids: List[ArrayOrTensor],
     device = p.device
     k = p.shape[0]
     valid = (ids_list[0] >= 0).reshape(-1).to(device)
+    for s in ids_list[1:]:
+        if not torch.equal((s >= 0).reshape(-1).to(device), valid):
+            raise ValueError("the segment maps do not label the same pixels (negative ids differ)")
     flat_ids = [s.reshape(-1).to(device)[valid] for s in ids_list]
     out = [torch.zeros(k, n, dtype=torch.float64, device=device) for n in num_segments]
     for s, n in zip(flat_ids, num_segments):

@@ -27,6 +27,9 @@ class SemanticSegmentorWithTTA(nn.Module):
         self.model = model
         self.scales = list(scales)
         self.flip = flip
+        # Mirror the model's mode: detectron2's inference_context restores the wrapper's mode
+        # afterwards, which would otherwise switch the wrapped model to training.
+        self.train(model.training)
 
     @classmethod
     def from_config(cls, cfg, model):

@@ -36,14 +36,15 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_l
     """
     b, s, n_heads, head_dim = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = [h * w for h, w in shapes]
     if sum(sizes) != s:
         raise ValueError(f"ms_deform_attn: value has {s} positions but the spatial shapes "
                          f"{spatial_shapes.tolist()} hold {sum(sizes)}")
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled: List[torch.Tensor] = []
     for lvl, v in enumerate(value.split(sizes, dim=1)):
-        h, w = (int(x) for x in spatial_shapes[lvl])
+        h, w = shapes[lvl]
         # (B, H·W, heads, d) -> (B·heads, d, H, W)
         v = v.flatten(2).transpose(1, 2).reshape(b * n_heads, head_dim, h, w)
         # (B, Lq, heads, points, 2) -> (B·heads, Lq, points, 2)

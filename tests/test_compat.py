@@ -1,0 +1,84 @@
+"""sgr_d2.compat: each shim acts only when needed and does what its docstring says."""
+import importlib
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sgr_d2 import compat
+
+
+def test_apply_is_idempotent_and_reports_what_acted():
+    first = compat.apply()
+    assert compat.apply() == first
+    assert set(first) <= {"detectron2._C stub", "PIL.Image.LINEAR", "numpy type aliases"}
+
+
+def test_pil_linear_is_bilinear():
+    assert Image.LINEAR == Image.BILINEAR
+    from detectron2.data.transforms import ExtentTransform  # imported at all thanks to the shim
+
+    assert ExtentTransform.__init__.__defaults__[0] == Image.BILINEAR
+
+
+def test_missing_cpp_ops_raise_a_clear_error():
+    if compat.cpp_ops_available():
+        pytest.skip("this detectron2 has its C++ extension")
+    import torch
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    with pytest.raises(compat.MissingCppOpError, match="box_iou_rotated.*without its C\\+\\+ extension"):
+        pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5))
+    c = sys.modules["detectron2._C"]
+    assert "sgr_d2.compat stub" in c.get_compiler_version()
+    assert c.has_cuda() is False
+    with pytest.raises(AttributeError):
+        c.__wrapped__  # dunder look-ups stay AttributeErrors (pickle, inspect)
+
+
+def test_detectron2_environment_report_works_with_the_stub():
+    from detectron2.utils.collect_env import collect_env_info
+
+    info = collect_env_info()
+    assert "detectron2" in info
+
+
+def test_numpy_aliases_only_when_detectron2_uses_them(tmp_path, monkeypatch):
+    # a detectron2 tree without the old aliases does not trigger the shim
+    fake = tmp_path / "detectron2"
+    (fake / "evaluation").mkdir(parents=True)
+    (fake / "structures").mkdir()
+    (fake / "evaluation" / "sem_seg_evaluation.py").write_text("pred = np.array(x, dtype=int)\n")
+    (fake / "structures" / "masks.py").write_text("x.astype(bool)\n")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(fake)])
+    monkeypatch.setattr(compat.importlib.util, "find_spec", lambda name: spec)
+    assert compat._detectron2_uses_numpy_aliases(["int", "float"]) is False
+    (fake / "evaluation" / "sem_seg_evaluation.py").write_text("pred = np.array(x, dtype=np.int)\n")
+    assert compat._detectron2_uses_numpy_aliases(["int"]) is True
+
+
+def test_semseg_evaluator_runs_on_this_numpy():
+    """detectron2's SemSegEvaluator (np.int/np.float in v0.6) computes a hand-checked mIoU."""
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import SemSegEvaluator
+
+    d = DatasetCatalog.get("sgr_toy_sem_seg_val")[0]
+    gt = np.asarray(Image.open(d["sem_seg_file_name"])).astype(np.int64)
+    ev = SemSegEvaluator("sgr_toy_sem_seg_val", distributed=False)
+    ev.reset()
+    pred = np.where(gt == 255, 0, gt)
+    pred[:, :10] = 1  # spoil a band
+    probs = torch.nn.functional.one_hot(torch.as_tensor(pred), 6).permute(2, 0, 1).float()
+    ev.process([{"file_name": d["file_name"]}], [{"sem_seg": probs}])
+    res = ev.evaluate()["sem_seg"]
+    valid = gt != 255
+    ious = []
+    for c in range(6):
+        g, p = (gt == c) & valid, (pred == c) & valid
+        if g.sum() > 0:
+            ious.append((g & p).sum() / (g | p).sum())
+    assert res["mIoU"] == pytest.approx(100 * np.mean(ious), rel=1e-6)
+    assert res["pACC"] == pytest.approx(100 * (pred[valid] == gt[valid]).mean(), rel=1e-6)
