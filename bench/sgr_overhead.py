@@ -6,10 +6,10 @@ connected components + matching per label map. Prints markdown tables.
     python bench/sgr_overhead.py --pairs dil_fcn_r50 deeplabv3_r101 --size 256
     python bench/sgr_overhead.py --skip-models        # only components + matching
 
-Each model runs in its own subprocess (so peak memory is that model's alone): ``--warmup``
-steps, then ``--steps`` timed training steps on random images with random label maps (and
-their connected components); time is the median step, memory the process's peak RSS on the
-CPU or ``torch.cuda.max_memory_allocated`` on a GPU. Pairs are ``configs/<dataset>/<name>.yaml``
+Step time: both models of a pair are built in this process and their training steps on the
+same random images (scene-like label maps and their connected components) are interleaved,
+``--warmup`` then ``--steps`` each; the median is reported. Peak memory: each model alone in a
+subprocess for two steps, its peak RSS on the CPU or ``torch.cuda.max_memory_allocated`` on a GPU. Pairs are ``configs/<dataset>/<name>.yaml``
 against ``<name>_sgr.yaml``; a pair whose configs do not exist yet is built from the toy config
 with the overrides in ``FALLBACK``.
 """
@@ -89,60 +89,80 @@ def ade_like_label_map(rng, size=512, num_classes=150, regions=40, classes_in_im
     return sem
 
 
-def worker(args):
+def _build(config, opts, device):
     import torch
-
-    import sgr_d2  # noqa: F401
     from detectron2.modeling import build_model
 
     from sgr_d2.engine import build_optimizer, load_config
 
     torch.manual_seed(0)
-    cfg = load_config(args.config, json.loads(args.opts) + ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", ""])
+    cfg = load_config(config, opts + ["MODEL.DEVICE", device, "MODEL.WEIGHTS", ""])
     model = build_model(cfg).train()
-    opt = build_optimizer(cfg, model)
+    return cfg, model, build_optimizer(cfg, model)
+
+
+def _step(model, opt, batch, device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    losses = model(batch)
+    sum(losses.values()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def worker(args):
+    """Peak memory of one model over two training steps, alone in this process."""
+    import torch
+
+    import sgr_d2  # noqa: F401
+
+    cfg, model, opt = _build(args.config, json.loads(args.opts), args.device)
     batch = _random_batch(args.batch, args.size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        losses = model(batch)
-        sum(losses.values()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+    for _ in range(2):
+        _step(model, opt, batch, args.device)
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"step_s": statistics.median(times), "peak_mib": peak,
-                      "sgr": any(k.startswith("loss_sgr") for k in losses)}))
+    print(json.dumps({"peak_mib": peak}))
 
 
 def bench_models(args):
+    """Step time: both models in this process, steps interleaved (A, B, A, B, ...) so that a
+    change of machine load hits both alike; peak memory: each model alone in a subprocess."""
+    import sgr_d2  # noqa: F401
+
     rows = []
     for name in args.pairs:
         pair, source = _config_pair(name, args.dataset)
-        res = []
+        built = [_build(config, opts, args.device) for config, opts in pair]
+        batch = _random_batch(args.batch, args.size, built[0][0].MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        times = [[], []]
+        for i in range(args.warmup + args.steps):
+            for j, (_, model, opt) in enumerate(built):
+                t = _step(model, opt, batch, args.device)
+                if i >= args.warmup:
+                    times[j].append(t)
+        del built
+        mems = []
         for config, opts in pair:
             cmd = [sys.executable, __file__, "--worker", "--config", config, "--opts", json.dumps(opts),
-                   "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--device", args.device]
+                   "--size", str(args.size), "--batch", str(args.batch), "--device", args.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            res.append(json.loads(out.strip().splitlines()[-1]))
-        base, sgr = res
-        rows.append((name, source, base, sgr))
+            mems.append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+        rows.append((name, source, [statistics.median(t) for t in times], mems))
     print(f"\n### Training step, {args.size}x{args.size}, batch {args.batch}, device {args.device}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
     print("| model | configs | step w/o SGR (s) | step with SGR (s) | time ratio | peak mem w/o (MiB) | peak mem with (MiB) | mem ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, source, b, s in rows:
-        print(f"| {name} | {source} | {b['step_s']:.3f} | {s['step_s']:.3f} | {s['step_s'] / b['step_s']:.3f} | "
-              f"{b['peak_mib']:.0f} | {s['peak_mib']:.0f} | {s['peak_mib'] / b['peak_mib']:.3f} |")
+    for name, source, (tb, ts), (mb, ms) in rows:
+        print(f"| {name} | {source} | {tb:.3f} | {ts:.3f} | {ts / tb:.3f} | {mb:.0f} | {ms:.0f} | {ms / mb:.3f} |")
 
 
 def bench_components(args):

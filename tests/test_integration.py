@@ -283,3 +283,18 @@ def test_multiscale_flip_averages_probabilities():
     one = SemanticSegmentorWithTTA(model, scales=[1.0], flip=True)([{"image": img, "height": 8, "width": 12}])
     plain = model([{"image": img, "height": 8, "width": 12}])[0]["sem_seg"]
     assert torch.allclose(one[0]["sem_seg"], plain, atol=1e-6)
+
+
+def test_full_model_gradient_clipping_bounds_the_global_norm():
+    cfg = tiny_toy_cfg(TOY_SGR, "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+                       "full_model", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.01", "SOLVER.BASE_LR", "0.0")
+    model = build_model(cfg).train()
+    opt = build_optimizer(cfg, model)
+    assert "FullModelGradientClipping" in type(opt).__name__
+    sum(model(_batch()).values()).backward()
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    before = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    assert before > 0.01
+    opt.step()
+    after = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    assert after.item() == pytest.approx(0.01, rel=1e-3)

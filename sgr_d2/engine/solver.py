@@ -1,6 +1,8 @@
 """Optimiser parameter groups (×LR for SGR and head, no decay on norms) and the poly schedule."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
@@ -33,7 +35,8 @@ def param_groups(cfg, model):
     * everything else, the SGR component included (``backbone.sgr.*``): ``BASE_LR ×
       SOLVER.HEAD_LR_MULTIPLIER`` (×10 for ResNet backbones in the paper's recipe);
     * norm weights/biases: ``SOLVER.WEIGHT_DECAY_NORM``; other biases: ``WEIGHT_DECAY_BIAS``
-      (when set); embeddings in ``NO_DECAY_NAMES``: no decay.
+      (when set); ``nn.Embedding`` weights and names in ``NO_DECAY_NAMES``: no decay.
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the norm of all gradients together.
     """
     s = cfg.SOLVER
     wd_bias = s.WEIGHT_DECAY if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
@@ -48,6 +51,8 @@ def param_groups(cfg, model):
             lr = s.BASE_LR * (s.BACKBONE_MULTIPLIER if in_backbone else s.HEAD_LR_MULTIPLIER)
             if _is_norm(module):
                 wd = s.WEIGHT_DECAY_NORM
+            elif isinstance(module, torch.nn.Embedding):
+                wd = 0.0  # learned queries / level embeddings (DETR, Mask2Former recipes)
             elif any(n in pname for n in NO_DECAY_NAMES):
                 wd = 0.0
             elif pname == "bias":
@@ -69,7 +74,24 @@ def build_optimizer(cfg, model):
         kwargs = dict(lr=cfg.SOLVER.BASE_LR)
     else:
         raise ValueError(f"SOLVER.OPTIMIZER is {cfg.SOLVER.OPTIMIZER!r}; expected 'SGD' or 'ADAMW'")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        return _full_model_clipping(opt_cls, clip.CLIP_VALUE, clip.NORM_TYPE)(groups, **kwargs)
     return maybe_add_gradient_clipping(cfg, opt_cls)(groups, **kwargs)
+
+
+def _full_model_clipping(optim_cls, max_norm: float, norm_type: float):
+    """The optimiser class, clipping the gradient norm of all its parameters together before each
+    step (MaskFormer's "full_model" clipping, which detectron2's own clipping does not offer)."""
+
+    class FullModelGradientClipping(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = f"{optim_cls.__name__}WithFullModelGradientClipping"
+    return FullModelGradientClipping
 
 
 def build_poly_lr_scheduler(cfg, optimizer):
