@@ -186,3 +186,31 @@ def test_token_semantics_tool_matches_the_per_image_function(toy_model, tmp_path
     assert record["num_images"] == 3 and record["num_tokens"] == 32
     saved = json.loads((tmp_path / "rows.json").read_text())
     assert saved[0]["dataset"] == TINY and not math.isnan(saved[0]["S_C"])
+
+
+def test_sweep_kl_reads_the_final_evaluation_and_tabulates(tmp_path, capsys):
+    tool = _load("tools/sweep_kl.py")
+    for k, l, miou in ((4, 2, 40.0), (8, 2, 50.0)):
+        run = tmp_path / f"K{k}_L{l}"
+        run.mkdir()
+        lines = [{"iteration": 9, "total_loss": 1.0},
+                 {"iteration": 10, "sem_seg/mIoU": 1.0, "token_semantics/S_C": 0.9},  # an earlier eval
+                 {"iteration": 20, "sem_seg/mIoU": miou, "token_semantics/S_C": 0.25,
+                  "token_semantics/D_C": 0.5, "token_semantics/S_I": 0.125, "token_semantics/D_I": 1.0}]
+        (run / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    # --skip-existing reuses finished runs: nothing is trained; L > K is skipped
+    rows = tool.main(["--ks", "4", "--ls", "2", "6", "--output", str(tmp_path), "--skip-existing"])
+    assert [(r["K"], r["L"], r["mIoU"]) for r in rows] == [(4, 2, 40.0)]
+    assert "skipping K=4 L=6: L cannot exceed K" in capsys.readouterr().out
+    rows = tool.main(["--ks", "4", "8", "--ls", "2", "--output", str(tmp_path), "--skip-existing"])
+    assert [(r["K"], r["L"], r["mIoU"]) for r in rows] == [(4, 2, 40.0), (8, 2, 50.0)]
+    assert rows[0]["S_C"] == 0.25 and rows[1]["D_I"] == 1.0  # the last evaluation, not the first
+    assert json.loads((tmp_path / "sweep_kl.json").read_text())[1]["mIoU"] == 50.0
+    table = (tmp_path / "sweep_kl.md").read_text().splitlines()
+    assert table[0].split("|")[1:-1] == [f" {c:<{w}} " for c, w in
+                                         zip(("K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I"), (3, 3, 6, 5, 5, 5, 5))]
+    assert table[2].replace(" ", "") == "|4|2|40.0|0.250|0.500|0.125|1.000|"
+    with pytest.raises(ValueError, match="no evaluation"):
+        (tmp_path / "K9_L1").mkdir()
+        (tmp_path / "K9_L1" / "metrics.json").write_text(json.dumps({"iteration": 1}) + "\n")
+        tool.read_final_metrics(str(tmp_path / "K9_L1"))

@@ -68,7 +68,8 @@ def format_table(rows) -> str:
             return "nan" if math.isnan(v) else (f"{v:.1f}" if key == "mIoU" else f"{v:.3f}")
         return v
 
-    return tabulate([[fmt(c, r[c]) for c in COLUMNS] for r in rows], headers=list(COLUMNS), tablefmt="github")
+    return tabulate([[fmt(c, r[c]) for c in COLUMNS] for r in rows], headers=list(COLUMNS), tablefmt="github",
+                    disable_numparse=True)
 
 
 def run_one(args, k: int, l: int) -> dict:

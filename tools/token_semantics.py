@@ -45,7 +45,7 @@ def format_table(rows, columns=COLUMNS) -> str:
         return v
 
     return tabulate([[fmt(c, r.get(c, "")) for c in columns] for r in rows], headers=list(columns),
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)
 
 
 def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
