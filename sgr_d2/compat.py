@@ -162,10 +162,13 @@ def applied() -> list[str]:
 # --------------------------------------------------------------------------- launch
 def _launch_needs_cuda() -> bool:
     """True when the installed detectron2 launcher cannot run several workers without CUDA."""
+    import importlib
     import inspect
 
-    from detectron2.engine import launch as launch_mod
-
+    # Not ``from detectron2.engine import launch``: detectron2.engine's ``from .launch import *``
+    # rebinds the package attribute ``launch`` to the *function*, whose source never names the
+    # backend; the module itself is only reachable through the import system.
+    launch_mod = importlib.import_module("detectron2.engine.launch")
     src = inspect.getsource(launch_mod)
     return 'backend="NCCL"' in src
 

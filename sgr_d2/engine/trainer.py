@@ -1,8 +1,10 @@
 """The detectron2 ``DefaultTrainer`` for sgr_d2 models, and config set-up with clear errors."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import weakref
 from collections import OrderedDict
 
@@ -11,21 +13,33 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import (
     CityscapesSemSegEvaluator,
+    COCOEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
     verify_results,
 )
 from detectron2.utils.logger import setup_logger
 
+from .. import compat
 from ..config import add_sgr_config, validate_sgr_config
 from ..data import SemSegDatasetMapper
 from ..modeling import SemanticSegmentorWithTTA
 from .checkpoint import AtomicCheckpointer
+from .hooks import NonFiniteLossGuard
 from .solver import build_optimizer, build_poly_lr_scheduler
 
-__all__ = ["Trainer", "setup_cfg", "load_config"]
+__all__ = ["Trainer", "setup_cfg", "load_config", "is_detection"]
+
+# Meta-architectures trained as detectors (SGR_SPEC §5): detectron2's data path and evaluators.
+DETECTION_META_ARCHS = ("GeneralizedRCNN",)
+
+
+def is_detection(cfg) -> bool:
+    """True for Mask R-CNN and the like: the task is picked from MODEL.META_ARCHITECTURE."""
+    return cfg.MODEL.META_ARCHITECTURE in DETECTION_META_ARCHS
 
 
 def load_config(config_file: str, opts=()):
@@ -46,7 +60,10 @@ def load_config(config_file: str, opts=()):
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"command-line override: {e.args[0] if e.args else e}") from e
+        msg = str(e.args[0] if e.args else e)
+        if msg.startswith("Non-existent"):  # yacs: "Non-existent key: A.B"
+            msg += " (not a key of detectron2 or sgr_d2; see sgr_d2/config.py)"
+        raise ValueError(f"command-line override: {msg}") from e
     validate_sgr_config(cfg)
     return cfg
 
@@ -56,7 +73,10 @@ def _sync_norms(cfg, world_size: int):
     if world_size <= 1:
         return
     sync = "SyncBN" if torch.cuda.is_available() else "naiveSyncBN"  # naiveSyncBN runs on gloo
-    for node, key in ((cfg.MODEL.RESNETS, "NORM"), (cfg.MODEL.SEM_SEG_HEAD, "NORM"), (cfg.MODEL.SGR, "NORM")):
+    nodes = [(cfg.MODEL.RESNETS, "NORM"), (cfg.MODEL.SEM_SEG_HEAD, "NORM"), (cfg.MODEL.SGR, "NORM")]
+    if hasattr(cfg.MODEL, "GLORE"):
+        nodes.append((cfg.MODEL.GLORE, "NORM"))
+    for node, key in nodes:
         if node[key] == "BN":
             node[key] = sync
     if hasattr(cfg.MODEL, "FPN") and cfg.MODEL.FPN.NORM == "BN":
@@ -87,8 +107,57 @@ def _rank():
     return comm.get_rank()
 
 
+def _create_ddp_model(model, **kwargs):
+    """detectron2's ``create_ddp_model``, but a CPU model (gloo workers) gets ``device_ids=None``:
+    detectron2 always passes ``[local_rank]``, which DistributedDataParallel refuses on the CPU."""
+    if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
+        kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _clear_dataset_errors(key: str, names):
+    """detectron2 asserts ``Dataset 'x' is empty!``; say which config key names it and what is expected."""
+    try:
+        yield
+    except AssertionError as e:
+        m = re.match(r"Dataset '(.*)' is empty!", str(e))
+        if not m:
+            raise
+        from ..data.datasets import datasets_root
+
+        raise ValueError(
+            f"dataset {m.group(1)!r} (in {key} = {tuple(names)}) is empty: its registered loader "
+            "returned no images; expected at least one dataset dict. Check the dataset's files "
+            f"under $DETECTRON2_DATASETS (now {datasets_root()!r}) and how it is registered."
+        ) from e
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints."""
+    """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints.
+
+    Also (docs/reliability.md): a NaN/inf loss stops training before its update, after saving
+    ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an empty
+    training dataset is a clear error; several CPU workers (gloo) train with DDP.
+    """
+
+    def __init__(self, cfg):
+        from detectron2.engine import defaults
+
+        # DefaultTrainer.__init__ calls the module-level create_ddp_model of detectron2.engine.defaults
+        original = defaults.create_ddp_model
+        defaults.create_ddp_model = _create_ddp_model
+        try:
+            with _clear_dataset_errors("DATASETS.TRAIN", cfg.DATASETS.TRAIN):
+                super().__init__(cfg)
+        finally:
+            defaults.create_ddp_model = original
+        self.loss_guard = NonFiniteLossGuard(self)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
+            return super().build_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
         # Replace DefaultTrainer's checkpointer before the hooks capture it.
@@ -99,6 +168,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        if is_detection(cfg):  # detectron2's DatasetMapper (instances, boxes, masks)
+            return super().build_train_loader(cfg)
         if cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
             return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
         return super().build_train_loader(cfg)
@@ -114,6 +185,10 @@ class Trainer(DefaultTrainer):
             evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
         if kind == "cityscapes_sem_seg":
             evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+        if kind == "coco":
+            # box (and mask) AP; detectron2's fast COCOeval needs its C++ extension (sgr_d2.compat)
+            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
+                                            use_fast_impl=compat.cpp_ops_available()))
         if not evaluators:
             raise NotImplementedError(
                 f"no evaluator for dataset {dataset_name!r} with evaluator_type {kind!r}"
@@ -146,8 +221,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test_with_TTA(cls, cfg, model):
         logger = logging.getLogger("sgr_d2")
-        logger.info(f"Running multi-scale + flip inference, scales {list(cfg.TEST.AUG.SCALES)}")
-        tta = SemanticSegmentorWithTTA.from_config(cfg, model)
+        if is_detection(cfg):
+            from detectron2.modeling import GeneralizedRCNNWithTTA
+
+            logger.info(f"Running multi-scale + flip inference, sizes {list(cfg.TEST.AUG.MIN_SIZES)}")
+            tta = GeneralizedRCNNWithTTA(cfg, model)
+        else:
+            logger.info(f"Running multi-scale + flip inference, scales {list(cfg.TEST.AUG.SCALES)}")
+            tta = SemanticSegmentorWithTTA.from_config(cfg, model)
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
             for name in cfg.DATASETS.TEST

@@ -1,0 +1,557 @@
+"""Trustworthy long runs (docs/reliability.md): resume after a kill, atomic checkpoints,
+determinism, clear errors for bad inputs that leave earlier outputs alone, NaN/inf losses,
+and several workers (gloo on the CPU)."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TOY_BASE, TOY_SGR, tiny_toy_cfg
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase, default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
+
+from sgr_d2 import compat
+from sgr_d2.data.datasets import DatasetLayoutError
+from sgr_d2.engine.checkpoint import AtomicCheckpointer, CheckpointMismatchError
+from sgr_d2.engine.trainer import Trainer, run
+from sgr_d2.sgr import SGRCriterion
+
+# A smaller model than the toy config (64 px crops, output stride 16, 8 tokens): every test here
+# trains a few iterations at most on shared CPUs.
+TINY = ("INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "DATASETS.TEST", "()",
+        "MODEL.RESNETS.OUTPUT_STRIDE", "16", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16",
+        "MODEL.SGR.NUM_TOKENS", "8", "MODEL.SGR.NUM_MATCHED", "4", "MODEL.SGR.TOKEN_DIM", "32",
+        "MODEL.SGR.FFN_DIM", "64", "SOLVER.CHECKPOINT_PERIOD", "1000")
+CLI = ("MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2") + TINY
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on two shared cores, two threads per process are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(out, *opts, config=TOY_SGR):
+    return tiny_toy_cfg(config, *TINY, "OUTPUT_DIR", str(out), *opts)
+
+
+def _trainer(cfg):
+    """What train_net.py does before training (default_setup seeds every RNG from cfg.SEED)."""
+    seed_all_rng(cfg.SEED)
+    return Trainer(cfg)
+
+
+def _earlier_outputs(out):
+    """Files an earlier run left in OUTPUT_DIR; returns their bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_final.pth").write_bytes(b"weights of an earlier run")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    (out / "metrics.json").write_text('{"iteration": 99, "total_loss": 1.5}\n')
+    (out / "config.yaml").write_text("# config of an earlier run\n")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _assert_unchanged(out, before):
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _poly_lr(base, it, max_iter, power=0.9):
+    return base * (1 - it / max_iter) ** power
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# =========================================================================== 1. resume, atomic saves
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_iterations_and_lr_schedule(tmp_path):
+    out, max_iter, base_lr = tmp_path / "run", 60, 0.01
+    script = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR]
+    opts = [*CLI, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "10",
+            "SOLVER.BASE_LR", str(base_lr), "SOLVER.HEAD_LR_MULTIPLIER", "1.0", "OUTPUT_DIR", str(out)]
+    cmd = script + opts
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log1, stderr=subprocess.STDOUT)
+    tag = out / "last_checkpoint"
+    deadline = time.time() + 600
+    try:
+        while True:
+            name = tag.read_text().strip() if tag.is_file() else ""
+            m = re.fullmatch(r"model_(\d{7})\.pth", name)
+            if m and int(m.group(1)) >= 19:
+                break
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint at iteration 19 within 10 minutes"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log1.close()
+    assert not (out / "model_final.pth").exists(), "the first run finished before it was killed"
+    saved = tag.read_text().strip()
+    saved_iter = int(saved[6:13])
+    assert saved_iter % 10 == 9
+    ckpt = torch.load(out / saved, map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == saved_iter  # the tagged file is complete
+    lines_before = len(_metrics(out / "metrics.json")) if (out / "metrics.json").exists() else 0
+
+    run2 = subprocess.run(script + ["--resume"] + opts, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
+    text = run2.stdout + run2.stderr
+    assert f"Starting training from iteration {saved_iter + 1}" in text
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == max_iter - 1
+    assert tag.read_text() == "model_final.pth"
+    resumed = _metrics(out / "metrics.json")[lines_before:]
+    iters = [e["iteration"] for e in resumed]
+    assert iters and min(iters) > saved_iter and max(iters) == max_iter - 1, iters
+    for e in resumed:  # the poly schedule continued: not restarted at the resumed iteration
+        assert e["lr"] == pytest.approx(_poly_lr(base_lr, e["iteration"], max_iter), rel=1e-6), e
+        assert e["lr"] != pytest.approx(_poly_lr(base_lr, e["iteration"] - saved_iter - 1, max_iter),
+                                        rel=1e-3)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint_and_tag(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    trainer = _trainer(_cfg(out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    trainer.resume_or_load(resume=False)
+    real_save = torch.save
+    calls = []
+
+    def half_then_fail(obj, f, *args, **kwargs):  # a full disk, or a kill, in mid-write
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+        calls.append(name)
+        if "model_final" not in name:
+            return real_save(obj, f, *args, **kwargs)
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.train()
+    monkeypatch.undo()
+    # the writes went to temporary files beside the target: .model_0000001.pth.XXXX.tmp ...
+    assert [c.split(".pth")[0] for c in calls] == [".model_0000001", ".model_0000003", ".model_final"]
+    assert all(c.endswith(".tmp") for c in calls)
+    assert (out / "model_final.pth").read_bytes() == earlier["model_final.pth"]  # not truncated
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    ckpt = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == 3 and set(ckpt["model"]) == set(trainer.model.state_dict())
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    # an interrupted write of a file that does not exist yet leaves nothing behind
+    from sgr_d2.engine.checkpoint import atomic_torch_save
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError):
+        atomic_torch_save({"x": torch.zeros(3)}, str(out / "model_final_b.pth"))
+    assert not (out / "model_final_b.pth").exists()
+
+
+# =========================================================================== 2. determinism
+def _losses(seed, out):
+    trainer = _trainer(_cfg(out, "SOLVER.MAX_ITER", "3", "SEED", str(seed), "CUDNN_BENCHMARK", "False"))
+    trainer.train()
+    keys = ("loss_sem_seg", "loss_sgr_union", "loss_sgr_cls", "loss_sgr_div")
+    return {k: [v for v, _ in trainer.storage.history(k).values()] for k in keys}
+
+
+def test_same_seed_gives_identical_losses(tmp_path):
+    a = _losses(7, tmp_path / "a")
+    b = _losses(7, tmp_path / "b")
+    assert all(len(v) == 3 for v in a.values())
+    assert a == b  # bit for bit
+    c = _losses(8, tmp_path / "c")  # and the seed matters, so the comparison above means something
+    assert c["loss_sem_seg"] != a["loss_sem_seg"]
+
+
+# =========================================================================== 3. bad inputs
+def test_missing_dataset_root_or_split_names_the_folder(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    cfg = _cfg(out, "DATASETS.TRAIN", "('ade20k_sem_seg_train',)", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "150")
+    absent = tmp_path / "absent"
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(absent))
+    with pytest.raises(DatasetLayoutError) as e:
+        _trainer(cfg)
+    msg = str(e.value)
+    assert str(absent / "ADEChallengeData2016") in msg and "images/{training,validation}" in msg
+    assert "DETECTRON2_DATASETS" in msg
+    # the root exists but not the training split
+    root = tmp_path / "datasets"
+    for sub in ("images/validation", "annotations_detectron2/validation"):
+        (root / "ADEChallengeData2016" / sub).mkdir(parents=True)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    with pytest.raises(DatasetLayoutError) as e:
+        _trainer(cfg)
+    assert str(root / "ADEChallengeData2016" / "images" / "training") in str(e.value)
+    _assert_unchanged(out, earlier)
+
+
+@pytest.fixture
+def register():
+    names = []
+
+    def _register(dicts, **meta):
+        name = f"sgr_test_{uuid.uuid4().hex[:8]}_train"
+        DatasetCatalog.register(name, lambda: list(dicts))
+        MetadataCatalog.get(name).set(ignore_label=255, **meta)
+        names.append(name)
+        return name
+
+    yield _register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, register):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    name = register([])
+    with pytest.raises(ValueError) as e:
+        _trainer(_cfg(out, "DATASETS.TRAIN", f"('{name}',)"))
+    msg = str(e.value)
+    assert f"dataset '{name}'" in msg and "DATASETS.TRAIN" in msg and "is empty" in msg
+    assert "at least one" in msg
+    _assert_unchanged(out, earlier)
+
+
+def _pair(folder, stem, img_hw=(40, 40), lbl_hw=(40, 40), values=(0, 1, 2)):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*img_hw, 3), dtype=np.uint8)).save(folder / f"{stem}.jpg")
+    lbl = np.zeros(lbl_hw, np.uint8)
+    lbl.flat[: len(values)] = values
+    Image.fromarray(lbl).save(folder / f"{stem}.png")
+    return {"file_name": str(folder / f"{stem}.jpg"), "sem_seg_file_name": str(folder / f"{stem}.png"),
+            "height": img_hw[0], "width": img_hw[1]}
+
+
+# (test_integration.py::test_mapper_reports_bad_labels_by_file checks the mapper's messages;
+# these check that a training run stops with them, and leaves the earlier outputs alone)
+@pytest.mark.parametrize("kind", ["corrupt_image", "label_size", "label_values"])
+def test_bad_data_stops_training_naming_the_file(tmp_path, register, kind):
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    earlier = _earlier_outputs(out)
+    good = _pair(data, "good")
+    if kind == "label_size":
+        bad = _pair(data, "bad", lbl_hw=(40, 30))
+        expected = rf"label file {re.escape(bad['sem_seg_file_name'])} is 30x40 \(WxH\) but its image is 40x40"
+    elif kind == "label_values":
+        bad = _pair(data, "bad", values=(1, 9, 200))
+        expected = rf"{re.escape(bad['sem_seg_file_name'])} holds values \[9, 200\] outside the class range 0\.\.5"
+    else:
+        bad = _pair(data, "bad")
+        (data / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        expected = rf"cannot read image file {re.escape(bad['file_name'])}"
+    name = register([good, bad])
+    trainer = _trainer(_cfg(out, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2"))
+    with pytest.raises(ValueError, match=expected):  # 2 images, 2 per batch: both in iteration 0
+        trainer.train()
+    _assert_unchanged(out, earlier)
+
+
+@pytest.mark.parametrize("opts, expected", [
+    (["MODEL.SGR.NUM_TOKEN", "3"], r"Non-existent key: MODEL\.SGR\.NUM_TOKEN \(not a key of detectron2 or sgr_d2"),
+    (["MODEL.SGR.NUM_MATCHED", "40"], r"NUM_MATCHED \(40\).*NUM_TOKENS \(32\)"),
+], ids=["unknown_key", "num_matched_above_num_tokens"])
+def test_bad_config_fails_before_writing_anything(tmp_path, opts, expected):
+    # (test_integration.py::test_bad_config_values_are_clear_errors checks load_config's messages
+    # in detail; this goes through train_net.py's main, which writes config.yaml once set up)
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    args = default_argument_parser().parse_args(["--config-file", TOY_SGR, "OUTPUT_DIR", str(out), *opts])
+    with pytest.raises(ValueError, match=expected):
+        run(args)
+    _assert_unchanged(out, earlier)
+    assert sorted(p.name for p in out.iterdir()) == sorted(earlier)
+
+
+def test_missing_model_weights_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    missing = tmp_path / "R-18.pkl"
+    trainer = _trainer(_cfg(out, "MODEL.WEIGHTS", str(missing)))
+    with pytest.raises(FileNotFoundError, match=rf"MODEL.WEIGHTS file {re.escape(str(missing))} does not exist"):
+        trainer.resume_or_load(resume=False)
+    _assert_unchanged(out, earlier)
+
+
+def _weights(state):
+    """The tensors the rule counts: not pixel_mean/std nor BatchNorm's num_batches_tracked."""
+    return {k: v for k, v in state.items()
+            if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked")}
+
+
+def _fit(ckpt, model):
+    """Independent count of the checkpoint's weights that fit the model by name and shape."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    return sum(1 for k, v in _weights(ckpt).items() if k in shapes and shapes[k] == v.shape)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    # a Dilated-FCN checkpoint without SGR: its keys lack the SGR wrapper's "backbone.backbone."
+    other = build_model(tiny_toy_cfg(TOY_BASE, *TINY)).state_dict()
+    path = tmp_path / "dil_fcn_r18.pth"
+    torch.save({"model": other, "iteration": 99}, path)
+    trainer = _trainer(_cfg(out, "MODEL.WEIGHTS", str(path)))
+    n_fit = _fit(other, trainer.model)  # only the head's keys are the same
+    assert 0 < n_fit < len(_weights(other)) / 4
+    with pytest.raises(CheckpointMismatchError) as e:
+        trainer.resume_or_load(resume=False)
+    msg = str(e.value)
+    assert str(path) in msg and f"only {n_fit} of its {len(_weights(other))} weight tensors" in msg
+    assert "backbone.stem.conv1.weight" in msg  # a key of the file the model does not have
+    assert "keys of the model left uninitialised" in msg
+    _assert_unchanged(out, earlier)
+
+    # the same architecture at another width: names fit, shapes do not
+    other_width = build_model(_cfg(out, "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
+                            "MODEL.RESNETS.STEM_OUT_CHANNELS", "16")).state_dict()
+    model = build_model(_cfg(out))
+    n_fit = _fit(other_width, model)
+    assert n_fit < len(_weights(other_width)) / 2
+    torch.save({"model": other_width}, tmp_path / "width16.pth")
+    with pytest.raises(CheckpointMismatchError) as e:
+        AtomicCheckpointer(model).load(str(tmp_path / "width16.pth"))
+    msg = str(e.value)
+    assert str(tmp_path / "width16.pth") in msg and f"only {n_fit} of its {len(_weights(other_width))} weight tensors" in msg
+    stem = "backbone.backbone.stem.conv1.weight"
+    assert f"{stem} {list(other_width[stem].shape)} (model {stem}: {list(model.state_dict()[stem].shape)})" in msg
+
+
+def test_imagenet_backbone_and_other_class_counts_still_load(tmp_path):
+    """The rule is about the *file's* tensors: a backbone-only file legitimately leaves the head
+    and SGR uninitialised, and a checkpoint with another class count fits but for the classifiers."""
+    import torchvision
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_pretrained
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    weights = convert_pretrained.convert_file(str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl"))
+    cfg = _cfg(tmp_path / "run", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.STEM_OUT_CHANNELS", "64")
+    model = build_model(cfg)
+    head_before = model.sem_seg_head.predictor.weight.detach().clone()
+    AtomicCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    got = model.state_dict()
+    for name in ("stem.conv1.weight", "res4.1.conv2.weight", "res5.0.shortcut.norm.running_var"):
+        assert np.array_equal(got[f"backbone.backbone.{name}"].numpy(), weights[name]), name
+    assert torch.equal(model.sem_seg_head.predictor.weight, head_before)
+    # the same model trained for 7 classes: only the classifiers differ in shape
+    seven = build_model(_cfg(tmp_path / "run", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7")).state_dict()
+    torch.save({"model": seven}, tmp_path / "seven.pth")
+    six = build_model(_cfg(tmp_path / "run"))
+    assert len(_weights(seven)) - _fit(seven, six) == 4  # predictor and SGR classifier, weight and bias
+    AtomicCheckpointer(six).load(str(tmp_path / "seven.pth"))
+    assert torch.equal(six.state_dict()["backbone.backbone.stem.conv1.weight"],
+                       seven["backbone.backbone.stem.conv1.weight"])
+
+
+def test_resume_with_a_dangling_last_checkpoint_names_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last_checkpoint").write_text("model_0000199.pth")
+    trainer = _trainer(_cfg(out))
+    with pytest.raises(FileNotFoundError, match=r"last_checkpoint names model_0000199\.pth, but .* does not exist"):
+        trainer.resume_or_load(resume=True)
+
+
+class _StateAfter(HookBase):
+    def __init__(self, iteration):
+        self.iteration, self.state = iteration, None
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            self.state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+
+
+def test_nan_loss_stops_with_the_terms_after_saving_the_last_good_state(tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(_cfg(out, "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    trainer.resume_or_load(resume=False)
+    after2 = _StateAfter(2)
+    trainer.register_hooks([after2])
+    model, seen = trainer.model, {}
+    head_forward, sgr_forward = model.sem_seg_head.forward, model.sgr_criterion.forward
+
+    def nan_head(features, targets=None):  # the head's loss becomes NaN at iteration 3
+        logits, losses = head_forward(features, targets)
+        if trainer.iter == 3:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+            seen.update({k: v.item() for k, v in losses.items()})
+        return logits, losses
+
+    def record_sgr(*args, **kwargs):
+        losses = sgr_forward(*args, **kwargs)
+        if trainer.iter == 3:
+            seen.update({k: v.item() for k, v in losses.items()})
+        return losses
+
+    model.sem_seg_head.forward, model.sgr_criterion.forward = nan_head, record_sgr
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "at iteration 3 (non-finite: loss_sem_seg)" in msg
+    reported = {k: float(v) for k, v in re.findall(r"(loss_\w+)=(nan|-?inf|-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)", msg)}
+    assert set(reported) == set(seen) == {"loss_sem_seg", "loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}
+    assert math.isnan(reported["loss_sem_seg"])
+    for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
+        assert reported[k] == pytest.approx(seen[k], rel=1e-5)
+    assert str(out / "model_last_good.pth") in msg
+
+    # saved: the state after iteration 2, BatchNorm statistics included (the bad batch's forward
+    # pass had updated them), before the bad step's update; and the live model was not updated
+    assert (out / "last_checkpoint").read_text() == "model_last_good.pth"
+    ckpt = torch.load(out / "model_last_good.pth", map_location="cpu", weights_only=False)
+    assert ckpt["iteration"] == 2 and ckpt["trainer"]["iteration"] == 2
+    assert set(ckpt["model"]) == set(after2.state)
+    for k, v in after2.state.items():
+        assert torch.equal(ckpt["model"][k], v), k
+        assert torch.equal(model.state_dict()[k], v), k
+    assert any("running_mean" in k for k in after2.state)
+    assert not (out / "model_0000003.pth").exists() and not (out / "model_final.pth").exists()
+    # --resume continues from it: iteration 3, with the LR schedule of iteration 3
+    again = _trainer(_cfg(out, "SOLVER.MAX_ITER", "8"))
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 3
+    assert again.scheduler.last_epoch == 3
+
+
+# =========================================================================== 4. several workers
+def _criterion_batch():
+    """Region maps, token logits and component targets of 4 images with 2, 0, 5 and 3 components
+    (worker r gets images 2r and 2r+1: 2 vs 7 components, 4 vs 8 matched tokens)."""
+    g = torch.Generator().manual_seed(0)
+    k, h, size, num_classes = 8, 8, 32, 6
+    logits = torch.randn(4, k, h, h, generator=g)
+    token_logits = torch.randn(4, k, num_classes, generator=g)
+    targets = []
+    for n in (2, 0, 5, 3):
+        cols = torch.arange(size) * n // size  # n vertical stripes (none: an all-ignore image)
+        masks = (cols[None, None, :] == torch.arange(n)[:, None, None]).expand(n, size, size).clone()
+        targets.append({"masks": masks, "classes": torch.arange(n) % num_classes})
+    return logits, token_logits, targets
+
+
+def _criterion_losses(logits, token_logits, targets):
+    regions = logits.softmax(1).detach().requires_grad_(True)
+    losses = SGRCriterion(num_matched=4)({"region_maps": regions, "token_logits": token_logits}, targets)
+    (losses["loss_sgr_union"] + losses["loss_sgr_cls"]).backward()
+    return {k: v.item() for k, v in losses.items()}, regions.grad
+
+
+def _two_workers_main(out_dir):
+    """Runs in each of the two workers that sgr_d2.compat.launch starts: reports what the worker
+    sees of the process group, and computes the SGR loss of its share of the batch."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    torch.set_num_threads(1)
+    rank = comm.get_rank()
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    logits, token_logits, targets = _criterion_batch()
+    mine = slice(2 * rank, 2 * rank + 2)
+    losses, grad = _criterion_losses(logits[mine], token_logits[mine], targets[mine])
+    report = {"world_size": comm.get_world_size(), "rank": rank, "local_rank": comm.get_local_rank(),
+              "local_size": comm.get_local_size(), "sum": t.item(), "backend": dist.get_backend(),
+              "losses": losses, "grad": grad}
+    torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def two_gloo_workers(tmp_path_factory):
+    """One run of ``sgr_d2.compat.launch(main, num_gpus_per_machine=2)`` on this CPU machine
+    (detectron2 v0.6: compat._cpu_worker spawns the processes and joins a gloo group through a
+    file:// URL), shared by the two tests below: starting workers costs seconds of imports."""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, compat.launch is detectron2's own launcher (NCCL)")
+    d = tmp_path_factory.mktemp("gloo")
+    assert not torch.distributed.is_initialized()
+    compat.launch(_two_workers_main, 2, dist_url=f"file://{d / 'init'}", args=(str(d),))
+    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_compat_launch_runs_two_gloo_workers_on_the_cpu(two_gloo_workers):
+    import importlib
+    import inspect
+
+    src = inspect.getsource(importlib.import_module("detectron2.engine.launch"))
+    # detectron2 v0.6's launcher asserts CUDA: compat must notice, and start gloo workers itself
+    assert compat._launch_needs_cuda() == ('backend="NCCL"' in src)
+    reports = two_gloo_workers
+    assert [(d["rank"], d["local_rank"]) for d in reports] == [(0, 0), (1, 1)]
+    assert all(d["world_size"] == 2 and d["local_size"] == 2 for d in reports)
+    assert all(d["sum"] == 3.0 and d["backend"] == "gloo" for d in reports)  # they communicate
+
+
+def test_sgr_criterion_split_over_two_gloo_workers_equals_one_process(two_gloo_workers):
+    workers = two_gloo_workers
+    logits, token_logits, targets = _criterion_batch()
+    whole, whole_grad = _criterion_losses(logits, token_logits, targets)
+    # each worker's share in this (non-distributed) process: normalised by its own counts
+    local = [_criterion_losses(logits[s], token_logits[s], targets[s])[0] for s in (slice(0, 2), slice(2, 4))]
+    for k in ("loss_sgr_union", "loss_sgr_cls"):
+        # DDP averages the workers' losses: with the counts averaged across workers, that mean is
+        # the loss of the whole batch in one process ...
+        mean = (workers[0]["losses"][k] + workers[1]["losses"][k]) / 2
+        assert mean == pytest.approx(whole[k], rel=1e-5), k
+        # ... which normalising by each worker's own count would miss
+        assert (local[0][k] + local[1][k]) / 2 != pytest.approx(whole[k], rel=1e-3), k
+    # the diversity term is normalised by each worker's own token pairs
+    for r in (0, 1):
+        assert workers[r]["losses"]["loss_sgr_div"] == pytest.approx(local[r]["loss_sgr_div"], rel=1e-6)
+    # and the gradient DDP applies (the mean of the workers') is the one-process gradient
+    for r in (0, 1):
+        assert torch.allclose(workers[r]["grad"] / 2, whole_grad[2 * r:2 * r + 2], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_train_net_with_two_cpu_workers(tmp_path):
+    """--num-gpus 2 on a CPU: gloo workers, naiveSyncBN (see
+    test_heads_backbones.py::test_sync_norms_converts_batchnorm_for_several_workers), DDP."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR, "--num-gpus", "2",
+           "--dist-url", f"file://{tmp_path / 'init'}", *CLI, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "NaiveSyncBatchNorm(" in log and "BatchNorm2d(" not in log
+    assert (out / "log.txt.rank1").is_file()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 2
+    entries = _metrics(out / "metrics.json")
+    assert entries[-1]["iteration"] == 2 and math.isfinite(entries[-1]["total_loss"])
