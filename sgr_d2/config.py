@@ -59,6 +59,8 @@ def add_sgr_config(cfg):
     add_head_config(cfg)
     from .modeling.maskformer.config import add_maskformer_config  # lazy, as above
     add_maskformer_config(cfg)
+    from .modeling.backbone.glore import add_glore_config  # lazy, as above
+    add_glore_config(cfg)
     return cfg
 
 

@@ -32,7 +32,8 @@ def param_groups(cfg, model):
     """One group per parameter with its LR and weight decay.
 
     * backbone parameters: ``BASE_LR × SOLVER.BACKBONE_MULTIPLIER``;
-    * everything else, the SGR component included (``backbone.sgr.*``): ``BASE_LR ×
+    * everything else, the SGR (or GloRe) component included (``backbone.sgr.*``,
+      ``backbone.glore.*``): ``BASE_LR ×
       SOLVER.HEAD_LR_MULTIPLIER`` (×10 for ResNet backbones in the paper's recipe);
     * norm weights/biases: ``SOLVER.WEIGHT_DECAY_NORM``; other biases: ``WEIGHT_DECAY_BIAS``
       (when set); ``nn.Embedding`` weights and names in ``NO_DECAY_NAMES``: no decay.
@@ -47,7 +48,8 @@ def param_groups(cfg, model):
                 continue
             seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname
-            in_backbone = full.startswith("backbone.") and not full.startswith("backbone.sgr.")
+            in_backbone = full.startswith("backbone.") and not full.startswith(
+                ("backbone.sgr.", "backbone.glore."))
             lr = s.BASE_LR * (s.BACKBONE_MULTIPLIER if in_backbone else s.HEAD_LR_MULTIPLIER)
             if _is_norm(module):
                 wd = s.WEIGHT_DECAY_NORM

@@ -104,6 +104,9 @@ def _stage_channels(backbone: Backbone, name: str, cfg) -> int:
             return candidate.output_shape()[name].channels
     stage = SGRBackbone._find_stage(backbone, name)
     channels = getattr(stage, "out_channels", None)
+    if channels is None and isinstance(stage, nn.Sequential) and len(stage):
+        # a detectron2 ResNet stage that is not an output: the width of its last block
+        channels = getattr(list(stage.children())[-1], "out_channels", None)
     if channels is None:
         outs = sorted(backbone.output_shape())
         raise ValueError(

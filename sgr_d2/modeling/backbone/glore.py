@@ -1,0 +1,213 @@
+"""GloRe, the graph-based global reasoning unit (Chen et al., CVPR 2019), as a backbone wrapper.
+
+SGR_SPEC §5 compares SGR with GloRe in its place. ``build_glore_backbone`` wraps any registered
+backbone (``MODEL.GLORE.BACKBONE_NAME``) and inserts a :class:`GloReUnit` after the stage
+``MODEL.GLORE.IN_FEATURE``, found the way :class:`~sgr_d2.modeling.sgr_backbone.SGRBackbone`
+finds it (a sub-module of that name, inside ``bottom_up`` for an FPN). State-dict keys are
+``backbone.backbone.*`` (the wrapped backbone) and ``backbone.glore.*``, as with SGR. It works
+under segmentation heads and under Mask R-CNN alike; it has no loss of its own.
+
+This file also registers ``build_dilated_resnet_fpn_backbone``: detectron2's FPN over sgr_d2's
+ResNet builder. detectron2's ``build_resnet_fpn_backbone`` refuses ResNet-18/34 with
+``RES2_OUT_CHANNELS`` other than 64, so the half-width toy ResNet-18 needs it for Mask R-CNN.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+
+from ..sgr_backbone import SGRBackbone, _stage_channels
+from .resnet import build_dilated_resnet_backbone
+
+__all__ = ["GloReUnit", "GloReBackbone", "add_glore_config", "build_glore_backbone",
+           "build_dilated_resnet_fpn_backbone", "glore_num_params"]
+
+
+def add_glore_config(cfg):
+    """``MODEL.GLORE.*`` (called at the end of ``add_sgr_config``)."""
+    cfg.MODEL.GLORE = CN()
+    cfg.MODEL.GLORE.BACKBONE_NAME = "build_dilated_resnet_backbone"
+    cfg.MODEL.GLORE.IN_FEATURE = "res5"
+    # N nodes of C' channels. Defaults match SGR's K = 128 tokens of width C = 256, so the two
+    # reasoning units compare at the same graph size.
+    cfg.MODEL.GLORE.NUM_NODES = 128
+    cfg.MODEL.GLORE.NUM_STATE = 256
+    cfg.MODEL.GLORE.NORM = "BN"  # the norm after the output 1x1 conv (zero-initialised weight)
+    # Divide the projected node features by the number of pixels, so the node features do not
+    # grow with the input resolution (segmentation crops -> detection images).
+    cfg.MODEL.GLORE.NORMALIZE = True
+    return cfg
+
+
+def glore_num_params(in_channels: int, num_state: int, num_nodes: int) -> int:
+    """Trainable parameters of a GloReUnit with an affine norm (derivation in GloReUnit)."""
+    d, c, n = in_channels, num_state, num_nodes
+    return (d * c + c) + (d * n + n) + (n * n + n) + c * c + c * d + 2 * d
+
+
+class GloReUnit(nn.Module):
+    """Global reasoning over a (B, D, H, W) map; returns a map of the same shape.
+
+    1. reduce: 1x1 conv D -> C' (``reduce``), X' of shape (B, C', L), L = H·W;
+    2. projection: 1x1 conv D -> N (``project``), B of shape (B, N, L);
+    3. node features V = B · X'^T, (B, N, C') (divided by L when ``normalize``);
+    4. graph convolution: V' = V - A(V) with A a 1-d conv over the nodes (the adjacency;
+       the paper's (I - A_g) V), then ReLU(W(V')) with W a 1-d conv over the channels;
+    5. reverse projection with the same B: Y' = B^T · Z, (B, C', H, W);
+    6. 1x1 conv C' -> D + norm, added to the input. The norm's weight starts at zero, so a new
+       unit is the identity and a pretrained backbone starts unchanged.
+
+    Parameters (affine norm): reduce D·C' + C', project D·N + N, adjacency N·N + N,
+    channel conv C'·C' (no bias), output conv C'·D (no bias), norm 2·D.
+    """
+
+    def __init__(self, in_channels: int, num_state: int = 256, num_nodes: int = 128,
+                 norm: str = "BN", normalize: bool = True):
+        super().__init__()
+        if min(in_channels, num_state, num_nodes) < 1:
+            raise ValueError(f"GloReUnit: in_channels ({in_channels}), num_state ({num_state}) and "
+                             f"num_nodes ({num_nodes}) must be >= 1")
+        self.in_channels = in_channels
+        self.num_state = num_state
+        self.num_nodes = num_nodes
+        self.normalize = normalize
+        self.reduce = nn.Conv2d(in_channels, num_state, kernel_size=1)
+        self.project = nn.Conv2d(in_channels, num_nodes, kernel_size=1)
+        self.adjacency = nn.Conv1d(num_nodes, num_nodes, kernel_size=1)
+        self.state_conv = nn.Conv1d(num_state, num_state, kernel_size=1, bias=False)
+        self.out_conv = nn.Conv2d(num_state, in_channels, kernel_size=1, bias=False)
+        self.out_norm = get_norm(norm, in_channels) if norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in (self.reduce, self.project, self.out_conv):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in (self.reduce, self.project):
+            nn.init.zeros_(m.bias)
+        if self.out_norm is not None and getattr(self.out_norm, "weight", None) is not None:
+            nn.init.zeros_(self.out_norm.weight)
+        else:  # no affine norm: zero the output conv instead, for the same identity start
+            nn.init.zeros_(self.out_conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"GloReUnit expects a (B, {self.in_channels}, H, W) feature map, got {tuple(x.shape)}"
+            )
+        b, _, h, w = x.shape
+        state = self.reduce(x).flatten(2)  # (B, C', L)
+        proj = self.project(x).flatten(2)  # (B, N, L)
+        nodes = torch.bmm(proj, state.transpose(1, 2))  # (B, N, C')
+        if self.normalize:
+            nodes = nodes / (h * w)
+        nodes = nodes - self.adjacency(nodes)  # (I - A) V, the 1-d conv mixes nodes
+        nodes = torch.relu(self.state_conv(nodes.transpose(1, 2)))  # (B, C', N)
+        out = torch.bmm(nodes, proj).view(b, self.num_state, h, w)  # reverse projection
+        out = self.out_conv(out)
+        if self.out_norm is not None:
+            out = self.out_norm(out)
+        return x + out
+
+
+class GloReBackbone(Backbone):
+    """``backbone`` with a GloReUnit applied to the output of its stage ``in_feature``.
+
+    The stage is located with ``SGRBackbone._find_stage`` (the same rules as SGR: a sub-module
+    of that name, in ``bottom_up`` for an FPN) and replaced through a forward hook; a feature
+    that is only an output of the backbone gets the unit on return. Not an SGRBackbone: the
+    segmentors' SGR losses and region maps must not see it.
+    """
+
+    def __init__(self, backbone: Backbone, in_feature: str, glore: GloReUnit):
+        super().__init__()
+        self.backbone = backbone
+        self.in_feature = in_feature
+        self.glore = glore
+        self._post_hoc = False
+        stage = SGRBackbone._find_stage(backbone, in_feature)
+        if stage is None:
+            if in_feature not in backbone.output_shape():
+                raise ValueError(
+                    f"MODEL.GLORE.IN_FEATURE is {in_feature!r}, but the backbone "
+                    f"{type(backbone).__name__} has no stage of that name; its outputs are "
+                    f"{sorted(backbone.output_shape())}"
+                )
+            self._post_hoc = True
+        else:
+            stage.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        return self.glore(output)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        if self._post_hoc:
+            features = dict(features)
+            features[self.in_feature] = self.glore(features[self.in_feature])
+        return features
+
+    def output_shape(self):
+        return self.backbone.output_shape()
+
+    @property
+    def size_divisibility(self):
+        return self.backbone.size_divisibility
+
+    @property
+    def padding_constraints(self):
+        return getattr(self.backbone, "padding_constraints", {})
+
+
+@BACKBONE_REGISTRY.register()
+def build_glore_backbone(cfg, input_shape: ShapeSpec):
+    """Builds ``cfg.MODEL.GLORE.BACKBONE_NAME`` with GloRe after ``cfg.MODEL.GLORE.IN_FEATURE``."""
+    g = cfg.MODEL.GLORE
+    name = g.BACKBONE_NAME
+    if name in ("build_glore_backbone", "build_sgr_backbone"):
+        raise ValueError(f"MODEL.GLORE.BACKBONE_NAME is {name!r}; expected a plain backbone "
+                         "(GloRe replaces SGR, it does not wrap it)")
+    if name not in BACKBONE_REGISTRY:
+        raise KeyError(
+            f"MODEL.GLORE.BACKBONE_NAME is {name!r}, which is not a registered backbone; "
+            f"registered: {sorted(k for k, _ in BACKBONE_REGISTRY)}"
+        )
+    inner = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
+    try:
+        channels = _stage_channels(inner, g.IN_FEATURE, cfg)
+    except ValueError as e:
+        # a ResNet stage that is not among the outputs (e.g. res4 with OUT_FEATURES ["res5"]):
+        # its width is that of its last block
+        stage = SGRBackbone._find_stage(inner, g.IN_FEATURE)
+        last = list(stage.children())[-1] if isinstance(stage, nn.Sequential) and len(stage) else None
+        channels = getattr(last, "out_channels", None)
+        if channels is None:
+            raise ValueError(str(e).replace("MODEL.SGR.IN_FEATURE", "MODEL.GLORE.IN_FEATURE")) from e
+    unit = GloReUnit(channels, num_state=g.NUM_STATE, num_nodes=g.NUM_NODES, norm=g.NORM,
+                     normalize=g.NORMALIZE)
+    return GloReBackbone(inner, g.IN_FEATURE, unit)
+
+
+@BACKBONE_REGISTRY.register()
+def build_dilated_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """detectron2's FPN (P2-P6, as ``build_resnet_fpn_backbone``) over
+    ``build_dilated_resnet_backbone``; with ``MODEL.RESNETS.OUTPUT_STRIDE`` 32 the bottom-up
+    network is the plain ResNet, any depth and width (the half-width toy ResNet-18 included)."""
+    if cfg.MODEL.RESNETS.OUTPUT_STRIDE != 32:
+        raise ValueError(
+            f"MODEL.RESNETS.OUTPUT_STRIDE is {cfg.MODEL.RESNETS.OUTPUT_STRIDE}; an FPN needs the "
+            "undilated ResNet (32): its levels must halve in resolution"
+        )
+    bottom_up = build_dilated_resnet_backbone(cfg, input_shape)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
