@@ -2,7 +2,7 @@
 """What SGR costs: training-step time and peak memory with vs without SGR, and the time of
 connected components + matching per label map. Prints markdown tables.
 
-    python bench/sgr_overhead.py                      # Dilated-FCN R-50, 512x512, batch 1
+    python bench/sgr_overhead.py                      # every per-pixel head, 512x512, batch 1
     python bench/sgr_overhead.py --pairs dil_fcn_r50 deeplabv3_r101 --size 256
     python bench/sgr_overhead.py --skip-models        # only components + matching
 
@@ -214,7 +214,7 @@ def bench_components(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", nargs="+", default=["dil_fcn_r50"])
+    p.add_argument("--pairs", nargs="+", default=["dil_fcn_r50", "deeplabv3_r50", "sem_fpn_r50", "upernet_swin_t"])
     p.add_argument("--dataset", default="ade20k")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
