@@ -12,7 +12,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from ..config import validate_sgr_config
 from ..sgr import SGRModule
 
-__all__ = ["SGRBackbone", "build_sgr_backbone", "sgr_module_from_config", "find_sgr_backbone",
+__all__ = ["StageHookBackbone", "SGRBackbone", "build_sgr_backbone", "stage_channels", "sgr_module_from_config", "find_sgr_backbone",
            "attach_sgr_regions"]
 
 
@@ -32,31 +32,28 @@ def sgr_module_from_config(cfg, in_channels: int, num_classes: Optional[int] = N
     )
 
 
-class SGRBackbone(Backbone):
-    """Wraps ``backbone`` and applies SGR to the output of its stage ``in_feature``.
+class StageHookBackbone(Backbone):
+    """Wraps ``backbone`` and applies ``block_forward`` to the output of its stage ``in_feature``.
 
     The stage is found as a sub-module named ``in_feature`` (``res4``, ``res5`` of detectron2's
     ResNet, the stages of the Swin wrapper, ...) whose output is replaced through a forward
-    hook, so later stages and every returned feature see the SGR output. A backbone with a
-    ``bottom_up`` network (detectron2's FPN) gets SGR inside its bottom-up path. Otherwise the
-    feature must be one of the backbone's outputs and SGR is applied to it on return.
-
-    ``output_shape()`` and ``size_divisibility`` are the wrapped backbone's. After each forward,
-    ``self.sgr_outputs`` holds the component's region maps, logits and tokens for the losses.
+    hook, so later stages and every returned feature see the new output. A backbone with a
+    ``bottom_up`` network (detectron2's FPN) gets the block inside its bottom-up path. Otherwise
+    the feature must be one of the backbone's outputs and the block is applied to it on return.
+    ``output_shape()`` and ``size_divisibility`` are the wrapped backbone's. ``config_key`` names
+    the config key in error messages. Subclasses: :class:`SGRBackbone`, ``GloReBackbone``.
     """
 
-    def __init__(self, backbone: Backbone, in_feature: str, sgr: SGRModule):
+    def __init__(self, backbone: Backbone, in_feature: str, config_key: str):
         super().__init__()
         self.backbone = backbone
         self.in_feature = in_feature
-        self.sgr = sgr
-        self.sgr_outputs: Optional[Dict[str, torch.Tensor]] = None
         self._post_hoc = False
         stage = self._find_stage(backbone, in_feature)
         if stage is None:
             if in_feature not in backbone.output_shape():
                 raise ValueError(
-                    f"MODEL.SGR.IN_FEATURE is {in_feature!r}, but the backbone "
+                    f"{config_key} is {in_feature!r}, but the backbone "
                     f"{type(backbone).__name__} has no stage of that name; its outputs are "
                     f"{sorted(backbone.output_shape())}"
                 )
@@ -74,16 +71,17 @@ class SGRBackbone(Backbone):
                 return stage
         return None
 
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _hook(self, module, inputs, output):
-        y, self.sgr_outputs = self.sgr(output)
-        return y
+        return self.block_forward(output)
 
     def forward(self, x):
-        self.sgr_outputs = None
         features = self.backbone(x)
         if self._post_hoc:
             features = dict(features)
-            features[self.in_feature], self.sgr_outputs = self.sgr(features[self.in_feature])
+            features[self.in_feature] = self.block_forward(features[self.in_feature])
         return features
 
     def output_shape(self):
@@ -98,11 +96,33 @@ class SGRBackbone(Backbone):
         return getattr(self.backbone, "padding_constraints", {})
 
 
-def _stage_channels(backbone: Backbone, name: str, cfg) -> int:
+class SGRBackbone(StageHookBackbone):
+    """A backbone with SGR after its stage ``in_feature`` (see :class:`StageHookBackbone`).
+
+    After each forward, ``self.sgr_outputs`` holds the component's region maps, logits and
+    tokens for the losses and the metrics.
+    """
+
+    def __init__(self, backbone: Backbone, in_feature: str, sgr: SGRModule):
+        super().__init__(backbone, in_feature, "MODEL.SGR.IN_FEATURE")
+        self.sgr = sgr
+        self.sgr_outputs: Optional[Dict[str, torch.Tensor]] = None
+
+    def block_forward(self, x):
+        y, self.sgr_outputs = self.sgr(x)
+        return y
+
+    def forward(self, x):
+        self.sgr_outputs = None
+        return super().forward(x)
+
+
+def stage_channels(backbone: Backbone, name: str, config_key: str = "MODEL.SGR.IN_FEATURE") -> int:
+    """Channels of the stage ``name`` of ``backbone`` (an output, or a ResNet stage's last block)."""
     for candidate in (backbone, getattr(backbone, "bottom_up", None)):
         if candidate is not None and name in candidate.output_shape():
             return candidate.output_shape()[name].channels
-    stage = SGRBackbone._find_stage(backbone, name)
+    stage = StageHookBackbone._find_stage(backbone, name)
     channels = getattr(stage, "out_channels", None)
     if channels is None and isinstance(stage, nn.Sequential) and len(stage):
         # a detectron2 ResNet stage that is not an output: the width of its last block
@@ -110,7 +130,7 @@ def _stage_channels(backbone: Backbone, name: str, cfg) -> int:
     if channels is None:
         outs = sorted(backbone.output_shape())
         raise ValueError(
-            f"MODEL.SGR.IN_FEATURE is {name!r}, but the backbone {type(backbone).__name__} "
+            f"{config_key} is {name!r}, but the backbone {type(backbone).__name__} "
             f"does not produce it; its outputs are {outs}"
         )
     return channels
@@ -130,7 +150,7 @@ def build_sgr_backbone(cfg, input_shape):
         )
     inner = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
     in_feature = cfg.MODEL.SGR.IN_FEATURE
-    channels = _stage_channels(inner, in_feature, cfg)
+    channels = stage_channels(inner, in_feature)
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if cfg.MODEL.SGR.CLASS_WEIGHT > 0 else None
     return SGRBackbone(inner, in_feature, sgr_module_from_config(cfg, channels, num_classes))
 

@@ -6,10 +6,6 @@ backbone (``MODEL.GLORE.BACKBONE_NAME``) and inserts a :class:`GloReUnit` after 
 finds it (a sub-module of that name, inside ``bottom_up`` for an FPN). State-dict keys are
 ``backbone.backbone.*`` (the wrapped backbone) and ``backbone.glore.*``, as with SGR. It works
 under segmentation heads and under Mask R-CNN alike; it has no loss of its own.
-
-This file also registers ``build_dilated_resnet_fpn_backbone``: detectron2's FPN over sgr_d2's
-ResNet builder. detectron2's ``build_resnet_fpn_backbone`` refuses ResNet-18/34 with
-``RES2_OUT_CHANNELS`` other than 64, so the half-width toy ResNet-18 needs it for Mask R-CNN.
 """
 from __future__ import annotations
 
@@ -19,10 +15,8 @@ from torch import nn
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from ..sgr_backbone import SGRBackbone, _stage_channels
-from .resnet import build_dilated_resnet_backbone
+from ..sgr_backbone import StageHookBackbone, stage_channels
 
 __all__ = ["GloReUnit", "GloReBackbone", "add_glore_config", "build_glore_backbone",
            "build_dilated_resnet_fpn_backbone", "glore_num_params"]
@@ -114,53 +108,21 @@ class GloReUnit(nn.Module):
         return x + out
 
 
-class GloReBackbone(Backbone):
+class GloReBackbone(StageHookBackbone):
     """``backbone`` with a GloReUnit applied to the output of its stage ``in_feature``.
 
-    The stage is located with ``SGRBackbone._find_stage`` (the same rules as SGR: a sub-module
+    The stage is located as :class:`StageHookBackbone` does for SGR (a sub-module
     of that name, in ``bottom_up`` for an FPN) and replaced through a forward hook; a feature
     that is only an output of the backbone gets the unit on return. Not an SGRBackbone: the
     segmentors' SGR losses and region maps must not see it.
     """
 
     def __init__(self, backbone: Backbone, in_feature: str, glore: GloReUnit):
-        super().__init__()
-        self.backbone = backbone
-        self.in_feature = in_feature
+        super().__init__(backbone, in_feature, "MODEL.GLORE.IN_FEATURE")
         self.glore = glore
-        self._post_hoc = False
-        stage = SGRBackbone._find_stage(backbone, in_feature)
-        if stage is None:
-            if in_feature not in backbone.output_shape():
-                raise ValueError(
-                    f"MODEL.GLORE.IN_FEATURE is {in_feature!r}, but the backbone "
-                    f"{type(backbone).__name__} has no stage of that name; its outputs are "
-                    f"{sorted(backbone.output_shape())}"
-                )
-            self._post_hoc = True
-        else:
-            stage.register_forward_hook(self._hook)
 
-    def _hook(self, module, inputs, output):
-        return self.glore(output)
-
-    def forward(self, x):
-        features = self.backbone(x)
-        if self._post_hoc:
-            features = dict(features)
-            features[self.in_feature] = self.glore(features[self.in_feature])
-        return features
-
-    def output_shape(self):
-        return self.backbone.output_shape()
-
-    @property
-    def size_divisibility(self):
-        return self.backbone.size_divisibility
-
-    @property
-    def padding_constraints(self):
-        return getattr(self.backbone, "padding_constraints", {})
+    def block_forward(self, x):
+        return self.glore(x)
 
 
 @BACKBONE_REGISTRY.register()
@@ -177,37 +139,7 @@ def build_glore_backbone(cfg, input_shape: ShapeSpec):
             f"registered: {sorted(k for k, _ in BACKBONE_REGISTRY)}"
         )
     inner = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
-    try:
-        channels = _stage_channels(inner, g.IN_FEATURE, cfg)
-    except ValueError as e:
-        # a ResNet stage that is not among the outputs (e.g. res4 with OUT_FEATURES ["res5"]):
-        # its width is that of its last block
-        stage = SGRBackbone._find_stage(inner, g.IN_FEATURE)
-        last = list(stage.children())[-1] if isinstance(stage, nn.Sequential) and len(stage) else None
-        channels = getattr(last, "out_channels", None)
-        if channels is None:
-            raise ValueError(str(e).replace("MODEL.SGR.IN_FEATURE", "MODEL.GLORE.IN_FEATURE")) from e
+    channels = stage_channels(inner, g.IN_FEATURE, "MODEL.GLORE.IN_FEATURE")
     unit = GloReUnit(channels, num_state=g.NUM_STATE, num_nodes=g.NUM_NODES, norm=g.NORM,
                      normalize=g.NORMALIZE)
     return GloReBackbone(inner, g.IN_FEATURE, unit)
-
-
-@BACKBONE_REGISTRY.register()
-def build_dilated_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """detectron2's FPN (P2-P6, as ``build_resnet_fpn_backbone``) over
-    ``build_dilated_resnet_backbone``; with ``MODEL.RESNETS.OUTPUT_STRIDE`` 32 the bottom-up
-    network is the plain ResNet, any depth and width (the half-width toy ResNet-18 included)."""
-    if cfg.MODEL.RESNETS.OUTPUT_STRIDE != 32:
-        raise ValueError(
-            f"MODEL.RESNETS.OUTPUT_STRIDE is {cfg.MODEL.RESNETS.OUTPUT_STRIDE}; an FPN needs the "
-            "undilated ResNet (32): its levels must halve in resolution"
-        )
-    bottom_up = build_dilated_resnet_backbone(cfg, input_shape)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )

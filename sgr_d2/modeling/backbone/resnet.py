@@ -6,9 +6,11 @@ from torch.nn import functional as F
 
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
-__all__ = ["DilatedBasicBlock", "build_dilated_resnet_backbone", "stage_strides_and_dilations"]
+__all__ = ["DilatedBasicBlock", "build_dilated_resnet_backbone", "build_dilated_resnet_fpn_backbone",
+           "stage_strides_and_dilations"]
 
 _DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
@@ -80,3 +82,24 @@ def build_dilated_resnet_backbone(cfg, input_shape: ShapeSpec):
         in_channels = out_channels
         out_channels *= 2
     return ResNet(stem, stages, out_features=r.OUT_FEATURES).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_dilated_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """detectron2's FPN (P2-P6, as ``build_resnet_fpn_backbone``) over
+    ``build_dilated_resnet_backbone``; with ``MODEL.RESNETS.OUTPUT_STRIDE`` 32 the bottom-up
+    network is the plain ResNet, any depth and width (the half-width toy ResNet-18 included)."""
+    if cfg.MODEL.RESNETS.OUTPUT_STRIDE != 32:
+        raise ValueError(
+            f"MODEL.RESNETS.OUTPUT_STRIDE is {cfg.MODEL.RESNETS.OUTPUT_STRIDE}; an FPN needs the "
+            "undilated ResNet (32): its levels must halve in resolution"
+        )
+    bottom_up = build_dilated_resnet_backbone(cfg, input_shape)
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
