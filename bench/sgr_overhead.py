@@ -9,7 +9,7 @@ connected components + matching per label map. Prints markdown tables.
 Step time: both models of a pair are built in this process and their training steps on the
 same random images (scene-like label maps and their connected components) are interleaved,
 ``--warmup`` then ``--steps`` each; the median is reported. Peak memory: each model alone in a
-subprocess for two steps, its peak RSS on the CPU or ``torch.cuda.max_memory_allocated`` on a GPU. Pairs are ``configs/<dataset>/<name>.yaml``
+subprocess for two steps, its peak RSS (VmHWM) on the CPU or ``torch.cuda.max_memory_allocated`` on a GPU. Pairs are ``configs/<dataset>/<name>.yaml``
 against ``<name>_sgr.yaml``; a pair whose configs do not exist yet is built from the toy config
 with the overrides in ``FALLBACK``.
 """
@@ -129,8 +129,20 @@ def worker(args):
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+        peak = _peak_rss_mib()
     print(json.dumps({"peak_mib": peak}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to this process alone;
+    getrusage's ru_maxrss can carry a forking parent's larger peak across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_models(args):
