@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from sgr_d2.data.prepare import run_conversions, up_to_date
 
 SPLITS = ("train", "val")
 IGNORE = 255
@@ -57,10 +57,6 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
         f"Cityscapes: {what} not found: {str(path)!r}.\nExpected layout:\n{LAYOUT}\n"
         "See datasets/README.md (set DETECTRON2_DATASETS to the folder holding cityscapes/)."
     )
-
-
-def _up_to_date(src: Path, dst: Path) -> bool:
-    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
 
 
 def convert_label(src: Path, dst: Path) -> None:
@@ -118,17 +114,9 @@ def main(argv=None) -> int:
 
     plan = {split: collect(root, split) for split in SPLITS}  # check everything before writing
     for split, pairs in plan.items():
-        todo = [(src, dst) for src, dst in pairs if not _up_to_date(src, dst)]
+        todo = [(src, dst) for src, dst in pairs if not up_to_date(src, dst)]
         desc = f"Cityscapes {split}"
-        with tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc=desc, unit="img") as bar:
-            if args.workers > 1 and len(todo) > 1:
-                with Pool(args.workers) as pool:
-                    for _ in pool.imap_unordered(_convert_pair, todo, chunksize=16):
-                        bar.update()
-            else:
-                for pair in todo:
-                    _convert_pair(pair)
-                    bar.update()
+        run_conversions(_convert_pair, todo, len(pairs), desc, args.workers, unit="img")
         print(f"{desc}: {len(todo)} written, {len(pairs) - len(todo)} up to date "
               f"-> {root / 'cityscapes' / 'gtFine' / split}/<city>/*{OUTPUT_SUFFIX}")
     return 0

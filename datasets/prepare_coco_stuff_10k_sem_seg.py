@@ -20,12 +20,12 @@ import argparse
 import os
 import shutil
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from sgr_d2.data.prepare import run_conversions, up_to_date
 
 SPLITS = ("train", "test")
 IGNORE = 255
@@ -56,10 +56,6 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
         f"COCO-Stuff-10K: {what} not found: {str(path)!r}.\nExpected layout:\n{LAYOUT}\n"
         "See datasets/README.md (set DETECTRON2_DATASETS to the folder holding coco/)."
     )
-
-
-def _up_to_date(src: Path, dst: Path) -> bool:
-    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
 
 
 def read_label_mat(path: Path) -> np.ndarray:
@@ -188,19 +184,11 @@ def main(argv=None) -> int:
 
     plan = {split: collect(root, split) for split in SPLITS}  # check everything before writing
     for split, tasks in plan.items():
-        todo = [t for t in tasks if not _up_to_date(t[1], t[2])]
+        todo = [t for t in tasks if not up_to_date(t[1], t[2])]
         for sub in ("images_detectron2", "annotations_detectron2"):
             (base / sub / split).mkdir(parents=True, exist_ok=True)
         desc = f"COCO-Stuff-10K {split}"
-        with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="file") as bar:
-            if args.workers > 1 and len(todo) > 1:
-                with Pool(args.workers) as pool:
-                    for _ in pool.imap_unordered(_do, todo, chunksize=16):
-                        bar.update()
-            else:
-                for task in todo:
-                    _do(task)
-                    bar.update()
+        run_conversions(_do, todo, len(tasks), desc, args.workers, unit="file")
         print(f"{desc}: {len(todo)} files written, {len(tasks) - len(todo)} up to date "
               f"-> {base / 'images_detectron2' / split}, {base / 'annotations_detectron2' / split}")
     return 0

@@ -12,7 +12,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .fcn_head import per_pixel_loss
+from .fcn_head import classifier, per_pixel_loss
 
 __all__ = ["ASPP", "DeepLabV3Head", "add_aspp_config"]
 
@@ -84,10 +84,7 @@ class DeepLabV3Head(nn.Module):
         self.loss_weight = loss_weight
         self.aspp = ASPP(input_shape[in_feature].channels, conv_dims, dilations, norm, aspp_dropout)
         self.conv = _conv(conv_dims, conv_dims, 3, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = Conv2d(conv_dims, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.zeros_(self.predictor.bias)
+        self.dropout, self.predictor = classifier(conv_dims, num_classes, dropout)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

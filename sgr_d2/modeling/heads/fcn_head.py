@@ -11,7 +11,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-__all__ = ["DilatedFCNHead", "per_pixel_loss"]
+__all__ = ["DilatedFCNHead", "per_pixel_loss", "classifier"]
 
 
 def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
@@ -24,6 +24,15 @@ def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale
     if not (targets != ignore_value).any():
         loss = logits.sum() * 0.0  # an all-ignore batch trains with a zero loss, not NaN
     return {"loss_sem_seg": loss * loss_weight}
+
+
+def classifier(channels: int, num_classes: int, dropout: float):
+    """The per-pixel heads' last layers: ``(Dropout2d or Identity, 1×1 conv)``, the conv
+    initialised N(0, 0.01) with a zero bias."""
+    predictor = Conv2d(channels, num_classes, kernel_size=1)
+    nn.init.normal_(predictor.weight, std=0.01)
+    nn.init.zeros_(predictor.bias)
+    return (nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()), predictor
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -56,10 +65,7 @@ class DilatedFCNHead(nn.Module):
             convs.append(conv)
             channels = conv_dims
         self.convs = nn.Sequential(*convs)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.zeros_(self.predictor.bias)
+        self.dropout, self.predictor = classifier(channels, num_classes, dropout)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

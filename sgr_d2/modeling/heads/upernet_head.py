@@ -13,7 +13,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .fcn_head import per_pixel_loss
+from .fcn_head import classifier, per_pixel_loss
 
 __all__ = ["PyramidPooling", "UperNetHead", "add_upernet_config"]
 
@@ -95,10 +95,7 @@ class UperNetHead(nn.Module):
         self.lateral_convs = nn.ModuleList(_conv(c, conv_dims, 1, norm) for c in channels[:-1])
         self.fpn_convs = nn.ModuleList(_conv(conv_dims, conv_dims, 3, norm) for _ in channels[:-1])
         self.fuse = _conv(conv_dims * len(channels), conv_dims, 3, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = Conv2d(conv_dims, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.zeros_(self.predictor.bias)
+        self.dropout, self.predictor = classifier(conv_dims, num_classes, dropout)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
