@@ -78,6 +78,39 @@ def test_components_reject_bad_input():
         connected_components(np.zeros((3, 4), np.float32))
 
 
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 2), (64, 80)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_component_label_map_numbers_like_scipy(shape, dtype):
+    # Speckled maps (many tiny regions touching only at corners) against scipy.ndimage.label,
+    # including the numbering: by class, then in scipy's (raster) order inside the class.
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    sem = rng.integers(0, 4, size=shape).astype(dtype)
+    sem[rng.random(shape) < 0.1] = 255
+    labels, classes = component_label_map(sem)
+    assert labels.dtype == np.int32 and labels.shape == shape
+    assert (labels[sem == 255] == -1).all()
+    assert list(classes) == sorted(classes)
+    for c in np.unique(sem[sem != 255]):
+        ref, n = ndimage.label(sem == c, structure=EIGHT)
+        ids = np.flatnonzero(classes == c)
+        assert len(ids) == n
+        ours = np.where(sem == c, labels - ids[0] + 1, 0)
+        np.testing.assert_array_equal(ours, ref)
+    masks, cls2 = connected_components(sem)
+    np.testing.assert_array_equal(cls2.numpy(), classes)
+    np.testing.assert_array_equal(masks.numpy(), labels[None] == np.arange(len(classes))[:, None, None])
+
+
+def test_components_diagonal_links_do_not_cross_classes():
+    # a checkerboard: each class is one diagonal chain per anti-diagonal direction
+    sem = (np.indices((6, 6)).sum(0) % 2).astype(np.uint8)
+    _, classes = component_label_map(sem)
+    assert sorted(classes.tolist()) == [0, 1]
+    sem[:, 3] = 255  # the ignore column cuts every diagonal chain: 2 components per class
+    _, classes = component_label_map(sem)
+    assert sorted(classes.tolist()) == [0, 0, 1, 1]
+
 # ------------------------------------------------------------------ cost and matching
 def test_pairwise_cost_hand_computed():
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])

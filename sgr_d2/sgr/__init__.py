@@ -1,4 +1,4 @@
-"""The framework-agnostic SGR core: pure PyTorch (plus NumPy/SciPy/OpenCV), no detectron2.
+"""The framework-agnostic SGR core: pure PyTorch (plus NumPy/SciPy), no detectron2.
 
 * :class:`SGRModule` — the component (SGR_SPEC §1);
 * :func:`connected_components` — supervision targets (SGR_SPEC §2);

@@ -45,12 +45,12 @@ def downsample_component_labels(labels: torch.Tensor, num: int, size: Sequence[i
         masks = labels.unsqueeze(0) == torch.arange(num, device=labels.device).view(-1, 1, 1)
         return downsample_components(masks, size, eps)
     fy, fx = big_h // h, big_w // w
-    rows = torch.arange(big_h, device=labels.device) // fy
-    cols = torch.arange(big_w, device=labels.device) // fx
-    cell = rows[:, None] * w + cols[None, :]
-    valid = labels >= 0
-    key = labels[valid].long() * (h * w) + cell[valid]
-    counts = torch.bincount(key, minlength=num * h * w).view(num, h * w).float()
+    # key = (component + 1) * cells + cell, with component -1 (none) landing in row 0, which is
+    # dropped: one bincount, no boolean indexing.
+    dev = labels.device
+    cell = torch.arange(h, device=dev).view(h, 1, 1, 1) * w + torch.arange(w, device=dev).view(1, 1, w, 1)
+    key = (labels.long() + 1).reshape(h, fy, w, fx) * (h * w) + cell
+    counts = torch.bincount(key.reshape(-1), minlength=(num + 1) * h * w)[h * w:].view(num, h * w).float()
     return _normalise(counts / (fy * fx), eps)
 
 
