@@ -12,15 +12,12 @@ to ./datasets; see datasets/README.md for the whole layout.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from sgr_d2.data.prepare import run_conversions, up_to_date
+from sgr_d2.data.prepare import missing_error, prepare_main, read_label_png, write_label_png
 
 SPLITS = ("training", "validation")
 NUM_CLASSES = 150
@@ -37,29 +34,16 @@ _LUT[1 : NUM_CLASSES + 1] = np.arange(NUM_CLASSES, dtype=np.uint8)
 
 
 def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"ADE20K: {what} not found: {str(path)!r}.\nExpected layout:\n{LAYOUT}\n"
-        "See datasets/README.md (set DETECTRON2_DATASETS to the folder holding ADEChallengeData2016)."
-    )
+    return missing_error("ADE20K", path, what, LAYOUT, "ADEChallengeData2016")
 
 
 def convert_label(src: Path, dst: Path) -> None:
     """Write the detectron2 label map of one raw ADE20K label map (atomically)."""
-    with Image.open(src) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{src}: expected a single-channel label map, got PIL mode {im.mode!r}")
-        raw = np.asarray(im)
+    raw = read_label_png(src)
     bad = np.unique(raw[(raw < 0) | (raw > NUM_CLASSES)])
     if bad.size:
         raise ValueError(f"{src}: label values {bad.tolist()} outside 0..{NUM_CLASSES}")
-    out = _LUT[raw.astype(np.intp)]
-    tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(out, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, dst)
-
-
-def _convert_pair(pair: tuple[Path, Path]) -> None:
-    convert_label(*pair)
+    write_label_png(_LUT[raw.astype(np.intp)], dst)
 
 
 def collect(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -83,26 +67,15 @@ def collect(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=None,
-                        help="datasets root (default: $DETECTRON2_DATASETS, else ./datasets)")
-    parser.add_argument("--workers", type=int, default=1, help="processes to convert with")
-    args = parser.parse_args(argv)
-    root = Path(args.root or os.environ.get("DETECTRON2_DATASETS") or "datasets")
+def _check_root(root: Path) -> None:
     if not (root / "ADEChallengeData2016").is_dir():
         raise _missing(root / "ADEChallengeData2016", "dataset folder")
 
-    plan = {split: collect(root, split) for split in SPLITS}  # check everything before writing
-    for split, pairs in plan.items():
-        todo = [(src, dst) for src, dst in pairs if not up_to_date(src, dst)]
-        if todo:
-            todo[0][1].parent.mkdir(parents=True, exist_ok=True)
-        desc = f"ADE20K {split}"
-        run_conversions(_convert_pair, todo, len(pairs), desc, args.workers, unit="img")
-        print(f"{desc}: {len(todo)} written, {len(pairs) - len(todo)} up to date "
-              f"-> {root / 'ADEChallengeData2016' / 'annotations_detectron2' / split}")
-    return 0
+
+def main(argv=None) -> int:
+    return prepare_main(
+        argv, __doc__.split("\n")[0], "ADE20K", _check_root, collect, SPLITS, convert_label,
+        lambda root, split: str(root / "ADEChallengeData2016" / "annotations_detectron2" / split))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ be re-run (or resumed) at no cost.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from sgr_d2.data.prepare import run_conversions, up_to_date
+from sgr_d2.data.prepare import missing_error, prepare_main, read_label_png, write_label_png
 
 SPLITS = ("train", "val")
 IGNORE = 255
@@ -53,18 +50,12 @@ _LUT, _KNOWN = train_id_lut()
 
 
 def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"Cityscapes: {what} not found: {str(path)!r}.\nExpected layout:\n{LAYOUT}\n"
-        "See datasets/README.md (set DETECTRON2_DATASETS to the folder holding cityscapes/)."
-    )
+    return missing_error("Cityscapes", path, what, LAYOUT, "cityscapes/")
 
 
 def convert_label(src: Path, dst: Path) -> None:
     """Write the train-id map of one ``*_gtFine_labelIds.png`` (atomically)."""
-    with Image.open(src) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{src}: expected a single-channel label map, got PIL mode {im.mode!r}")
-        raw = np.asarray(im).astype(np.int64)
+    raw = read_label_png(src).astype(np.int64)
     values = np.unique(raw)
     unknown = values[(values < 0) | (values > 255)]
     if unknown.size == 0:
@@ -72,13 +63,7 @@ def convert_label(src: Path, dst: Path) -> None:
     if unknown.size:
         raise ValueError(f"{src}: label ids {unknown.tolist()} are not in "
                          "cityscapesscripts.helpers.labels")
-    tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(_LUT[raw], mode="L").save(tmp, format="PNG")
-    os.replace(tmp, dst)
-
-
-def _convert_pair(pair: tuple[Path, Path]) -> None:
-    convert_label(*pair)
+    write_label_png(_LUT[raw], dst)
 
 
 def collect(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -102,24 +87,15 @@ def collect(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=None,
-                        help="datasets root (default: $DETECTRON2_DATASETS, else ./datasets)")
-    parser.add_argument("--workers", type=int, default=1, help="processes to convert with")
-    args = parser.parse_args(argv)
-    root = Path(args.root or os.environ.get("DETECTRON2_DATASETS") or "datasets")
+def _check_root(root: Path) -> None:
     if not (root / "cityscapes").is_dir():
         raise _missing(root / "cityscapes", "dataset folder")
 
-    plan = {split: collect(root, split) for split in SPLITS}  # check everything before writing
-    for split, pairs in plan.items():
-        todo = [(src, dst) for src, dst in pairs if not up_to_date(src, dst)]
-        desc = f"Cityscapes {split}"
-        run_conversions(_convert_pair, todo, len(pairs), desc, args.workers, unit="img")
-        print(f"{desc}: {len(todo)} written, {len(pairs) - len(todo)} up to date "
-              f"-> {root / 'cityscapes' / 'gtFine' / split}/<city>/*{OUTPUT_SUFFIX}")
-    return 0
+
+def main(argv=None) -> int:
+    return prepare_main(
+        argv, __doc__.split("\n")[0], "Cityscapes", _check_root, collect, SPLITS, convert_label,
+        lambda root, split: f"{root / 'cityscapes' / 'gtFine' / split}/<city>/*{OUTPUT_SUFFIX}")
 
 
 if __name__ == "__main__":

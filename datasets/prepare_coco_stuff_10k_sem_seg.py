@@ -16,7 +16,6 @@ alone, so the script can be re-run (or resumed) at no cost.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sgr_d2.data.prepare import run_conversions, up_to_date
+from sgr_d2.data.prepare import missing_error, prepare_main, write_label_png
 
 SPLITS = ("train", "test")
 IGNORE = 255
@@ -52,10 +51,7 @@ class MatFileVersionError(ValueError):
 
 
 def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"COCO-Stuff-10K: {what} not found: {str(path)!r}.\nExpected layout:\n{LAYOUT}\n"
-        "See datasets/README.md (set DETECTRON2_DATASETS to the folder holding coco/)."
-    )
+    return missing_error("COCO-Stuff-10K", path, what, LAYOUT, "coco/")
 
 
 def read_label_mat(path: Path) -> np.ndarray:
@@ -108,10 +104,7 @@ def convert_label(src: Path, dst: Path, image: Path | None = None) -> None:
     if unused.size:
         raise ValueError(f"{src}: COCO ids {unused.tolist()} are not COCO-Stuff classes (unused ids "
                          f"{list(UNUSED_IDS)} never appear in valid annotations)")
-    out = _LUT[raw.astype(np.intp)]
-    tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(out, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    write_label_png(_LUT[raw.astype(np.intp)], dst)
 
 
 def link_image(src: Path, dst: Path) -> None:
@@ -126,8 +119,7 @@ def link_image(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _do(task: tuple) -> None:
-    kind, src, dst, image = task
+def _do(src: Path, dst: Path, kind: str, image: Path | None) -> None:
     if kind == "image":
         link_image(src, dst)
     else:
@@ -148,7 +140,7 @@ def _read_list(path: Path) -> list[str]:
 
 
 def collect(root: Path, split: str) -> list[tuple]:
-    """Tasks (kind, src, dst, image) of one split; raises if a list, image or label is missing."""
+    """Tasks (src, dst, kind, image) of one split; raises if a list, image or label is missing."""
     base = root / "coco" / "coco_stuff_10k"
     list_file = base / "imageLists" / f"{split}.txt"
     if not list_file.is_file():
@@ -163,18 +155,12 @@ def collect(root: Path, split: str) -> list[tuple]:
             raise _missing(image, f"image {name!r} listed in {list_file}")
         if not mat.is_file():
             raise _missing(mat, f"label file of image {str(image)!r}")
-        tasks.append(("image", image, base / "images_detectron2" / split / image.name, None))
-        tasks.append(("label", mat, base / "annotations_detectron2" / split / f"{name}.png", image))
+        tasks.append((image, base / "images_detectron2" / split / image.name, "image", None))
+        tasks.append((mat, base / "annotations_detectron2" / split / f"{name}.png", "label", image))
     return tasks
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=None,
-                        help="datasets root (default: $DETECTRON2_DATASETS, else ./datasets)")
-    parser.add_argument("--workers", type=int, default=1, help="processes to convert with")
-    args = parser.parse_args(argv)
-    root = Path(args.root or os.environ.get("DETECTRON2_DATASETS") or "datasets")
+def _check_root(root: Path) -> None:
     base = root / "coco" / "coco_stuff_10k"
     if not base.is_dir():
         raise _missing(base, "dataset folder")
@@ -182,16 +168,14 @@ def main(argv=None) -> int:
         if not (base / sub).is_dir():
             raise _missing(base / sub, f"folder {sub}/")
 
-    plan = {split: collect(root, split) for split in SPLITS}  # check everything before writing
-    for split, tasks in plan.items():
-        todo = [t for t in tasks if not up_to_date(t[1], t[2])]
-        for sub in ("images_detectron2", "annotations_detectron2"):
-            (base / sub / split).mkdir(parents=True, exist_ok=True)
-        desc = f"COCO-Stuff-10K {split}"
-        run_conversions(_do, todo, len(tasks), desc, args.workers, unit="file")
-        print(f"{desc}: {len(todo)} files written, {len(tasks) - len(todo)} up to date "
-              f"-> {base / 'images_detectron2' / split}, {base / 'annotations_detectron2' / split}")
-    return 0
+
+def main(argv=None) -> int:
+    base = Path("coco") / "coco_stuff_10k"
+    return prepare_main(
+        argv, __doc__.split("\n")[0], "COCO-Stuff-10K", _check_root, collect, SPLITS, _do,
+        lambda root, split: (f"{root / base / 'images_detectron2' / split}, "
+                             f"{root / base / 'annotations_detectron2' / split}"),
+        unit="file")
 
 
 if __name__ == "__main__":
