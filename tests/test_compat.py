@@ -1,5 +1,4 @@
 """sgr_d2.compat: each shim acts only when needed and does what its docstring says."""
-import importlib
 import sys
 import types
 
@@ -62,7 +61,7 @@ def test_numpy_aliases_only_when_detectron2_uses_them(tmp_path, monkeypatch):
 def test_semseg_evaluator_runs_on_this_numpy():
     """detectron2's SemSegEvaluator (np.int/np.float in v0.6) computes a hand-checked mIoU."""
     import torch
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog
     from detectron2.evaluation import SemSegEvaluator
 
     d = DatasetCatalog.get("sgr_toy_sem_seg_val")[0]

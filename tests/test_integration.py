@@ -1,5 +1,4 @@
 """SGR inside detectron2: backbone wrapper, meta-architecture, config, mapper, solver, TTA."""
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 
-from sgr_d2.config import add_sgr_config
 from sgr_d2.data import SemSegDatasetMapper
 from sgr_d2.engine import build_optimizer, build_poly_lr_scheduler, load_config
 from sgr_d2.modeling import SGRBackbone, SemanticSegmentorWithTTA

@@ -3,7 +3,6 @@ import sgr_d2  # noqa: F401  (before any detectron2 import)
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

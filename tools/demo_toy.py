@@ -23,10 +23,11 @@ import sgr_d2  # noqa: E402,F401
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from sgr_d2.engine import AtomicCheckpointer, Trainer, load_config  # noqa: E402
+from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
 
 def majority_class_miou(train_name: str, val_name: str, num_classes: int, ignore: int = 255) -> float:
@@ -69,9 +70,7 @@ def main(argv=None):
 
     weights = out / "train" / "model_final.pth"
     cfg = load_config(args.config_file, overrides + ["MODEL.WEIGHTS", str(weights)])
-    token_metrics = _token_semantics_available()
-    if token_metrics:
-        cfg.TEST.TOKEN_SEMANTICS = True
+    cfg.TEST.TOKEN_SEMANTICS = True
     model = build_model(cfg)
     AtomicCheckpointer(model).load(str(weights))
     model.eval()
@@ -80,7 +79,6 @@ def main(argv=None):
     train_name, val_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
-    model.eval()
     fig = out / "concept_regions.png"
     figure_ok = _concept_region_figure(cfg, model, val_name, fig)
 
@@ -96,20 +94,7 @@ def main(argv=None):
     return single, multi, chance
 
 
-def _token_semantics_available() -> bool:
-    try:
-        from sgr_d2.evaluation import TokenSemanticsEvaluator  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _concept_region_figure(cfg, model, dataset_name, path) -> bool:
-    try:
-        from sgr_d2.visualization import concept_region_figure
-    except ImportError:
-        print("(sgr_d2.visualization is not available: no concept-region figure)")
-        return False
     d = DatasetCatalog.get(dataset_name)[0]
     rgb = np.asarray(Image.open(d["file_name"]).convert("RGB"))
     image = torch.as_tensor(rgb[:, :, ::-1].copy().transpose(2, 0, 1))  # BGR, as the config

@@ -5,7 +5,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 __all__ = ["SGRModule"]
 

@@ -18,8 +18,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ..sgr_backbone import StageHookBackbone, stage_channels
 
-__all__ = ["GloReUnit", "GloReBackbone", "add_glore_config", "build_glore_backbone",
-           "build_dilated_resnet_fpn_backbone", "glore_num_params"]
+__all__ = ["GloReUnit", "GloReBackbone", "add_glore_config", "build_glore_backbone", "glore_num_params"]
 
 
 def add_glore_config(cfg):
