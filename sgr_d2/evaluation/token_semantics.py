@@ -220,25 +220,11 @@ def image_token_semantics(region_maps: ArrayOrTensor, labels: ArrayOrTensor,
 # ----------------------------------------------------------------------------- files
 def read_label_map(path: str, num_classes: Optional[int] = None, ignore_label: int = 255) -> np.ndarray:
     """A single-channel label PNG as (H, W) int64; errors name the file and the bad values."""
-    from PIL import Image
+    from ..data.dataset_mapper import check_label_values, read_id_map
 
-    from detectron2.utils.file_io import PathManager
-
-    if not PathManager.isfile(path):
-        raise FileNotFoundError(f"label file {path} does not exist")
-    try:
-        with PathManager.open(path, "rb") as f:
-            y = np.array(Image.open(f))
-    except Exception as e:
-        raise ValueError(f"cannot read label file {path}: {type(e).__name__}: {e}") from e
-    if y.ndim != 2:
-        raise ValueError(f"label file {path} has shape {y.shape}; expected a single-channel map of class ids")
-    y = y.astype(np.int64)
+    y = read_id_map(path, "label").astype(np.int64)
     if num_classes is not None:
-        bad = np.unique(y[((y >= num_classes) & (y != ignore_label)) | (y < 0)])
-        if bad.size:
-            raise ValueError(f"label file {path} holds values {bad[:10].tolist()} outside 0..{num_classes - 1} "
-                             f"(ignore label {ignore_label})")
+        check_label_values(y, path, num_classes, ignore_label)
     return y
 
 
@@ -248,20 +234,9 @@ def read_instance_map(path: str, shape: Optional[Tuple[int, int]] = None) -> np.
     Cityscapes ``*_gtFine_instanceIds.png`` store ``label_id`` (< 1000) for stuff and crowd
     regions and ``label_id · 1000 + k`` for instances: values below 1000 become 0.
     """
-    from PIL import Image
+    from ..data.dataset_mapper import read_id_map
 
-    from detectron2.utils.file_io import PathManager
-
-    if not PathManager.isfile(path):
-        raise FileNotFoundError(f"instance file {path} does not exist")
-    try:
-        with PathManager.open(path, "rb") as f:
-            inst = np.array(Image.open(f))
-    except Exception as e:
-        raise ValueError(f"cannot read instance file {path}: {type(e).__name__}: {e}") from e
-    if inst.ndim != 2:
-        raise ValueError(f"instance file {path} has shape {inst.shape}; expected a single-channel id map")
-    inst = inst.astype(np.int64)
+    inst = read_id_map(path, "instance").astype(np.int64)
     if shape is not None and inst.shape != tuple(shape):
         raise ValueError(f"instance file {path} is {inst.shape[1]}x{inst.shape[0]} (WxH) but its label map is "
                          f"{shape[1]}x{shape[0]}")
