@@ -1,4 +1,4 @@
-from .fcn_head import DilatedFCNHead, per_pixel_loss  # noqa: F401
+from .fcn_head import DilatedFCNHead, PerPixelHead, per_pixel_loss  # noqa: F401
 from .aspp_head import ASPP, DeepLabV3Head, add_aspp_config  # noqa: F401
 from .upernet_head import PyramidPooling, UperNetHead, add_upernet_config  # noqa: F401
 

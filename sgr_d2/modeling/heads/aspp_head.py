@@ -3,16 +3,15 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .fcn_head import classifier, per_pixel_loss
+from .fcn_head import PerPixelHead, classifier, conv_norm_relu
 
 __all__ = ["ASPP", "DeepLabV3Head", "add_aspp_config"]
 
@@ -23,13 +22,6 @@ def add_aspp_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [12, 24, 36]
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1  # after the ASPP projection
     return cfg
-
-
-def _conv(in_ch, out_ch, k, norm, dilation=1):
-    conv = Conv2d(in_ch, out_ch, k, padding=dilation * (k // 2), dilation=dilation, bias=not norm,
-                  norm=get_norm(norm, out_ch), activation=F.relu)
-    weight_init.c2_msra_fill(conv)
-    return conv
 
 
 class ASPP(nn.Module):
@@ -47,10 +39,10 @@ class ASPP(nn.Module):
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.ASPP_DILATIONS is {list(dilations)}; expected positive atrous rates"
             )
-        self.branches = nn.ModuleList([_conv(in_channels, out_channels, 1, norm)])
-        self.branches.extend(_conv(in_channels, out_channels, 3, norm, int(d)) for d in dilations)
-        self.pool_conv = _conv(in_channels, out_channels, 1, norm)
-        self.project = _conv(out_channels * (len(dilations) + 2), out_channels, 1, norm)
+        self.branches = nn.ModuleList([conv_norm_relu(in_channels, out_channels, 1, norm)])
+        self.branches.extend(conv_norm_relu(in_channels, out_channels, 3, norm, int(d)) for d in dilations)
+        self.pool_conv = conv_norm_relu(in_channels, out_channels, 1, norm)
+        self.project = conv_norm_relu(out_channels * (len(dilations) + 2), out_channels, 1, norm)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,29 +53,18 @@ class ASPP(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class DeepLabV3Head(nn.Module):
-    """ASPP on ``IN_FEATURE``, a 3×3 conv-norm-ReLU, dropout and a 1×1 classifier.
-
-    Same contract as :class:`DilatedFCNHead`: ``forward(features, targets)`` returns
-    ``(None, {"loss_sem_seg": ...})`` in training and ``(logits at the input resolution, {})``
-    in inference.
-    """
+class DeepLabV3Head(PerPixelHead):
+    """ASPP on ``IN_FEATURE``, a 3×3 conv-norm-ReLU, dropout and a 1×1 classifier (the
+    :class:`PerPixelHead` contract)."""
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_feature: str, num_classes: int,
                  conv_dims: int, dilations: Sequence[int], aspp_dropout: float, dropout: float,
                  norm: str, ignore_value: int = 255, loss_weight: float = 1.0):
-        super().__init__()
-        if in_feature not in input_shape:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURE is {in_feature!r}; the backbone produces {sorted(input_shape)}"
-            )
+        super().__init__(input_shape, "IN_FEATURE", in_feature, ignore_value, loss_weight)
         self.in_feature = in_feature
-        self.stride = input_shape[in_feature].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
         self.aspp = ASPP(input_shape[in_feature].channels, conv_dims, dilations, norm, aspp_dropout)
-        self.conv = _conv(conv_dims, conv_dims, 3, norm)
+        self.conv = conv_norm_relu(conv_dims, conv_dims, 3, norm)
         self.dropout, self.predictor = classifier(conv_dims, num_classes, dropout)
 
     @classmethod
@@ -95,10 +76,3 @@ class DeepLabV3Head(nn.Module):
 
     def layers(self, features):
         return self.predictor(self.dropout(self.conv(self.aspp(features[self.in_feature]))))
-
-    def forward(self, features, targets=None):
-        x = self.layers(features)
-        if self.training:
-            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
-        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
-        return x, {}

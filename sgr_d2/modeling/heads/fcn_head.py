@@ -1,7 +1,7 @@
 """Dilated-FCN head (FCN on a dilated backbone, as in DeepLabV3's FCN baseline)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence, Union
 
 import fvcore.nn.weight_init as weight_init
 from torch import nn
@@ -11,7 +11,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-__all__ = ["DilatedFCNHead", "per_pixel_loss", "classifier"]
+__all__ = ["DilatedFCNHead", "PerPixelHead", "per_pixel_loss", "classifier", "conv_norm_relu"]
 
 
 def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
@@ -35,34 +35,61 @@ def classifier(channels: int, num_classes: int, dropout: float):
     return (nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()), predictor
 
 
-@SEM_SEG_HEADS_REGISTRY.register()
-class DilatedFCNHead(nn.Module):
-    """``NUM_CONVS`` 3×3 conv-norm-ReLU on one feature map, dropout, a 1×1 classifier.
+def conv_norm_relu(in_ch: int, out_ch: int, k: int, norm: str, dilation: int = 1) -> Conv2d:
+    """A k×k conv (same padding, optionally dilated) + ``norm`` + ReLU, MSRA-initialised."""
+    conv = Conv2d(in_ch, out_ch, k, padding=dilation * (k // 2), dilation=dilation, bias=not norm,
+                  norm=get_norm(norm, out_ch), activation=F.relu)
+    weight_init.c2_msra_fill(conv)
+    return conv
 
-    Same contract as detectron2's ``SemSegFPNHead``: ``forward(features, targets)`` returns
-    ``(None, losses)`` in training and ``(logits at the input resolution, {})`` in inference.
+
+class PerPixelHead(nn.Module):
+    """What the per-pixel heads share, with detectron2's ``SemSegFPNHead`` contract: a subclass
+    defines ``layers(features)`` (logits at ``self.stride``); ``forward(features, targets)``
+    returns ``(None, losses)`` in training and ``(logits at the input resolution, {})`` in
+    inference. ``in_features`` (``key``'s value, one name or a list) must all be produced by the
+    backbone; the stride is that of the first one.
     """
+
+    def __init__(self, input_shape: Dict[str, ShapeSpec], key: str, in_features: Union[str, Sequence[str]],
+                 ignore_value: int, loss_weight: float):
+        super().__init__()
+        names = [in_features] if isinstance(in_features, str) else list(in_features)
+        if not names or any(f not in input_shape for f in names):
+            shown = in_features if isinstance(in_features, str) else names
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.{key} is {shown!r}; the backbone produces {sorted(input_shape)}"
+            )
+        self.stride = input_shape[names[0]].stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+
+    def layers(self, features):
+        raise NotImplementedError
+
+    def forward(self, features, targets=None):
+        x = self.layers(features)
+        if self.training:
+            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
+        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        return x, {}
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class DilatedFCNHead(PerPixelHead):
+    """``NUM_CONVS`` 3×3 conv-norm-ReLU on one feature map, dropout, a 1×1 classifier
+    (the :class:`PerPixelHead` contract)."""
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_feature: str, num_classes: int,
                  conv_dims: int, num_convs: int, dropout: float, norm: str, ignore_value: int = 255,
                  loss_weight: float = 1.0):
-        super().__init__()
-        if in_feature not in input_shape:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURE is {in_feature!r}; the backbone produces {sorted(input_shape)}"
-            )
+        super().__init__(input_shape, "IN_FEATURE", in_feature, ignore_value, loss_weight)
         self.in_feature = in_feature
-        self.stride = input_shape[in_feature].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
         channels = input_shape[in_feature].channels
         convs = []
         for _ in range(num_convs):
-            conv = Conv2d(channels, conv_dims, 3, padding=1, bias=not norm, norm=get_norm(norm, conv_dims),
-                          activation=F.relu)
-            weight_init.c2_msra_fill(conv)
-            convs.append(conv)
+            convs.append(conv_norm_relu(channels, conv_dims, 3, norm))
             channels = conv_dims
         self.convs = nn.Sequential(*convs)
         self.dropout, self.predictor = classifier(channels, num_classes, dropout)
@@ -76,10 +103,3 @@ class DilatedFCNHead(nn.Module):
 
     def layers(self, features):
         return self.predictor(self.dropout(self.convs(features[self.in_feature])))
-
-    def forward(self, features, targets=None):
-        x = self.layers(features)
-        if self.training:
-            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
-        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
-        return x, {}

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .fcn_head import classifier, per_pixel_loss
+from .fcn_head import PerPixelHead, classifier, conv_norm_relu
 
 __all__ = ["PyramidPooling", "UperNetHead", "add_upernet_config"]
 
@@ -22,13 +21,6 @@ def add_upernet_config(cfg):
     """``MODEL.SEM_SEG_HEAD.POOL_SCALES``: the output sizes of the pyramid pooling module."""
     cfg.MODEL.SEM_SEG_HEAD.POOL_SCALES = [1, 2, 3, 6]
     return cfg
-
-
-def _conv(in_ch, out_ch, k, norm):
-    conv = Conv2d(in_ch, out_ch, k, padding=k // 2, bias=not norm, norm=get_norm(norm, out_ch),
-                  activation=F.relu)
-    weight_init.c2_msra_fill(conv)
-    return conv
 
 
 def _resize(x, size):
@@ -47,8 +39,8 @@ class PyramidPooling(nn.Module):
         if not scales or any(int(s) < 1 for s in scales):
             raise ValueError(f"MODEL.SEM_SEG_HEAD.POOL_SCALES is {list(scales)}; expected positive sizes")
         self.scales = [int(s) for s in scales]
-        self.convs = nn.ModuleList(_conv(in_channels, channels, 1, norm) for _ in self.scales)
-        self.bottleneck = _conv(in_channels + len(self.scales) * channels, channels, 3, norm)
+        self.convs = nn.ModuleList(conv_norm_relu(in_channels, channels, 1, norm) for _ in self.scales)
+        self.bottleneck = conv_norm_relu(in_channels + len(self.scales) * channels, channels, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -57,7 +49,7 @@ class PyramidPooling(nn.Module):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class UperNetHead(nn.Module):
+class UperNetHead(PerPixelHead):
     """UperNet on ``MODEL.SEM_SEG_HEAD.IN_FEATURES`` (finest first, e.g. res2..res5).
 
     * pyramid pooling on the coarsest feature gives the top of the FPN;
@@ -66,20 +58,14 @@ class UperNetHead(nn.Module):
       concatenated, fused by a 3×3 conv, then dropout and a 1×1 classifier.
 
     Every conv is ``CONVS_DIM`` wide with ``NORM`` and ReLU. Same contract as
-    :class:`DilatedFCNHead` (losses in training, logits at the input resolution in inference).
+    :class:`PerPixelHead` (losses in training, logits at the input resolution in inference).
     """
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, in_features: List[str], num_classes: int,
                  conv_dims: int, pool_scales: Sequence[int], dropout: float, norm: str,
                  ignore_value: int = 255, loss_weight: float = 1.0):
-        super().__init__()
-        missing = [f for f in in_features if f not in input_shape]
-        if missing or len(in_features) < 1:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES is {list(in_features)}; the backbone produces "
-                f"{sorted(input_shape)}"
-            )
+        super().__init__(input_shape, "IN_FEATURES", in_features, ignore_value, loss_weight)
         strides = [input_shape[f].stride for f in in_features]
         if strides != sorted(strides):
             raise ValueError(
@@ -87,14 +73,11 @@ class UperNetHead(nn.Module):
                 f"their strides are {strides}"
             )
         self.in_features = list(in_features)
-        self.stride = strides[0]
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
         channels = [input_shape[f].channels for f in in_features]
         self.ppm = PyramidPooling(channels[-1], conv_dims, pool_scales, norm)
-        self.lateral_convs = nn.ModuleList(_conv(c, conv_dims, 1, norm) for c in channels[:-1])
-        self.fpn_convs = nn.ModuleList(_conv(conv_dims, conv_dims, 3, norm) for _ in channels[:-1])
-        self.fuse = _conv(conv_dims * len(channels), conv_dims, 3, norm)
+        self.lateral_convs = nn.ModuleList(conv_norm_relu(c, conv_dims, 1, norm) for c in channels[:-1])
+        self.fpn_convs = nn.ModuleList(conv_norm_relu(conv_dims, conv_dims, 3, norm) for _ in channels[:-1])
+        self.fuse = conv_norm_relu(conv_dims * len(channels), conv_dims, 3, norm)
         self.dropout, self.predictor = classifier(conv_dims, num_classes, dropout)
 
     @classmethod
@@ -113,10 +96,3 @@ class UperNetHead(nn.Module):
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0]] + [_resize(x, size) for x in outs[1:]], dim=1))
         return self.predictor(self.dropout(fused))
-
-    def forward(self, features, targets=None):
-        x = self.layers(features)
-        if self.training:
-            return None, per_pixel_loss(x, targets, self.ignore_value, self.loss_weight, self.stride)
-        x = F.interpolate(x, scale_factor=self.stride, mode="bilinear", align_corners=False)
-        return x, {}
