@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 
 __all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
-           "weighted_dice"]
+           "weighted_dice", "world_mean_count"]
 
 
 def downsample_components(masks: torch.Tensor, size: Sequence[int], eps: float = 1e-6):
@@ -73,7 +73,7 @@ def weighted_dice(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return 1 - (2 * inter + 1) / ((pred * weight).sum(-1) + (target * weight).sum(-1) + 1)
 
 
-def _world_mean_count(count: float, device) -> float:
+def world_mean_count(count: float, device) -> float:
     """Average a count over distributed workers (as MaskFormer averages its mask count)."""
     t = torch.as_tensor([float(count)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -163,8 +163,8 @@ class SGRCriterion(nn.Module):
                 if diff.any():
                     div_sum = div_sum + F.relu(cos[diff]).sum()
                     n_pairs += int(diff.sum())
-        n_comp = _world_mean_count(n_comp, regions.device)
-        n_tok = _world_mean_count(n_tok, regions.device)
+        n_comp = world_mean_count(n_comp, regions.device)
+        n_tok = world_mean_count(n_tok, regions.device)
         beta = self.loss_weight
         return {
             "loss_sgr_union": beta * self.union_weight * union_sum / n_comp,

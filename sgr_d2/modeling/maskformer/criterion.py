@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...sgr.losses import world_mean_count
 from .config import MASK_LOSS_TYPES
 from .losses import (
     dice_loss,
@@ -31,14 +32,6 @@ from .losses import (
 )
 
 __all__ = ["SetCriterion", "mask_classification_weight_dict"]
-
-
-def _world_mean(value: float, device) -> float:
-    t = torch.as_tensor([float(value)], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t = t / torch.distributed.get_world_size()
-    return max(float(t.item()), 1.0)
 
 
 def mask_classification_weight_dict(class_weight: float, mask_weight: float, dice_weight: float,
@@ -140,7 +133,7 @@ class SetCriterion(nn.Module):
         with the same keys); ``targets``: per image ``labels`` (N,) int64 and ``masks`` (N, H, W).
         Returns the unweighted losses."""
         device = outputs["pred_logits"].device
-        num_masks = _world_mean(sum(len(t["labels"]) for t in targets), device)
+        num_masks = world_mean_count(sum(len(t["labels"]) for t in targets), device)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses = self._losses_for(main, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", []) or []):
