@@ -182,7 +182,7 @@ def bench_components(args):
     import torch
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.sgr import SGRCriterion, component_label_map, connected_components
+    from sgr_d2.sgr import SGRCriterion, component_label_map, connected_components, downsample_component_labels
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -209,8 +209,6 @@ def bench_components(args):
         regions = torch.rand(128, 64, 64).softmax(0)
 
         def match(comp):
-            from sgr_d2.sgr import downsample_component_labels
-
             labels, classes = comp
             soft, w = downsample_component_labels(torch.from_numpy(labels), len(classes), (64, 64))
             crit.match(regions.flatten(1), soft, w)
