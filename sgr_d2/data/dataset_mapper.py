@@ -102,6 +102,10 @@ class SemSegDatasetMapper:
     (the compact form of ``connected_components``' masks: mask j is ``labels == j``) and, with
     ``class_masks=True`` (MaskFormer-style heads), ``instances`` with one mask per class
     (``gt_classes``, ``gt_masks``).
+
+    With ``is_train=False`` (the evaluation loader, ``Trainer.build_test_loader``) it resizes as
+    detectron2's test mapper does and emits only ``image`` and ``sem_seg``, with the same checked
+    reads: a bad image or label file is an error naming it, not a crash or a wrong mIoU.
     """
 
     @configurable
@@ -119,22 +123,27 @@ class SemSegDatasetMapper:
         logger.info(f"[SemSegDatasetMapper] augmentations: {augmentations}")
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
+    def from_config(cls, cfg, is_train: bool = True, dataset_name: Optional[str] = None):
+        # the ignore label of ``dataset_name`` (default: the first dataset of the split)
+        names = [dataset_name] if dataset_name else (cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST)
         ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         if names:
             meta = MetadataCatalog.get(names[0])
             ignore = meta.get("ignore_label", ignore)
+        common = dict(is_train=is_train, image_format=cfg.INPUT.FORMAT, ignore_label=ignore,
+                      num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        if not is_train:
+            # Evaluation: detectron2's test-time resize (what its DatasetMapper does), the same
+            # checked reads as training, no padding and no training targets.
+            return dict(common, augmentations=utils.build_augmentation(cfg, False), pad_size=None,
+                        components=False, class_masks=False)
         pad = None
         if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
             pad = tuple(cfg.INPUT.CROP.SIZE)
         heads_with_class_masks = ("MaskFormer", "Mask2Former")
         return dict(
-            is_train=is_train,
-            augmentations=build_train_augmentations(cfg) if is_train else [],
-            image_format=cfg.INPUT.FORMAT,
-            ignore_label=ignore,
-            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            common,
+            augmentations=build_train_augmentations(cfg),
             pad_size=pad,
             components=True,
             class_masks=any(h in cfg.MODEL.META_ARCHITECTURE for h in heads_with_class_masks),
@@ -145,6 +154,8 @@ class SemSegDatasetMapper:
         image = read_image_checked(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)  # sets "height"/"width" when absent
         if "sem_seg_file_name" not in dataset_dict:
+            if not self.is_train:  # evaluation without ground truth (e.g. a test split)
+                return self._image_only(dataset_dict, image)
             raise KeyError(
                 f"dataset dict of {dataset_dict['file_name']} has no 'sem_seg_file_name'; "
                 "semantic segmentation training needs a label map per image"
@@ -165,6 +176,12 @@ class SemSegDatasetMapper:
                                           "classes": torch.from_numpy(classes)}
         if self.class_masks:
             dataset_dict["instances"] = self._class_instances(sem)
+        return dataset_dict
+
+    def _image_only(self, dataset_dict, image):
+        aug_input = T.AugInput(image)
+        self.augmentations(aug_input)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         return dataset_dict
 
     def _pad(self, image, sem):

@@ -11,14 +11,13 @@ from collections import OrderedDict
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import (
     CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluators,
-    SemSegEvaluator,
     verify_results,
 )
 from detectron2.utils.logger import setup_logger
@@ -26,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 from .. import compat
 from ..config import add_sgr_config, validate_sgr_config
 from ..data import SemSegDatasetMapper
+from ..evaluation import SGRSemSegEvaluator
 from ..modeling import SemanticSegmentorWithTTA
 from .checkpoint import AtomicCheckpointer
 from .hooks import NonFiniteLossGuard
@@ -157,6 +157,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
+            if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
+                # the training mapper's checked reads, with detectron2's test-time resize
+                return build_detection_test_loader(cfg, dataset_name,
+                                                   mapper=SemSegDatasetMapper(cfg, False, dataset_name))
             return super().build_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
@@ -182,7 +186,7 @@ class Trainer(DefaultTrainer):
         kind = meta.get("evaluator_type", None)
         evaluators = []
         if kind in ("sem_seg", "cityscapes_sem_seg", "ade20k_panoptic_seg"):
-            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+            evaluators.append(SGRSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
         if kind == "cityscapes_sem_seg":
             evaluators.append(CityscapesSemSegEvaluator(dataset_name))
         if kind == "coco":

@@ -1,4 +1,5 @@
-"""Evaluation beyond mIoU: the token-semantics metrics (SGR_SPEC §3)."""
+"""Evaluation: mIoU with a fixed definition (sem_seg.py) and the token-semantics metrics (SGR_SPEC §3)."""
+from .sem_seg import SGRSemSegEvaluator, sem_seg_metrics  # noqa: F401
 from .token_semantics import (  # noqa: F401
     DEFAULT_MIN_MASS_FRACTION,
     METRIC_KEYS,
@@ -14,6 +15,8 @@ from .token_semantics import (  # noqa: F401
 )
 
 __all__ = [
+    "SGRSemSegEvaluator",
+    "sem_seg_metrics",
     "DEFAULT_MIN_MASS_FRACTION",
     "METRIC_KEYS",
     "TokenSemanticsEvaluator",

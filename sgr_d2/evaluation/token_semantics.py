@@ -318,7 +318,13 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
             if name not in self._files:
                 raise KeyError(f"image {name!r} is not in dataset {self._dataset_name!r}")
             label_file, inst_file = self._files[name]
-            labels = read_label_map(label_file, self._num_classes, self._ignore_label)
+            if "height" in inp and "width" in inp:  # also check the label's size against the image's
+                from ..data.dataset_mapper import read_sem_seg_checked
+
+                labels = read_sem_seg_checked(label_file, (inp["height"], inp["width"]), self._num_classes,
+                                              self._ignore_label).astype(np.int64)
+            else:
+                labels = read_label_map(label_file, self._num_classes, self._ignore_label)
             instances = read_instance_map(inst_file, labels.shape) if inst_file else None
             r = image_token_semantics(regions, labels, instances, ignore_label=self._ignore_label,
                                       min_mass_fraction=self._min_mass_fraction)
