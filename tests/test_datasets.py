@@ -496,11 +496,11 @@ def test_instance_map_path():
     assert instance_map_path({"file_name": "/d/a.jpg"}) is None
 
 
-# ---------------------------------------- detectron2 SemSegEvaluator vs. cityscapesscripts mIoU
+# ---------------------------------------- sgr_d2's SemSegEvaluator vs. cityscapesscripts mIoU
 def test_semseg_evaluator_matches_cityscapesscripts(root, tmp_path):
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
     from cityscapesscripts.helpers.labels import id2label, labels, trainId2label
-    from detectron2.evaluation import SemSegEvaluator
+    from sgr_d2.evaluation import SGRSemSegEvaluator
 
     # detectron2 ignores exactly the pixels cityscapesscripts leaves out of the evaluation
     assert all(lab.ignoreInEval == (lab.trainId in (255, -1)) for lab in labels if lab.id >= 0)
@@ -517,7 +517,7 @@ def test_semseg_evaluator_matches_cityscapesscripts(root, tmp_path):
 
     dataset = "cityscapes_fine_sem_seg_val"
     dicts = sorted(DatasetCatalog.get(dataset), key=lambda d: d["file_name"])
-    evaluator = SemSegEvaluator(dataset, distributed=False)
+    evaluator = SGRSemSegEvaluator(dataset, distributed=False)
     evaluator.reset()
     pred_dir = tmp_path / "pred"
     pred_dir.mkdir()
@@ -541,9 +541,9 @@ def test_semseg_evaluator_matches_cityscapesscripts(root, tmp_path):
     scores = {n: s for n, s in result["classScores"].items() if not _cs_ignored(n)}
     assert len(scores) == 19
     # cityscapesscripts gives a class IoU of nan when TP+FP+FN == 0 (absent from GT and from the
-    # predictions on evaluated pixels) and averages over the other classes. detectron2 divides
-    # the summed IoUs by the classes with GT or predicted pixels (its iou_valid), i.e. the same
-    # classes; a class predicted but absent from GT counts as 0 in both. Mirror it explicitly:
+    # predictions on evaluated pixels) and averages over the other classes; so does sgr_d2
+    # (sem_seg_metrics), on detectron2 v0.6 and upstream main alike (upstream's own evaluator
+    # leaves out the classes predicted but absent from GT). Both cases occur here:
     values = np.array(list(scores.values()), dtype=float)
     assert np.isnan(values).any() and (values == 0).any()  # both cases are exercised
     cs_miou = float(np.nanmean(values))
@@ -556,3 +556,50 @@ def _cs_ignored(name):
     from cityscapesscripts.helpers.labels import name2label
 
     return name2label[name].ignoreInEval
+
+
+# ---------------------------------------- the generated toy dataset, first used by several processes
+def _generate_and_read(root, barrier, queue):
+    """One of several processes using a fresh toy folder at once: generate, then read it all."""
+    import hashlib
+
+    from sgr_d2.data import toy
+
+    try:
+        barrier.wait(timeout=120)  # every process starts generating at the same moment
+        toy.generate_toy_split("val", root)
+        reads = []
+        for _ in range(3):  # reading on while the others may still be writing
+            reads.append({sub: [(f.name, hashlib.sha1(f.read_bytes()).hexdigest())
+                                for f in sorted((root / sub / "val").iterdir())]
+                          for sub in ("images", "annotations", "instances")})
+        queue.put(("ok", reads))
+    except BaseException as e:  # noqa: BLE001  (reported to the parent)
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_toy_generation_is_safe_for_concurrent_first_use(tmp_path):
+    import multiprocessing as mp
+
+    from sgr_d2.data.toy import TOY_SPLITS, draw_scene
+
+    root = tmp_path / "sgr_toy"
+    ctx = mp.get_context("fork")  # cheap: the children share this process's imports
+    n = 4
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_generate_and_read, args=(root, barrier, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[0] for r in results] == ["ok"] * n, [r[1] for r in results if r[0] != "ok"]
+    reads = [read for r in results for read in r[1]]
+    count, seed = TOY_SPLITS["val"]
+    assert all(len(read[sub]) == count for read in reads for sub in read)  # complete
+    assert all(read == reads[0] for read in reads)  # and identical for every process, every time
+    # the labels are the scenes drawn from the split's seeds (PNG is lossless)
+    for i in (0, count - 1):
+        sem = np.asarray(Image.open(root / "annotations" / "val" / f"{i:04d}.png"))
+        np.testing.assert_array_equal(sem, draw_scene(seed + i)[1])
+    assert not [p.name for p in root.iterdir() if "-tmp-" in p.name]  # no temporary folder left
