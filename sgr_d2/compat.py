@@ -21,8 +21,9 @@ detectron2 sub-module is imported, because two of the problems strike at import 
    detectron2 v0.6 uses them in ``SemSegEvaluator`` and ``BitMasks``. We alias each missing name
    to the builtin it stood for, only when the installed detectron2's files still use them.
 4. ``detectron2.engine.launch`` in v0.6 asserts CUDA and hard-codes the NCCL backend, so several
-   worker processes cannot run on a CPU. ``launch()`` below uses detectron2's launcher whenever it
-   can and, only for v0.6 without CUDA, starts the workers itself with the gloo backend.
+   worker processes cannot run on a CPU (upstream main picks gloo itself). ``launch()`` below uses
+   detectron2's launcher whenever it can and, only without CUDA and when detectron2's worker is
+   seen to need it (``_launch_needs_cuda``: v0.6), starts the workers itself with gloo.
 5. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; detectron2 checkpoints hold
    only tensors, numbers, strings and containers, which that mode accepts, so nothing is needed.
    ``detectron2.model_zoo`` needs ``pkg_resources`` (gone from recent setuptools); sgr_d2 never
@@ -31,6 +32,7 @@ detectron2 sub-module is imported, because two of the problems strike at import 
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib.machinery
 import importlib.util
 import logging
@@ -160,17 +162,49 @@ def applied() -> list[str]:
 
 
 # --------------------------------------------------------------------------- launch
-def _launch_needs_cuda() -> bool:
-    """True when the installed detectron2 launcher cannot run several workers without CUDA."""
-    import importlib
-    import inspect
+class _BackendChosen(Exception):
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.backend = str(backend)
 
-    # Not ``from detectron2.engine import launch``: detectron2.engine's ``from .launch import *``
-    # rebinds the package attribute ``launch`` to the *function*, whose source never names the
-    # backend; the module itself is only reachable through the import system.
+
+@functools.lru_cache(maxsize=None)
+def _launch_needs_cuda() -> bool:
+    """True when the installed detectron2 launcher cannot run several workers without CUDA.
+
+    Decided by behaviour, not by reading source: detectron2's worker entry point
+    (``detectron2.engine.launch._distributed_worker``) is called once in this process with
+    ``torch.cuda.is_available()`` made False and ``torch.distributed.init_process_group``
+    replaced by a probe that records the backend and stops the worker there (no process group,
+    no side effect). v0.6 asserts CUDA before that point; upstream main asks for "GLOO". Anything
+    else than a CPU backend (an assertion, "NCCL", no such entry point) counts as needing CUDA.
+    """
+    import importlib
+
+    import torch
+    import torch.distributed as dist
+
     launch_mod = importlib.import_module("detectron2.engine.launch")
-    src = inspect.getsource(launch_mod)
-    return 'backend="NCCL"' in src
+    worker = getattr(launch_mod, "_distributed_worker", None)
+    if worker is None:
+        return True
+
+    def probe(backend=None, *args, **kwargs):
+        raise _BackendChosen(backend)
+
+    launch_logger = logging.getLogger(launch_mod.__name__)
+    saved = torch.cuda.is_available, dist.init_process_group, launch_logger.disabled
+    torch.cuda.is_available, dist.init_process_group = (lambda: False), probe
+    launch_logger.disabled = True  # upstream logs the URL of a failed init as an error
+    try:
+        worker(0, lambda *a: None, 2, 2, 0, "tcp://127.0.0.1:1", ())
+    except _BackendChosen as chosen:
+        return chosen.backend.lower() != "gloo"
+    except Exception:  # noqa: BLE001  (v0.6: AssertionError "cuda is not available")
+        return True
+    finally:
+        torch.cuda.is_available, dist.init_process_group, launch_logger.disabled = saved
+    return True
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),

@@ -30,3 +30,19 @@ def tiny_toy_cfg(config_file=TOY_SGR, *opts):
 @pytest.fixture
 def toy_cfg():
     return tiny_toy_cfg()
+
+
+def load_reporting_incompatible(model, path):
+    """Load the weights file ``path`` into ``model`` through detectron2's public
+    ``DetectionCheckpointer.load`` (as MODEL.WEIGHTS does) and return the incompatible keys that
+    its ``_load_model`` step found (detectron2 only logs them)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class Recording(DetectionCheckpointer):
+        def _load_model(self, checkpoint):
+            self.incompatible = super()._load_model(checkpoint)
+            return self.incompatible
+
+    checkpointer = Recording(model)
+    checkpointer.load(str(path), checkpointables=[])
+    return checkpointer.incompatible

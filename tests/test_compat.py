@@ -81,3 +81,80 @@ def test_semseg_evaluator_runs_on_this_numpy():
             ious.append((g & p).sum() / (g | p).sum())
     assert res["mIoU"] == pytest.approx(100 * np.mean(ious), rel=1e-6)
     assert res["pACC"] == pytest.approx(100 * (pred[valid] == gt[valid]).mean(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ launch: CUDA needed or not
+def _fake_launch_module(worker_src):
+    mod = types.ModuleType("fake_detectron2_launch")
+    exec(worker_src, mod.__dict__)  # noqa: S102  (test fixture code below)
+    return mod
+
+
+V06_WORKER = '''
+import torch
+import torch.distributed as dist
+
+def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank,
+                        dist_url, args, timeout=None):
+    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."
+    dist.init_process_group(backend="NCCL", init_method=dist_url, world_size=world_size,
+                            rank=local_rank, timeout=timeout)
+    main_func(*args)
+'''
+# upstream main: its source still holds the text backend="NCCL", which fooled a text search
+MAIN_WORKER = V06_WORKER.replace(
+    '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n'
+    '    dist.init_process_group(backend="NCCL",',
+    '    has_gpu = torch.cuda.is_available()\n'
+    '    dist.init_process_group(backend="NCCL" if has_gpu else "GLOO",')
+
+
+@pytest.mark.parametrize("worker_src, needs_cuda", [(V06_WORKER, True), (MAIN_WORKER, False)], ids=["v0.6", "main"])
+def test_launch_needs_cuda_is_decided_by_behaviour(monkeypatch, worker_src, needs_cuda):
+    import importlib
+
+    import torch
+
+    assert 'backend="NCCL"' in worker_src and "def _distributed_worker" in worker_src
+    fake = _fake_launch_module(worker_src)
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: fake if name == "detectron2.engine.launch" else real_import(name, *a))
+    compat._launch_needs_cuda.cache_clear()
+    try:
+        before = torch.cuda.is_available, torch.distributed.init_process_group
+        assert compat._launch_needs_cuda() is needs_cuda
+        # the probe puts back what it replaced and created no process group
+        assert (torch.cuda.is_available, torch.distributed.init_process_group) == before
+        assert not torch.distributed.is_initialized()
+    finally:
+        compat._launch_needs_cuda.cache_clear()
+
+
+def test_launch_needs_cuda_matches_what_detectron2s_own_worker_does(tmp_path):
+    """The installed detectron2's worker entry point, run for real in this process as a world of
+    one CPU worker: v0.6 asserts CUDA, upstream main joins a gloo group and runs the function;
+    compat must replace the launcher exactly in the first case."""
+    import importlib
+
+    import torch
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    worker = importlib.import_module("detectron2.engine.launch")._distributed_worker
+    seen = []
+    assert not dist.is_initialized()
+    try:
+        worker(0, lambda: seen.append(dist.get_backend()), 1, 1, 0, f"file://{tmp_path / 'init'}", ())
+        ran = True
+    except AssertionError as e:
+        assert "cuda is not available" in str(e)
+        ran = False
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        comm._LOCAL_PROCESS_GROUP = None
+    assert seen == (["gloo"] if ran else [])
+    assert compat._launch_needs_cuda() is (not ran)

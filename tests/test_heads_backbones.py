@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import sgr_d2  # noqa: F401  (before detectron2)
-from detectron2.checkpoint import DetectionCheckpointer
+from conftest import load_reporting_incompatible
 from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling import build_backbone, build_model, build_sem_seg_head
 
@@ -82,8 +82,7 @@ def randomize_norms(model: nn.Module, seed: int = 0):
 
 def load_converted(model: nn.Module, pkl: str):
     """Load a converted file as MODEL.WEIGHTS would; returns the incompatible keys."""
-    ckpt = DetectionCheckpointer(model)
-    return ckpt._load_model(ckpt._load_file(pkl))
+    return load_reporting_incompatible(model, pkl)
 
 
 # --------------------------------------------------------------------------- Swin backbone

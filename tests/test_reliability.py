@@ -506,12 +506,8 @@ def two_gloo_workers(tmp_path_factory):
 
 
 def test_compat_launch_runs_two_gloo_workers_on_the_cpu(two_gloo_workers):
-    import importlib
-    import inspect
-
-    src = inspect.getsource(importlib.import_module("detectron2.engine.launch"))
-    # detectron2 v0.6's launcher asserts CUDA: compat must notice, and start gloo workers itself
-    assert compat._launch_needs_cuda() == ('backend="NCCL"' in src)
+    # (whether compat starts the workers itself, i.e. detectron2's launcher needs CUDA, is
+    # checked against the installed launcher's behaviour in test_compat.py)
     reports = two_gloo_workers
     assert [(d["rank"], d["local_rank"]) for d in reports] == [(0, 0), (1, 1)]
     assert all(d["world_size"] == 2 and d["local_size"] == 2 for d in reports)

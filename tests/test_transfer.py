@@ -8,7 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from conftest import REPO, TOY_BASE, TOY_SGR, tiny_toy_cfg
+from conftest import REPO, TOY_BASE, TOY_SGR, load_reporting_incompatible, tiny_toy_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -201,7 +201,7 @@ def test_export_fpn_renames_keeps_and_drops_as_documented(tmp_path, capsys):
     assert all(torch.equal(data["model"][_fpn_key(k)], seg[k]) for k in kept)
 
     det = build_model(load_config(TOY_FPN_SGR, CPU))
-    incompatible = DetectionCheckpointer(det)._load_model(DetectionCheckpointer(det)._load_file(str(out)))
+    incompatible = load_reporting_incompatible(det, out)
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
     missing_backbone = [k for k in incompatible.missing_keys if k.startswith("backbone.")]
     assert missing_backbone and all(".fpn_lateral" in k or ".fpn_output" in k for k in missing_backbone)
