@@ -124,6 +124,50 @@ def test_inference_gives_probabilities_and_region_maps():
     assert out["sem_seg"].shape == (6, 100, 90)
     assert torch.allclose(out["sem_seg"].sum(0), torch.ones(100, 90), atol=1e-5)
     assert out["sgr_regions"].shape == (cfg.MODEL.SGR.NUM_TOKENS, 8, 8)
+    # in a batch with a larger image, a smaller one's region maps are cropped to its own pixels
+    from sgr_d2.modeling.sgr_backbone import crop_region_maps
+
+    small = _batch(1, size=40, seed=1)[0]
+    with torch.no_grad():
+        outs = model([x, small])
+    regions = model.backbone.sgr_outputs["region_maps"]  # (2, K, 8, 8) over the padded 64x64 batch
+    assert outs[1]["sgr_regions"].shape == (cfg.MODEL.SGR.NUM_TOKENS, 5, 5)  # ceil(40 * 8 / 64)
+    assert torch.equal(outs[1]["sgr_regions"], crop_region_maps(regions[1], (40, 40), (64, 64)))
+    assert torch.equal(outs[0]["sgr_regions"], regions[0])
+
+
+def test_region_maps_of_a_padded_image_are_cropped_exactly():
+    """A 512x683 image padded to 512x704 (stride 32: 16x22 cells, the last column 11/32 inside the
+    image). The region maps are linear ramps over the feature cells; read as the token metrics
+    read them (resized bilinearly onto the image), pixel x must get the ramp's value at its own
+    feature coordinate (x + 0.5) * 22 / 704 - 0.5, not at (x + 0.5) * 22 / 683 - 0.5 (the 22
+    cells stretched over the image: ~19 px off at the right edge)."""
+    from torch.nn import functional as F
+
+    from sgr_d2.modeling.sgr_backbone import attach_sgr_regions
+
+    fh, fw, (h, w), padded = 16, 22, (512, 683), (512, 704)
+    v, u = torch.meshgrid(torch.arange(fh, dtype=torch.float64), torch.arange(fw, dtype=torch.float64),
+                          indexing="ij")
+    ramps = torch.stack([0.1 + 0.01 * u, 0.1 + 0.02 * v, 0.8 - 0.01 * u - 0.02 * v])  # (3, fh, fw), Σ = 1
+    backbone = SGRBackbone.__new__(SGRBackbone)  # only its sgr_outputs are read
+    torch.nn.Module.__init__(backbone)
+    backbone.sgr_outputs = {"region_maps": torch.stack([ramps, ramps.flip(-1)]).float()}
+    (out, other) = attach_sgr_regions([{}, {}], backbone, [(h, w), padded], padded)
+    assert torch.equal(other["sgr_regions"], backbone.sgr_outputs["region_maps"][1])  # no padding: as is
+    regions = out["sgr_regions"]
+    assert regions.shape == (3, 16, 22)  # ceil(683 * 22 / 704) = 22 cells, each 683/22 px wide
+    assert torch.allclose(regions.sum(0), torch.ones(16, 22), atol=1e-5)  # Σ_k P_k kept
+    on_image = F.interpolate(regions[None].double(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    x = torch.arange(w, dtype=torch.float64)
+    y = torch.arange(h, dtype=torch.float64)
+    fx = (x + 0.5) * fw / padded[1] - 0.5  # feature coordinates of the image's pixels
+    fy = (y + 0.5) * fh / padded[0] - 0.5
+    # away from the borders, where both resamplings clamp (the first cell centre lies 0.5 px left
+    # of the first feature cell's centre)
+    inner_x, inner_y = slice(48, w - 32), slice(32, h - 32)
+    np.testing.assert_allclose(on_image[0, 100, inner_x], (0.1 + 0.01 * fx)[inner_x], atol=1e-6)
+    np.testing.assert_allclose(on_image[1, inner_y, 300], (0.1 + 0.02 * fy)[inner_y], atol=1e-6)
 
 
 # ------------------------------------------------------------------ config

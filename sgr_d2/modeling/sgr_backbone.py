@@ -5,6 +5,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from detectron2.layers import get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
@@ -13,7 +14,7 @@ from ..config import validate_sgr_config
 from ..sgr import SGRModule
 
 __all__ = ["StageHookBackbone", "SGRBackbone", "build_sgr_backbone", "stage_channels", "sgr_module_from_config", "find_sgr_backbone",
-           "attach_sgr_regions"]
+           "attach_sgr_regions", "crop_region_maps"]
 
 
 def sgr_module_from_config(cfg, in_channels: int, num_classes: Optional[int] = None) -> SGRModule:
@@ -163,18 +164,42 @@ def find_sgr_backbone(model: nn.Module) -> Optional[SGRBackbone]:
     return None
 
 
+def crop_region_maps(regions: torch.Tensor, image_size, padded_hw) -> torch.Tensor:
+    """The part of region maps (K, fh, fw) over a padded input that covers the image itself.
+
+    The maps span the padded input (``padded_hw``), the image its top-left ``image_size`` (h, w).
+    They are resampled (bilinear, as the label-sized maps are read: a map cell is centred on its
+    stride-sized block, ``align_corners=False``) at the centres of a ``vh × vw`` grid that covers
+    exactly the image, ``vh = min(fh, ceil(h · fh / H_pad))`` (likewise vw): the partial last cell
+    is not stretched over the image. Without padding this is the maps themselves. Each output
+    cell is a convex combination of the maps' cells, so ``Σ_k P_k`` is kept.
+    """
+    k, fh, fw = regions.shape
+    h, w = int(image_size[0]), int(image_size[1])
+    ph, pw = int(padded_hw[0]), int(padded_hw[1])
+    if (h, w) == (ph, pw):
+        return regions
+    vh, vw = min(fh, -(-h * fh // ph)), min(fw, -(-w * fw // pw))
+    dev = regions.device
+    # cell centres in input pixels, as grid_sample coordinates of the padded extent (-1..1)
+    ys = (torch.arange(vh, device=dev, dtype=torch.float32) + 0.5) * (h / vh) * (2.0 / ph) - 1.0
+    xs = (torch.arange(vw, device=dev, dtype=torch.float32) + 0.5) * (w / vw) * (2.0 / pw) - 1.0
+    grid = torch.stack([xs.view(1, vw).expand(vh, vw), ys.view(vh, 1).expand(vh, vw)], dim=-1)
+    out = F.grid_sample(regions[None].float(), grid[None], mode="bilinear", padding_mode="border",
+                        align_corners=False)[0]
+    return out.to(regions.dtype)
+
+
 def attach_sgr_regions(results, backbone, image_sizes, padded_hw):
     """Add ``"sgr_regions"`` (K, h, w) to each inference result of a model with SGR.
 
-    The region maps cover the padded batch; each image keeps the part over its own pixels
-    (``ceil(size / stride)`` feature cells). The token-semantics metrics and the figures read them.
+    The region maps cover the padded batch; each image keeps the part over its own pixels,
+    cropped exactly (:func:`crop_region_maps`), at about the feature stride. The token-semantics
+    metrics and the figures read them, resized to the label map or image.
     """
     if not isinstance(backbone, SGRBackbone) or backbone.sgr_outputs is None:
         return results
     regions = backbone.sgr_outputs["region_maps"]
-    fh, fw = regions.shape[-2:]
-    for i, (r, (h, w)) in enumerate(zip(results, image_sizes)):
-        vh = min(fh, -(-h * fh // padded_hw[0]))
-        vw = min(fw, -(-w * fw // padded_hw[1]))
-        r["sgr_regions"] = regions[i, :, :vh, :vw]
+    for i, (r, size) in enumerate(zip(results, image_sizes)):
+        r["sgr_regions"] = crop_region_maps(regions[i], size, padded_hw)
     return results
