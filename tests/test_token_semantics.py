@@ -308,18 +308,19 @@ def test_evaluator_without_regions_returns_nothing(tiny_dataset):
 def test_trainer_adds_the_evaluator_when_enabled(tmp_path):
     from conftest import TOY_BASE, tiny_toy_cfg
 
-    from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+    from detectron2.evaluation import DatasetEvaluators
 
     from sgr_d2.engine import Trainer
+    from sgr_d2.evaluation import SGRSemSegEvaluator
 
     cfg = tiny_toy_cfg()
     plain = Trainer.build_evaluator(cfg, "sgr_toy_sem_seg_val", output_folder=str(tmp_path))
-    assert isinstance(plain, SemSegEvaluator)
+    assert isinstance(plain, SGRSemSegEvaluator)
     cfg.TEST.TOKEN_SEMANTICS = True
     both = Trainer.build_evaluator(cfg, "sgr_toy_sem_seg_val", output_folder=str(tmp_path))
     assert isinstance(both, DatasetEvaluators)
     kinds = [type(e) for e in both._evaluators]
-    assert kinds == [SemSegEvaluator, TokenSemanticsEvaluator]
+    assert kinds == [SGRSemSegEvaluator, TokenSemanticsEvaluator]
     assert both._evaluators[1]._output_dir == str(tmp_path)
     base = tiny_toy_cfg(TOY_BASE)
     base.TEST.TOKEN_SEMANTICS = True
