@@ -91,11 +91,13 @@ def test_training_step_losses_with_and_without_sgr():
 
 
 def test_mask_and_label_map_targets_give_the_same_loss():
+    """Also with images of two sizes: the smaller one's targets are padded to the batch, with
+    component id -1 (labels) or False (masks); a padding counted as component 0 would differ."""
     from sgr_d2.sgr import component_label_map
 
     model = build_model(tiny_toy_cfg()).train()
     torch.manual_seed(0)
-    batch = _batch()
+    batch = _batch(1, size=64) + _batch(1, size=40, seed=1)
     a = model(batch)
     for x in batch:
         labels, classes = component_label_map(x["sem_seg"].numpy())
@@ -106,12 +108,53 @@ def test_mask_and_label_map_targets_give_the_same_loss():
         assert a[k].item() == pytest.approx(b[k].item(), rel=1e-5)
 
 
+SGR_WEIGHTS = {"UNION_WEIGHT": 0.7, "UNION_DICE_WEIGHT": 1.3, "CLASS_WEIGHT": 0.9, "DIVERSITY_WEIGHT": 1.1,
+               "LOSS_WEIGHT": 0.4, "COST_DICE_WEIGHT": 0.6, "EPS": 1e-5}
+
+
+@pytest.mark.parametrize("config", [TOY_SGR, TOY_SGR.replace("dil_fcn_r18_sgr", "maskformer_r18_sgr")],
+                         ids=["per_pixel", "maskformer"])
+def test_every_sgr_loss_setting_goes_from_the_config_into_the_criterion(config):
+    opts = [x for k, v in SGR_WEIGHTS.items() for x in (f"MODEL.SGR.{k}", str(v))]
+    model = build_model(tiny_toy_cfg(config, *opts, "MODEL.SGR.NUM_MATCHED", "5", "MODEL.SGR.MATCHING", "greedy"))
+    crit = model.sgr_criterion
+    got = {"UNION_WEIGHT": crit.union_weight, "UNION_DICE_WEIGHT": crit.union_dice_weight,
+           "CLASS_WEIGHT": crit.class_weight, "DIVERSITY_WEIGHT": crit.diversity_weight,
+           "LOSS_WEIGHT": crit.loss_weight, "COST_DICE_WEIGHT": crit.cost_dice_weight, "EPS": crit.eps}
+    assert got == pytest.approx(SGR_WEIGHTS)
+    assert (crit.num_matched, crit.matching) == (5, "greedy")
+
+
+def test_sgr_loss_terms_scale_with_their_config_weights():
+    """The same model, batch and seed with β and the term weights changed: each term scales by
+    its own weight times β (hand-computed factors); the head's loss does not change."""
+    def losses(*opts):
+        torch.manual_seed(0)
+        model = build_model(tiny_toy_cfg(TOY_SGR, *opts)).train()
+        torch.manual_seed(0)
+        return {k: v.item() for k, v in model(_batch()).items()}
+
+    a = losses("MODEL.SGR.LOSS_WEIGHT", "1.0")
+    b = losses("MODEL.SGR.LOSS_WEIGHT", "0.4", "MODEL.SGR.UNION_WEIGHT", "0.7", "MODEL.SGR.CLASS_WEIGHT", "0.9",
+               "MODEL.SGR.DIVERSITY_WEIGHT", "1.1")
+    assert min(a["loss_sgr_union"], a["loss_sgr_cls"], a["loss_sgr_div"]) > 0
+    assert b["loss_sgr_union"] == pytest.approx(0.4 * 0.7 * a["loss_sgr_union"], rel=1e-5)
+    assert b["loss_sgr_cls"] == pytest.approx(0.4 * 0.9 * a["loss_sgr_cls"], rel=1e-5)
+    assert b["loss_sgr_div"] == pytest.approx(0.4 * 1.1 * a["loss_sgr_div"], rel=1e-5)
+    assert b["loss_sem_seg"] == pytest.approx(a["loss_sem_seg"], rel=1e-6)
+
+
 def test_all_ignore_image_trains_with_zero_sgr_loss():
+    """No labelled pixel: the SGR terms are 0, not NaN (0/0), and backward gives zero gradients
+    everywhere (finite), through a graph that still reaches SGR's region path."""
     model = build_model(tiny_toy_cfg()).train()
     losses = model(_batch(all_ignore=True))
     for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
         assert losses[k].item() == 0.0
     sum(losses.values()).backward()
+    assert model.backbone.sgr.region_conv.weight.grad is not None
+    for name, p in model.named_parameters():
+        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()), name
 
 
 def test_inference_gives_probabilities_and_region_maps():
@@ -270,12 +313,16 @@ def test_poly_schedule_and_head_multiplier():
     opt = build_optimizer(cfg, model)
     sched = build_poly_lr_scheduler(cfg, opt)
     by_name = {g["name"]: g for g in opt.param_groups}
-    assert by_name["backbone.stem.conv1.weight"]["lr"] == pytest.approx(0.01) if "backbone.stem.conv1.weight" in by_name else True
     assert by_name["backbone.backbone.stem.conv1.weight"]["lr"] == pytest.approx(0.01)
     assert by_name["backbone.sgr.region_conv.weight"]["lr"] == pytest.approx(0.1)
     assert by_name["sem_seg_head.predictor.weight"]["lr"] == pytest.approx(0.1)
     assert by_name["backbone.backbone.stem.conv1.norm.weight"]["weight_decay"] == 0.0
     assert by_name["backbone.backbone.stem.conv1.weight"]["weight_decay"] == pytest.approx(1e-4)
+    # the model without SGR: its backbone parameters are named without the wrapper's prefix
+    base_cfg = tiny_toy_cfg(TOY_BASE, "SOLVER.MAX_ITER", "100", "SOLVER.BASE_LR", "0.01")
+    base = {g["name"]: g for g in build_optimizer(base_cfg, build_model(base_cfg)).param_groups}
+    assert base["backbone.stem.conv1.weight"]["lr"] == pytest.approx(0.01)
+    assert base["sem_seg_head.predictor.weight"]["lr"] == pytest.approx(0.1)
     for _ in range(30):
         opt.step()
         sched.step()

@@ -227,6 +227,93 @@ def test_class_and_diversity_terms_hand_computed():
     assert out["loss_sgr_div"].item() == pytest.approx(0.25 * 1.0, rel=1e-5)  # cos = 1
 
 
+# Two 4x6 images of component ids (-1 = ignore), read at a 2x3 resolution (2x2 pixels a cell):
+# image 0 has 2 components and 5 ignored pixels (cell weights 1, 1, 1/2, 1, 3/4, 0), image 1 has
+# 3 components (two of the same class) and 2 ignored pixels.
+CRIT_LABELS = [np.array([[0, 0, 0, 1, 1, -1], [0, 0, 1, 1, 1, -1], [0, 0, -1, 1, -1, -1], [0, 0, 0, 1, -1, -1]]),
+               np.array([[0, 0, 1, 1, 2, 2], [0, -1, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], [0, 0, 1, 2, 2, -1]])]
+CRIT_CLASSES = [np.array([3, 1]), np.array([0, 2, 2])]
+# (token, component) pairs of the hybrid matching with L = 4: image 0: 2 by Hungarian + 2 extra
+# tokens on component 1; image 1: 3 + 1 extra on component 0 (checked below)
+CRIT_MATCH = [[(0, 0), (2, 1), (1, 1), (3, 1)], [(0, 0), (1, 1), (2, 2), (3, 0)]]
+CRIT_WEIGHTS = dict(union_weight=0.7, union_dice_weight=1.3, class_weight=0.9, diversity_weight=1.1,
+                    loss_weight=0.4)
+
+
+def _crit_inputs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 2, 3, generator=g) * 1.5
+    logits[0, 0, :, 0] += 2
+    logits[0, 1, :, 1:] += 2
+    logits[0, 2, :, 1] += 1
+    for k in range(3):
+        logits[1, k, :, k] += 2
+    return logits.softmax(1), torch.randn(2, 4, 4, generator=g)  # regions (2, K, 2, 3), token logits
+
+
+def _expected_criterion(regions, token_logits, w):
+    """The SGR loss written out with numpy loops (SGR_SPEC §2, docs/method.md): every union term
+    is a BCE + w_dice · Dice weighted by each cell's labelled fraction, summed over the matched
+    components of the batch and divided by their number; the class term is divided by the number
+    of matched tokens; the diversity term by the number of pairs of tokens on different components."""
+    union_sum = cls_sum = div_sum = 0.0
+    n_comp = n_tok = n_pairs = 0
+    for i, (lab, classes, match) in enumerate(zip(CRIT_LABELS, CRIT_CLASSES, CRIT_MATCH)):
+        p = regions[i].double().numpy()  # (K, 2, 3)
+        cells = lab.reshape(2, 2, 3, 2).transpose(0, 2, 1, 3).reshape(2, 3, 4)  # the 4 pixels of each cell
+        frac = np.stack([(cells == j).mean(-1) for j in range(len(classes))])  # area fraction per component
+        weight = frac.sum(0)
+        target = np.divide(frac, weight, out=np.zeros_like(frac), where=weight > 0)
+        for j in sorted({c for _, c in match}):
+            u = sum(p[k] for k, c in match if c == j)
+            bce = -(target[j] * np.log(u) + (1 - target[j]) * np.log(1 - u))
+            bce = (bce * weight).sum() / weight.sum()
+            dice = 1 - (2 * (u * target[j] * weight).sum() + 1) / ((u * weight).sum() + (target[j] * weight).sum() + 1)
+            union_sum += bce + w["union_dice_weight"] * dice
+            n_comp += 1
+        for k, j in match:
+            z = token_logits[i, k].double().numpy()
+            cls_sum += -(z[classes[j]] - np.log(np.exp(z).sum()))
+            n_tok += 1
+        for a in range(len(match)):
+            for b in range(a + 1, len(match)):
+                if match[a][1] != match[b][1]:
+                    pa, pb = p[match[a][0]].ravel(), p[match[b][0]].ravel()
+                    div_sum += max(0.0, pa @ pb / (np.linalg.norm(pa) * np.linalg.norm(pb)))
+                    n_pairs += 1
+    assert (n_comp, n_tok, n_pairs) == (5, 8, 8)
+    beta = w["loss_weight"]
+    return {"loss_sgr_union": beta * w["union_weight"] * union_sum / n_comp,
+            "loss_sgr_cls": beta * w["class_weight"] * cls_sum / n_tok,
+            "loss_sgr_div": beta * w["diversity_weight"] * div_sum / n_pairs}
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "masks"])
+def test_criterion_hand_computed_with_unequal_weights_and_counts(target_kind):
+    """Catches: a dropped Dice term, the class term divided by components instead of tokens, the
+    BCE divided by the pixel count instead of the summed pixel weights, a weight not applied."""
+    regions, token_logits = _crit_inputs()
+    crit = SGRCriterion(num_matched=4, **CRIT_WEIGHTS)
+    targets = []
+    for lab, classes in zip(CRIT_LABELS, CRIT_CLASSES):
+        labels = torch.as_tensor(lab, dtype=torch.int32)
+        if target_kind == "labels":
+            targets.append({"labels": labels, "classes": torch.as_tensor(classes)})
+        else:
+            masks = labels[None] == torch.arange(len(classes)).view(-1, 1, 1)
+            targets.append({"masks": masks, "classes": torch.as_tensor(classes)})
+    from sgr_d2.sgr import downsample_component_labels
+
+    for i, (lab, classes) in enumerate(zip(CRIT_LABELS, CRIT_CLASSES)):
+        soft, weight = downsample_component_labels(torch.as_tensor(lab), len(classes), (2, 3))
+        tok, comp = crit.match(regions[i].flatten(1), soft, weight)
+        assert list(zip(tok.tolist(), comp.tolist())) == CRIT_MATCH[i]
+    got = crit({"region_maps": regions, "token_logits": token_logits}, targets)
+    expected = _expected_criterion(regions, token_logits, CRIT_WEIGHTS)
+    for key, value in expected.items():
+        assert got[key].item() == pytest.approx(value, rel=1e-5), key
+
+
 @pytest.mark.parametrize("size,reduced", [((32, 48), (4, 6)), ((30, 45), (4, 6))])
 def test_label_map_downsampling_equals_mask_interpolation(size, reduced):
     from sgr_d2.sgr import downsample_component_labels, downsample_components
@@ -243,6 +330,25 @@ def test_label_map_downsampling_equals_mask_interpolation(size, reduced):
         valid = torch.from_numpy(sem != 255).float()
         expected = valid.view(reduced[0], size[0] // reduced[0], reduced[1], size[1] // reduced[1]).sum((1, 3)) / f
         assert torch.allclose(w2, expected.flatten(), atol=1e-6)
+
+
+def test_union_loss_trains_the_region_path_down_to_the_input():
+    """The union term sees the features only through P = softmax(region_conv(x)): its gradient
+    with respect to x must be that of the same loss on softmax(conv(x)) written out here (a
+    detached region path, region_conv(x.detach()), gives none), and the value path gets none."""
+    m = SGRModule(8, num_tokens=4, token_dim=8, num_heads=2, ffn_dim=16, num_classes=4).train()
+    x = torch.randn(2, 8, 4, 6, requires_grad=True)
+    targets = [{"labels": torch.as_tensor(lab, dtype=torch.int32), "classes": torch.as_tensor(c)}
+               for lab, c in zip(CRIT_LABELS, CRIT_CLASSES)]
+    crit = SGRCriterion(num_matched=4, class_weight=0.0, diversity_weight=0.0, loss_weight=1.0)
+    _, out = m(x)
+    crit(out, targets)["loss_sgr_union"].backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert m.value_conv[0].weight.grad is None or not m.value_conv[0].weight.grad.any()
+    x2 = x.detach().clone().requires_grad_(True)
+    regions = torch.nn.functional.conv2d(x2, m.region_conv.weight, m.region_conv.bias).softmax(1)
+    crit({"region_maps": regions}, targets)["loss_sgr_union"].backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-8)
 
 
 def test_all_ignore_gives_zero_loss_not_nan():
