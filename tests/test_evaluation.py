@@ -76,6 +76,29 @@ def test_miou_counts_predicted_absent_classes_and_skips_classes_absent_from_both
     assert torch.load(tmp_path / "out" / "sem_seg_evaluation.pth", weights_only=False)["mIoU"] == res["mIoU"]
 
 
+def test_detectron2s_own_miou_depends_on_its_version(tmp_path, register):
+    """Why sgr_d2 owns the definition (docs/method.md): on the same case detectron2's evaluator
+    gives sgr_d2's 42.22 in v0.6 but 63.33 = (3/5 + 2/3) / 2 on upstream main, which also reports
+    boundary IoU (how upstream main is told apart here, by behaviour)."""
+    from detectron2.evaluation import SemSegEvaluator
+
+    from sgr_d2 import compat
+
+    _image(tmp_path / "x.jpg", GT.shape)
+    Image.fromarray(GT).save(tmp_path / "x.png")
+    name = register([{"file_name": str(tmp_path / "x.jpg"), "sem_seg_file_name": str(tmp_path / "x.png")}])
+    ev = SemSegEvaluator(name, distributed=False)
+    ev.reset()
+    ev.process([{"file_name": str(tmp_path / "x.jpg")}], [{"sem_seg": _one_hot(PRED, 4)}])
+    res = ev.evaluate()["sem_seg"]
+    upstream_main = any(k.startswith("BoundaryIoU-") for k in res)
+    if not upstream_main:
+        assert res["mIoU"] == pytest.approx(EXPECTED["mIoU"], rel=1e-9)  # v0.6: the same definition
+    else:
+        assert compat.cpp_ops_available()  # a source build, with its C++ ops
+        assert res["mIoU"] == pytest.approx(100 * (3 / 5 + 2 / 3) / 2, rel=1e-9)
+
+
 def test_sem_seg_metrics_from_a_confusion_matrix():
     # detectron2's layout: conf[pred, gt], last row/column = ignore. Unequal counts everywhere.
     conf = np.zeros((4, 4), np.int64)
