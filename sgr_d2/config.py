@@ -37,6 +37,13 @@ def add_sgr_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURE = "res5"  # single-input heads (Dilated-FCN)
 
+    # ---------------------------------------------------------------- weights
+    # True: the class-specific output layers of MODEL.WEIGHTS (class_embed, the per-pixel
+    # classifier, SGR's class term, Mask R-CNN's predictors) are not loaded but start from their
+    # initialisation, to fine-tune a model on other classes. False: the file must give them a
+    # value (sgr_d2/engine/weights_fit.py).
+    cfg.MODEL.WEIGHTS_NEW_CLASSES = False
+
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
     cfg.SOLVER.POLY_LR_POWER = 0.9
