@@ -53,7 +53,10 @@ def add_sgr_config(cfg):
 
     # ---------------------------------------------------------------- input
     cfg.INPUT.DATASET_MAPPER_NAME = "sgr_sem_seg"
-    cfg.INPUT.COLOR_AUG = True
+    cfg.INPUT.COLOR_AUG = True  # MaskFormer's photometric distortion (sgr_d2/data/augmentation.py)
+    # Pixel value of the padding that brings a training image up to the crop size (before
+    # normalisation; the labels are padded with the ignore label). MaskFormer / Mask2Former: 128.
+    cfg.INPUT.IMAGE_PAD_VALUE = 0
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # -1: the backbone's size_divisibility
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
 

@@ -6,7 +6,6 @@ shape and dtype of the four official ADE20K models; see the README there) with r
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TOY_BASE, TOY_SGR, tiny_toy_cfg
-from torch.nn import functional as F
 
 from detectron2.modeling import build_backbone, build_model
 
@@ -218,6 +216,9 @@ def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
                 "ade20k/maskformer_swin_t.yaml": n_maskformer + n_swin}[rel]
     assert summary.renamed == expected
     assert any(f"recognised the official {head} head" in m and f"renamed {expected} tensors" in m for m in messages)
+    n = len(ours)
+    assert any(f"full model checkpoint; {n} of the model's {n} tensors loaded" in m for m in messages)
+    assert n == len(official) - len(official_only) and (n == 557 or rel != "ade20k/mask2former_r50.yaml")
     # tensor by tensor: a value written under an official name is found under the right name
     state = model.state_dict()
     for official_name, our_name in EXPECTED[rel].items():
@@ -368,7 +369,45 @@ def test_timm_relative_position_index_is_the_official_one():
     assert "backbone.res3.stage.blocks.1.attn.relative_position_index" not in model.state_dict()
 
 
+def test_finetune_recipe_is_the_sgr_config_started_from_the_published_model():
+    path = os.path.join(REPO, "configs", "ade20k", "finetune_mask2former_r50_sgr.yaml")
+    assert "NOT FROM THE PAPER" in open(path).read()
+    ft = load_config(path)
+    sgr = load_config(os.path.join(REPO, "configs", "ade20k", "mask2former_r50_sgr.yaml"))
+    assert ft.MODEL.WEIGHTS.endswith("model_final_500878.pkl")  # the official Mask2Former R-50 ADE20K file
+    a, b = ft.MODEL.clone(), sgr.MODEL.clone()
+    a.WEIGHTS = b.WEIGHTS = ""
+    assert a == b  # the same model: only the start and the schedule differ
+    assert ft.SOLVER.MAX_ITER == 20000 < sgr.SOLVER.MAX_ITER and ft.SOLVER.BASE_LR == pytest.approx(sgr.SOLVER.BASE_LR / 5)
+
+
 # ----------------------------------------------------------------------------- one loading path
+def test_new_classes_apply_to_model_weights_not_to_resuming(tmp_path):
+    from sgr_d2.engine import build_checkpointer
+
+    cfg = tiny_toy_cfg(TOY_SGR, "MODEL.WEIGHTS_NEW_CLASSES", "True")
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    build_checkpointer(cfg, trained, str(tmp_path)).save("model_0000009")
+    saved = trained.state_dict()
+    classes = ["sem_seg_head.predictor.weight", "backbone.sgr.classifier.weight"]
+    torch.manual_seed(1)
+    resumed = build_model(cfg)
+    checkpointer = build_checkpointer(cfg, resumed, str(tmp_path))
+    checkpointer.resume_or_load("", resume=True)  # the run's own last checkpoint: everything
+    assert checkpointer.last_load.fit.new_class_layers == []
+    assert all(torch.equal(resumed.state_dict()[k], saved[k]) for k in classes)
+    torch.manual_seed(2)
+    fresh = build_model(cfg)
+    init = {k: fresh.state_dict()[k].clone() for k in classes}
+    checkpointer = build_checkpointer(cfg, fresh)
+    checkpointer.load(str(tmp_path / "model_0000009.pth"))  # as MODEL.WEIGHTS: new classes
+    assert set(classes) <= set(checkpointer.last_load.fit.new_class_layers)
+    assert all(torch.equal(fresh.state_dict()[k], init[k]) for k in classes)
+    assert torch.equal(fresh.state_dict()["backbone.backbone.stem.conv1.weight"], saved["backbone.backbone.stem.conv1.weight"])
+
+
+
 def test_every_entry_point_goes_through_the_fit_check(tmp_path):
     """--eval-only, the demo, the token-semantics tool and the figure tools refuse the same file."""
     from detectron2.engine import default_argument_parser

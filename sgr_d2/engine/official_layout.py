@@ -169,12 +169,12 @@ def official_to_sgr(state: Mapping[str, T], model_keys=None
     recognised = recognise(state.keys())
     if recognised is None:
         return dict(state), {}, None, 0
-    if model_keys is not None:
-        n_adapters = _index_count(model_keys, _OURS_LATERAL_ANY, 0)
-        n_layers = _index_count(model_keys, _OURS_OUTPUT_ANY, 0)
-    else:
-        n_adapters = _index_count(state.keys(), _ADAPTER, 1)
-        n_layers = _index_count(state.keys(), _LAYER, 1)
+    n_adapters = _index_count(state.keys(), _ADAPTER, 1)
+    n_layers = _index_count(state.keys(), _LAYER, 1)
+    if model_keys is not None:  # a model without these lists (another head) keeps the file's count
+        model_keys = list(model_keys)
+        n_adapters = _index_count(model_keys, _OURS_LATERAL_ANY, 0) or n_adapters
+        n_layers = _index_count(model_keys, _OURS_OUTPUT_ANY, 0) or n_layers
     renamed, aside, n = {}, {}, 0
     for key, value in state.items():
         if is_official_only(key):
