@@ -216,6 +216,9 @@ def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
                 "ade20k/maskformer_swin_t.yaml": n_maskformer + n_swin}[rel]
     assert summary.renamed == expected
     assert any(f"recognised the official {head} head" in m and f"renamed {expected} tensors" in m for m in messages)
+    kinds = ["criterion.empty_weight (1)"] + (["*.relative_position_index (12)"] if "swin" in rel else [])
+    assert any(f"set aside {len(official_only)} official-only tensors, which the model builds itself: " in m
+               and all(k in m for k in kinds) for m in messages)
     n = len(ours)
     assert any(f"full model checkpoint; {n} of the model's {n} tensors loaded" in m for m in messages)
     assert n == len(official) - len(official_only) and (n == 557 or rel != "ade20k/mask2former_r50.yaml")
@@ -565,3 +568,21 @@ def test_detectron2_msra_r50_pkl_loads_with_stride_in_1x1(tmp_path):
     AtomicCheckpointer(backbone).load(str(tmp_path / "R-50.pkl"))
     with torch.no_grad():
         assert (backbone(x)["res5"] - ref).abs().max().item() > 1e-2
+
+
+@pytest.mark.slow
+def test_detectron2_msra_r101_pkl_loads_into_the_r101_configs(tmp_path):
+    opts = CPU + ["MODEL.RESNETS.STRIDE_IN_1X1", "True", "MODEL.RESNETS.OUT_FEATURES", "['res5']"]
+    torch.manual_seed(9)
+    reference = build_backbone(load_config(os.path.join(REPO, "configs", "ade20k", "maskformer_r101.yaml"), opts))
+    blobs = _caffe2_names(reference)
+    assert "res4_22_branch2c_bn_s" in blobs
+    with open(tmp_path / "R-101.pkl", "wb") as f:
+        pickle.dump(blobs, f)
+    for rel in ("ade20k/maskformer_r101.yaml", "ade20k/dil_fcn_r101.yaml"):
+        backbone = build_backbone(load_config(os.path.join(REPO, "configs", rel), opts))
+        checkpointer = AtomicCheckpointer(backbone)
+        checkpointer.load(str(tmp_path / "R-101.pkl"))
+        summary = checkpointer.last_load
+        assert summary.folded_norms == 1 + (3 + 4 + 23 + 3) * 3 + 4 and summary.fit.missing == []
+        assert np.array_equal(backbone.state_dict()["res4.22.conv3.weight"].numpy(), blobs["res4_22_branch2c_w"])

@@ -158,9 +158,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
         state, aside, summary.recognised, summary.renamed = official_to_sgr(state, model_state.keys())
         summary.set_aside = {k: tuple(v.shape) for k, v in aside.items()}
         if summary.recognised is not None:
+            kinds: Dict[str, int] = {}
+            for key in aside:
+                kind = key if key == "criterion.empty_weight" else "*." + key.rsplit(".", 1)[-1]
+                kinds[kind] = kinds.get(kind, 0) + 1
             log.info(f"{path}: recognised {summary.recognised.describe()}; renamed {summary.renamed} tensors "
                      f"to sgr_d2's names (sgr_d2/engine/official_layout.py); set aside {len(aside)} "
-                     f"official-only tensors that the model computes itself: {format_groups(aside)}")
+                     "official-only tensors, which the model builds itself: "
+                     + ", ".join(f"{k} ({n})" for k, n in kinds.items()))
         if checkpoint.get("matching_heuristics", False):
             from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
