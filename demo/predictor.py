@@ -1,6 +1,7 @@
 """``VisualizationDemo``: detectron2's ``DefaultPredictor`` plus drawing, for sgr_d2 models.
 
-In the style of detectron2's and Mask2Former's ``demo/predictor.py``: the segmentation is drawn
+In the style of detectron2's and Mask2Former's ``demo/predictor.py`` (the weights are loaded by
+``sgr_d2.engine.build_predictor``, through the same fit check as training): the segmentation is drawn
 by ``Visualizer.draw_sem_seg`` in the dataset's colours; a model with SGR also returns its
 concept-region maps, drawn by :func:`sgr_d2.visualization.concept_region_figure`.
 """
@@ -13,9 +14,9 @@ import torch
 
 import sgr_d2  # noqa: F401  (before any detectron2 import)
 from detectron2.data import MetadataCatalog
-from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from sgr_d2.engine import build_predictor
 from sgr_d2.visualization import concept_region_figure
 
 __all__ = ["VisualizationDemo"]
@@ -33,7 +34,7 @@ class VisualizationDemo:
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = build_predictor(cfg)  # DefaultPredictor, weights loaded through the fit check
 
     def run_on_image(self, image: np.ndarray) -> Tuple[Dict, object, Optional[torch.Tensor]]:
         """

@@ -37,6 +37,13 @@ def add_sgr_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURE = "res5"  # single-input heads (Dilated-FCN)
 
+    # ---------------------------------------------------------------- weights
+    # True: the class-specific output layers of MODEL.WEIGHTS (class_embed, the per-pixel
+    # classifier, SGR's class term, Mask R-CNN's predictors) are not loaded but start from their
+    # initialisation, to fine-tune a model on other classes. False: the file must give them a
+    # value (sgr_d2/engine/weights_fit.py).
+    cfg.MODEL.WEIGHTS_NEW_CLASSES = False
+
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
     cfg.SOLVER.POLY_LR_POWER = 0.9
@@ -46,7 +53,10 @@ def add_sgr_config(cfg):
 
     # ---------------------------------------------------------------- input
     cfg.INPUT.DATASET_MAPPER_NAME = "sgr_sem_seg"
-    cfg.INPUT.COLOR_AUG = True
+    cfg.INPUT.COLOR_AUG = True  # MaskFormer's photometric distortion (sgr_d2/data/augmentation.py)
+    # Pixel value of the padding that brings a training image up to the crop size (before
+    # normalisation; the labels are padded with the ignore label). MaskFormer / Mask2Former: 128.
+    cfg.INPUT.IMAGE_PAD_VALUE = 0
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # -1: the backbone's size_divisibility
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
 

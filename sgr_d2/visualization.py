@@ -227,14 +227,13 @@ def concept_region_figure(image_rgb: np.ndarray, region_maps: ArrayOrTensor, out
 
 # ----------------------------------------------------------------------------- model helpers
 def build_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
-    """detectron2's ``DefaultPredictor`` for an sgr_d2 config and checkpoint.
+    """detectron2's ``DefaultPredictor`` for an sgr_d2 config and checkpoint, the checkpoint loaded
+    through sgr_d2's fit check (:func:`sgr_d2.engine.build_predictor`).
 
     The config is read with :func:`sgr_d2.engine.load_config`; a config asking for CUDA on a
     machine without it runs on the CPU. A missing checkpoint is a FileNotFoundError naming it.
     """
-    from detectron2.engine import DefaultPredictor
-
-    from .engine import load_config
+    from .engine import build_predictor as _build, load_config
 
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
@@ -242,7 +241,7 @@ def build_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    return DefaultPredictor(cfg)
+    return _build(cfg)
 
 
 def dataset_item(dataset_name: str, index: int):

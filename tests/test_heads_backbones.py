@@ -346,12 +346,43 @@ def test_convert_timm_swin_into_sgr_model(timm_swin_t, swin_upernet_sgr, tmp_pat
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
     assert [k for k in incompatible.missing_keys if k.startswith("backbone.backbone.")] == []
     model.eval()
-    x = torch.randn(1, 3, 64, 96)
+    # 224x224: every stage's map (56, 28, 14, 7) is a multiple of the window, where the official
+    # pad-then-shift order and timm's shift-then-pad agree
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        ours = model.backbone(x)
-        ref = timm_swin_t.forward_intermediates(x, norm=True, intermediates_only=True)
+        ours = model.backbone.backbone(x)
+        ref = timm_swin_t.forward_intermediates(x, norm=False, intermediates_only=True)
     for i, name in enumerate(("res2", "res3", "res4", "res5")):
-        assert close(ours[name], ref[i]), name
+        # the output norms start at LayerNorm's initial values (weight 1, bias 0)
+        expected = F.layer_norm(ref[i].permute(0, 2, 3, 1), (ref[i].shape[1],)).permute(0, 3, 1, 2)
+        assert close(ours[name], expected), name
+
+
+def test_swin_windows_pad_before_the_shift_as_the_official_code():
+    """On a 16x16 map (window 7, shift 3) the official order pads to 21 and then shifts: row 0 shares
+    its window only with rows 1-2 (and masked padding). timm's order shifts the 16 rows first, which
+    puts row 0 in a window with rows 10-15."""
+    torch.manual_seed(5)
+    backbone = SwinBackbone(embed_dim=32, depths=(2, 1, 1, 1), num_heads=(2, 2, 4, 8),
+                            drop_path_rate=0.0).eval()
+    shifted = backbone.res2.stage.blocks[1]
+    assert tuple(shifted.shift_size) == (3, 3) and tuple(shifted.window_size) == (7, 7)
+    x = torch.randn(1, 16, 16, 32)
+    far = x.clone()
+    far[:, 3:] += torch.randn(1, 13, 16, 32)  # change rows 3..15
+    with torch.no_grad():
+        a, b = shifted(x), shifted(far)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)  # row 0 sees rows 0..2 only
+    assert not torch.allclose(a[:, 10], b[:, 10], atol=1e-3)
+    near = x.clone()
+    near[:, 2] += torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert not torch.allclose(shifted(near)[:, 0], a[:, 0], atol=1e-3)
+    # timm's own order (the same weights) mixes row 0 with the far rows
+    timm_block = copy.deepcopy(shifted)
+    timm_block.__class__ = timm.models.swin_transformer.SwinTransformerBlock
+    with torch.no_grad():
+        assert not torch.allclose(timm_block(x)[:, 0], timm_block(far)[:, 0], atol=1e-3)
 
 
 def test_convert_official_swin_layout_matches_timm_layout(timm_swin_t):

@@ -307,53 +307,54 @@ def test_missing_model_weights_is_a_clear_error(tmp_path):
 
 
 def _weights(state):
-    """The tensors the rule counts: not pixel_mean/std nor BatchNorm's num_batches_tracked."""
+    """The tensors the check counts: not pixel_mean/std nor BatchNorm's num_batches_tracked."""
     return {k: v for k, v in state.items()
             if k not in ("pixel_mean", "pixel_std") and not k.endswith("num_batches_tracked")}
 
 
-def _fit(ckpt, model):
-    """Independent count of the checkpoint's weights that fit the model by name and shape."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    return sum(1 for k, v in _weights(ckpt).items() if k in shapes and shapes[k] == v.shape)
+TOY_MASKFORMER = os.path.join(REPO, "configs", "toy", "maskformer_r18.yaml")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     out = tmp_path / "run"
     earlier = _earlier_outputs(out)
-    # a Dilated-FCN checkpoint without SGR: its keys lack the SGR wrapper's "backbone.backbone."
-    other = build_model(tiny_toy_cfg(TOY_BASE, *TINY)).state_dict()
-    path = tmp_path / "dil_fcn_r18.pth"
+    # a MaskFormer checkpoint for the Dilated-FCN + SGR model: the same ResNet-18 (all of it fits),
+    # another head; a full-model checkpoint, so the Dilated-FCN head may not start from scratch
+    other = build_model(tiny_toy_cfg(TOY_MASKFORMER, "MODEL.RESNETS.OUTPUT_STRIDE", "16")).state_dict()
+    path = tmp_path / "maskformer_r18.pth"
     torch.save({"model": other, "iteration": 99}, path)
     trainer = _trainer(_cfg(out, "MODEL.WEIGHTS", str(path)))
-    n_fit = _fit(other, trainer.model)  # only the head's keys are the same
-    assert 0 < n_fit < len(_weights(other)) / 4
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    head = [k for k in _weights(before) if k.startswith("sem_seg_head.")]
+    convs = [k for k in head if k.startswith("sem_seg_head.convs.")]
+    assert len(convs) == 5 and len(head) == 7  # one conv + BN (4 tensors), and the 1x1 classifier
     with pytest.raises(CheckpointMismatchError) as e:
         trainer.resume_or_load(resume=False)
     msg = str(e.value)
-    assert str(path) in msg and f"only {n_fit} of its {len(_weights(other))} weight tensors" in msg
-    assert "backbone.stem.conv1.weight" in msg  # a key of the file the model does not have
-    assert "keys of the model left uninitialised" in msg
+    assert str(path) in msg and "full model checkpoint" in msg
+    assert f"leaves {len(head)} of the model's" in msg
+    assert "sem_seg_head.convs.* (5 tensors)" in msg and "sem_seg_head.predictor (2 tensors)" in msg
+    assert "tensors of the file the model does not have (90): sem_seg_head.pixel_decoder.lateral_convs.*" in msg
     _assert_unchanged(out, earlier)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # refused before loading anything
 
     # the same architecture at another width: names fit, shapes do not
     other_width = build_model(_cfg(out, "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-                            "MODEL.RESNETS.STEM_OUT_CHANNELS", "16")).state_dict()
+                                   "MODEL.RESNETS.STEM_OUT_CHANNELS", "16")).state_dict()
     model = build_model(_cfg(out))
-    n_fit = _fit(other_width, model)
-    assert n_fit < len(_weights(other_width)) / 2
     torch.save({"model": other_width}, tmp_path / "width16.pth")
     with pytest.raises(CheckpointMismatchError) as e:
         AtomicCheckpointer(model).load(str(tmp_path / "width16.pth"))
     msg = str(e.value)
-    assert str(tmp_path / "width16.pth") in msg and f"only {n_fit} of its {len(_weights(other_width))} weight tensors" in msg
     stem = "backbone.backbone.stem.conv1.weight"
-    assert f"{stem} {list(other_width[stem].shape)} (model {stem}: {list(model.state_dict()[stem].shape)})" in msg
+    assert str(tmp_path / "width16.pth") in msg and "missing groups: backbone.backbone.stem.conv1" in msg
+    assert f"{stem} {list(other_width[stem].shape)} (model: {list(model.state_dict()[stem].shape)})" in msg
 
 
-def test_imagenet_backbone_and_other_class_counts_still_load(tmp_path):
-    """The rule is about the *file's* tensors: a backbone-only file legitimately leaves the head
-    and SGR uninitialised, and a checkpoint with another class count fits but for the classifiers."""
+def test_backbone_checkpoints_and_new_classes(tmp_path):
+    """A backbone-only file must cover the whole backbone and may leave the head and SGR at their
+    initialisation; a full checkpoint for other classes loads only with MODEL.WEIGHTS_NEW_CLASSES."""
     import torchvision
 
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -362,22 +363,75 @@ def test_imagenet_backbone_and_other_class_counts_still_load(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     weights = convert_pretrained.convert_file(str(tmp_path / "r18.pth"), str(tmp_path / "R-18.pkl"))
-    cfg = _cfg(tmp_path / "run", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.STEM_OUT_CHANNELS", "64")
-    model = build_model(cfg)
+    wide = ("MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.STEM_OUT_CHANNELS", "64")
+    model = build_model(_cfg(tmp_path / "run", *wide))
     head_before = model.sem_seg_head.predictor.weight.detach().clone()
-    AtomicCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    checkpointer = AtomicCheckpointer(model)
+    checkpointer.load(str(tmp_path / "R-18.pkl"))
     got = model.state_dict()
     for name in ("stem.conv1.weight", "res4.1.conv2.weight", "res5.0.shortcut.norm.running_var"):
         assert np.array_equal(got[f"backbone.backbone.{name}"].numpy(), weights[name]), name
     assert torch.equal(model.sem_seg_head.predictor.weight, head_before)
-    # the same model trained for 7 classes: only the classifiers differ in shape
+    fit = checkpointer.last_load.fit
+    assert fit.kind == "backbone" and fit.missing == [] and fit.unused == []
+    assert len(fit.loaded) == len(weights)
+    assert sum(len(v) for v in fit.at_init.values()) == len(_weights(got)) - len(weights)
+    # one block fewer: the backbone is not covered
+    import pickle
+
+    with open(tmp_path / "R-18.pkl", "rb") as f:
+        data = pickle.load(f)
+    data["model"] = {k: v for k, v in data["model"].items() if not k.startswith("res4.1.")}
+    with open(tmp_path / "R-18-short.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)backbone checkpoint .* missing groups: "
+                                                      r"backbone\.backbone\.res4\.\* \(10 tensors\)") as e:
+        AtomicCheckpointer(build_model(_cfg(tmp_path / "run", *wide))).load(str(tmp_path / "R-18-short.pkl"))
+    assert "must cover the whole backbone network" in str(e.value)
+
+    # the same model trained for 7 classes: the classifiers differ in shape
     seven = build_model(_cfg(tmp_path / "run", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7")).state_dict()
     torch.save({"model": seven}, tmp_path / "seven.pth")
     six = build_model(_cfg(tmp_path / "run"))
-    assert len(_weights(seven)) - _fit(seven, six) == 4  # predictor and SGR classifier, weight and bias
-    AtomicCheckpointer(six).load(str(tmp_path / "seven.pth"))
-    assert torch.equal(six.state_dict()["backbone.backbone.stem.conv1.weight"],
-                       seven["backbone.backbone.stem.conv1.weight"])
+    with pytest.raises(CheckpointMismatchError, match="MODEL.WEIGHTS_NEW_CLASSES True") as e:
+        AtomicCheckpointer(six).load(str(tmp_path / "seven.pth"))
+    assert "sem_seg_head.predictor (2 tensors)" in str(e.value)
+    assert "backbone.sgr.classifier (2 tensors)" in str(e.value)
+    init = {k: v.clone() for k, v in six.state_dict().items()}
+    checkpointer = AtomicCheckpointer(six, new_classes=True)
+    checkpointer.load(str(tmp_path / "seven.pth"))
+    new = sorted(checkpointer.last_load.fit.new_class_layers)
+    assert new == ["backbone.sgr.classifier.bias", "backbone.sgr.classifier.weight",
+                   "sem_seg_head.predictor.bias", "sem_seg_head.predictor.weight"]
+    state = six.state_dict()
+    for k in _weights(state):
+        assert torch.equal(state[k], init[k] if k in new else seven[k]), k
+    # the same number of classes, but new ones: the class layers are still not loaded
+    same = AtomicCheckpointer(build_model(_cfg(tmp_path / "run")), new_classes=True)
+    torch.save({"model": init}, tmp_path / "six.pth")
+    same.load(str(tmp_path / "six.pth"))
+    assert sorted(same.last_load.fit.new_class_layers) == new
+
+
+def test_sgr_goes_on_top_of_a_checkpoint_without_it(tmp_path):
+    """A Dilated-FCN checkpoint without SGR loads into the model with SGR (backbone.* under the SGR
+    wrapper); SGR starts at its initialisation, which adds exactly zero."""
+    base = build_model(_cfg(tmp_path, config=TOY_BASE)).eval()
+    torch.save({"model": base.state_dict()}, tmp_path / "base.pth")
+    torch.manual_seed(3)
+    model = build_model(_cfg(tmp_path)).eval()
+    checkpointer = AtomicCheckpointer(model)
+    checkpointer.load(str(tmp_path / "base.pth"))
+    summary = checkpointer.last_load
+    n_backbone = len([k for k in base.state_dict() if k.startswith("backbone.")])
+    assert summary.wrapped == n_backbone and summary.fit.missing == [] and summary.fit.unused == []
+    (why, keys), = summary.fit.at_init.items()
+    assert why.startswith("SGR component") and keys and all(k.startswith("backbone.sgr.") for k in keys)
+    image = torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        a = base([{"image": image, "height": 64, "width": 80}])[0]["sem_seg"]
+        b = model([{"image": image, "height": 64, "width": 80}])[0]["sem_seg"]
+    assert (a - b).abs().max().item() <= 1e-6
 
 
 def test_resume_with_a_dangling_last_checkpoint_names_it(tmp_path):

@@ -10,7 +10,11 @@ Inputs (the kind is detected from the parameter names):
   in its 3×3 conv: use these weights with ``MODEL.RESNETS.STRIDE_IN_1X1 False``.
 * a timm Swin Transformer (``swin_tiny_patch4_window7_224`` ...), or an official Microsoft Swin
   checkpoint (patch merging at the end of each stage; timm's own converter rewrites it)
-  -> ``build_swin_backbone``'s names (``patch_embed.*``, ``res{2..5}.stage.*``, ``res5.norm.*``).
+  -> ``build_swin_backbone``'s names (``patch_embed.*``, ``res{2..5}.stage.*``). The per-output
+  LayerNorms ``res{2..5}.norm`` of the segmentation backbone are not part of an ImageNet model:
+  the file holds LayerNorm's initial values for them (weight 1, bias 0), where the official Swin
+  segmentation code (MaskFormer / Mask2Former, Swin + UperNet) starts them; the classifier's final
+  ``norm`` is dropped with the classifier, as that code does.
 
 The classifier (``fc.*`` / ``head.*``) is dropped, and so are BatchNorm's ``num_batches_tracked``
 (detectron2's FrozenBN has none; BatchNorm restores it when loading). The output is a pickle
@@ -121,21 +125,29 @@ def _official_to_timm(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def convert_swin(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """timm (or official) Swin names -> ``build_swin_backbone`` names (classifier dropped)."""
+    """timm (or official) Swin names -> ``build_swin_backbone`` names (classifier and its final
+    norm dropped; the output norms ``res{2..5}.norm`` at LayerNorm's initial values)."""
     sd = _official_to_timm(sd)
     out = {}
+    stages = set()
     for k, v in sd.items():
-        if k.startswith("head.") or k.endswith(("relative_position_index", "attn_mask")):
-            continue  # classifier; buffers the model rebuilds
+        if k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask")):
+            continue  # classifier and its norm; buffers the model rebuilds
         if k.startswith("patch_embed."):
             name = k
         elif m := re.match(r"^layers\.(\d)\.(.+)$", k):
             name = f"res{int(m[1]) + 2}.stage.{m[2]}"
-        elif k.startswith("norm."):
-            name = "res5." + k
+            stages.add(int(m[1]))
         else:
             raise ValueError(f"unexpected key {k!r} in a Swin Transformer state dict")
         out[name] = v
+    if "patch_embed.proj.weight" not in sd:
+        raise ValueError("the Swin Transformer state dict has no patch_embed.proj.weight")
+    embed_dim = sd["patch_embed.proj.weight"].shape[0]
+    for i in sorted(stages):
+        channels = embed_dim * 2**i
+        out[f"res{i + 2}.norm.weight"] = torch.ones(channels)
+        out[f"res{i + 2}.norm.bias"] = torch.zeros(channels)
     return out
 
 

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from sgr_d2.engine import AtomicCheckpointer, Trainer, load_config  # noqa: E402
+from sgr_d2.engine import Trainer, load_config, load_weights  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main(argv=None):
     cfg = load_config(args.config_file, overrides + ["MODEL.WEIGHTS", str(weights)])
     cfg.TEST.TOKEN_SEMANTICS = True
     model = build_model(cfg)
-    AtomicCheckpointer(model).load(str(weights))
+    load_weights(cfg, model, str(weights))
     model.eval()
     single = Trainer.test(cfg, model)
     multi = Trainer.test_with_TTA(cfg, model)

@@ -53,7 +53,7 @@ def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
     from detectron2.evaluation import inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
-    from sgr_d2.engine import AtomicCheckpointer, Trainer, load_config
+    from sgr_d2.engine import Trainer, load_config, load_weights
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"checkpoint {weights} does not exist")
@@ -70,7 +70,7 @@ def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
         setup_logger(name="detectron2")
         setup_logger(name="sgr_d2")
     model = Trainer.build_model(cfg)
-    AtomicCheckpointer(model).load(weights)
+    load_weights(cfg, model, weights)
     model.eval()
     rows = []
     for name in names:

@@ -15,6 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from ..sgr import component_label_map
+from .augmentation import PhotometricDistortion
 
 __all__ = ["SemSegDatasetMapper", "build_train_augmentations", "read_image_checked",
            "read_id_map", "check_label_values", "read_sem_seg_checked"]
@@ -77,7 +78,9 @@ def read_sem_seg_checked(path: str, image_shape: Tuple[int, int], num_classes: O
 
 
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
-    """Random scale (shortest edge), crop, colour jitter and horizontal flip (SGR_SPEC §4)."""
+    """Random scale (shortest edge), crop, colour jitter and horizontal flip (SGR_SPEC §4); the
+    colour jitter is MaskFormer's (:class:`~sgr_d2.data.augmentation.PhotometricDistortion`:
+    brightness, contrast, saturation, hue), which the paper follows."""
     augs: List[T.Augmentation] = [
         T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
                              cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
@@ -87,15 +90,15 @@ def build_train_augmentations(cfg) -> List[T.Augmentation]:
             cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
             cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
     if cfg.INPUT.COLOR_AUG:
-        augs += [T.RandomBrightness(0.875, 1.125), T.RandomContrast(0.5, 1.5),
-                 T.RandomSaturation(0.5, 1.5)]
+        augs.append(PhotometricDistortion(cfg.INPUT.FORMAT))
     augs.append(T.RandomFlip())
     return augs
 
 
 class SemSegDatasetMapper:
-    """Reads an image and its label map, augments them, pads to the crop size with the ignore
-    label, and emits the connected components of the augmented label map.
+    """Reads an image and its label map, augments them, pads them to the crop size (the image with
+    ``image_pad_value``, ``INPUT.IMAGE_PAD_VALUE``; the labels with the ignore label), and emits
+    the connected components of the augmented label map.
 
     Output keys: ``image`` (C, H, W) uint8 tensor, ``sem_seg`` (H, W) int64 tensor,
     ``components`` = ``{"labels": (H, W) int32 component ids (-1 = none), "classes": (N,) int64}``
@@ -111,13 +114,16 @@ class SemSegDatasetMapper:
     @configurable
     def __init__(self, is_train: bool = True, *, augmentations: List[T.Augmentation], image_format: str,
                  ignore_label: int, num_classes: Optional[int], pad_size: Optional[Tuple[int, int]],
-                 components: bool = True, class_masks: bool = False):
+                 components: bool = True, class_masks: bool = False, image_pad_value: int = 0):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.ignore_label = ignore_label
         self.num_classes = num_classes
         self.pad_size = pad_size
+        if not 0 <= image_pad_value <= 255:
+            raise ValueError(f"INPUT.IMAGE_PAD_VALUE is {image_pad_value}; expected a pixel value in 0..255")
+        self.image_pad_value = image_pad_value
         self.components = components
         self.class_masks = class_masks
         logger.info(f"[SemSegDatasetMapper] augmentations: {augmentations}")
@@ -147,6 +153,7 @@ class SemSegDatasetMapper:
             pad_size=pad,
             components=True,
             class_masks=any(h in cfg.MODEL.META_ARCHITECTURE for h in heads_with_class_masks),
+            image_pad_value=cfg.INPUT.IMAGE_PAD_VALUE,
         )
 
     def __call__(self, dataset_dict):
@@ -190,7 +197,7 @@ class SemSegDatasetMapper:
         if h >= ph and w >= pw:
             return image, sem
         ph, pw = max(ph, h), max(pw, w)
-        out_img = np.zeros((ph, pw, image.shape[2]), dtype=image.dtype)
+        out_img = np.full((ph, pw, image.shape[2]), self.image_pad_value, dtype=image.dtype)
         out_img[:h, :w] = image
         out_sem = np.full((ph, pw), self.ignore_label, dtype=sem.dtype)
         out_sem[:h, :w] = sem

@@ -1,25 +1,44 @@
-"""A DetectionCheckpointer whose files are never left half-written, with clear load errors."""
+"""A DetectionCheckpointer whose files are never left half-written, and whose loads are checked.
+
+Loading (``MODEL.WEIGHTS`` for training, ``--eval-only``, the demo, the token-semantics and
+figure tools: all go through :func:`build_checkpointer` / :func:`load_weights` /
+:func:`build_predictor`, hence through ``AtomicCheckpointer._load_model``):
+
+1. official MaskFormer / Mask2Former files are recognised from their names and renamed
+   (:mod:`sgr_d2.engine.official_layout`); files with ``matching_heuristics`` (converted
+   ImageNet pickles, detectron2's Caffe2 ``R-50.pkl``) are matched by detectron2's own
+   ``align_and_update_state_dicts``, which also converts Caffe2 names;
+2. a checkpoint of a model without SGR (``backbone.*``) goes under the SGR wrapper
+   (``backbone.backbone.*``) of a model with SGR;
+3. the fit check (:mod:`sgr_d2.engine.weights_fit`) refuses a file that leaves tensors of the
+   model without a value, naming the missing groups, *before* anything is loaded.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "atomic_torch_save", "MIN_FITTING_FRACTION"]
+from .official_layout import Recognised, official_to_sgr
+from .weights_fit import (
+    CheckpointMismatchError,
+    FitReport,
+    check_fit,
+    format_groups,
+    is_weight,
+    mismatch_message,
+    model_parts,
+)
 
-# A weights file is refused when fewer than this fraction of its tensors fit the model (same name,
-# same shape). A converted ImageNet backbone fits entirely (the head and SGR keys it lacks are
-# the model's, not the file's); a checkpoint of another architecture or width mostly does not.
-MIN_FITTING_FRACTION = 0.5
+__all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LoadSummary", "atomic_torch_save",
+           "build_checkpointer", "build_predictor", "load_weights"]
 
-
-def _is_weight(key: str) -> bool:
-    """Tensors that count: not pixel_mean/std (set from the config; detectron2 ignores them too)
-    nor BatchNorm's num_batches_tracked (torch fills it in when a file lacks it)."""
-    return key not in ("pixel_mean", "pixel_std") and not key.endswith("num_batches_tracked")
+_is_weight = is_weight  # the tensors that count (one definition, in weights_fit)
 
 WEIGHTS_HELP = (
     "MODEL.WEIGHTS must be a local file: sgr_d2 never downloads weights. Convert an ImageNet "
@@ -55,24 +74,32 @@ def _atomic_write_text(text: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointMismatchError(ValueError):
-    """A weights file whose tensors mostly do not fit the model (another architecture)."""
+@dataclass
+class LoadSummary:
+    """What the last ``load`` of an :class:`AtomicCheckpointer` did (``checkpointer.last_load``)."""
 
-
-def _head(names, n=8):
-    names = list(names)
-    more = f" ... and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more if names else "none"
+    path: str
+    recognised: Optional[Recognised] = None  # an official layout, renamed
+    renamed: int = 0  # tensors whose names the official layout changed
+    set_aside: Dict[str, tuple] = field(default_factory=dict)  # official-only tensors, not loaded
+    wrapped: int = 0  # backbone.* tensors placed under the SGR wrapper's backbone.backbone.*
+    folded_norms: int = 0  # Caffe2 norms whose statistics are folded (running mean 0, var 1)
+    fit: Optional[FitReport] = None
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """``save`` writes a temporary file and renames it, and tags ``last_checkpoint`` only after
     the rename, so a crash at any moment leaves the previous checkpoint and tag intact.
-    ``load`` of a missing file says how to obtain weights, and ``load`` of a file whose tensors
-    mostly do not fit the model (fewer than ``MIN_FITTING_FRACTION`` of them match a model key
-    by name and shape: a checkpoint of another architecture) raises
-    :class:`CheckpointMismatchError` naming the file and the keys, where detectron2 only warns.
-    The model is then partly loaded and should be discarded."""
+    ``load`` of a missing file says how to obtain weights; ``load`` of a file that does not fit
+    the model (see :mod:`sgr_d2.engine.weights_fit`) raises :class:`CheckpointMismatchError`
+    naming the file and the missing groups, where detectron2 only warns; the model is left
+    untouched. ``new_classes`` (``MODEL.WEIGHTS_NEW_CLASSES``): the class-specific output layers
+    of the file are not loaded. ``last_load`` (:class:`LoadSummary`) says what was done."""
+
+    def __init__(self, model, save_dir: str = "", *, new_classes: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.new_classes = bool(new_classes)
+        self.last_load: Optional[LoadSummary] = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -95,10 +122,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"MODEL.WEIGHTS file {path} does not exist. {WEIGHTS_HELP}")
         self._loading = path
+        # Resuming reads the run's own last checkpoint: MODEL.WEIGHTS_NEW_CLASSES is about
+        # MODEL.WEIGHTS only.
+        self._resuming = bool(path and self.save_dir and self.has_checkpoint()
+                              and os.path.abspath(path) == os.path.abspath(self.get_checkpoint_file()))
         try:
             return super().load(path, *args, **kwargs)
         finally:
             self._loading = None
+            self._resuming = False
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         if resume and self.has_checkpoint():
@@ -114,46 +146,160 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return super().resume_or_load(path, resume=resume)
 
     def _load_model(self, checkpoint):
-        state = checkpoint.get("model", {})
-        ckpt = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape") and _is_weight(k)}
-        model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if _is_weight(k)}
-        heuristics = bool(checkpoint.get("matching_heuristics", False))
-        incompatible = super()._load_model(checkpoint)
-        missing = set(incompatible.missing_keys)
-        loaded = [k for k in model_shapes if k not in missing]
-        if ckpt and len(loaded) >= MIN_FITTING_FRACTION * len(ckpt):
-            return incompatible
-        raise CheckpointMismatchError(self._mismatch_message(ckpt, model_shapes, loaded, heuristics))
-
-    def _mismatch_message(self, ckpt, model_shapes, loaded, heuristics: bool) -> str:
         path = getattr(self, "_loading", None) or "the checkpoint"
-        if not ckpt:
-            return f"weights file {path} holds no tensors under 'model'. {WEIGHTS_HELP}"
+        state = checkpoint.get("model")
+        if not isinstance(state, dict) or not any(hasattr(v, "shape") for v in state.values()):
+            raise CheckpointMismatchError(f"weights file {path} holds no tensors under 'model'. {WEIGHTS_HELP}")
+        self._convert_ndarray_to_tensor(state)
+        summary = LoadSummary(path=path)
+        log = self.logger
 
-        def fits(ckpt_key, model_key):
-            # detectron2's name matching: exact; or as a suffix for files with matching_heuristics
-            # (converted ImageNet .pkl files)
-            return model_key == ckpt_key or (heuristics and model_key.endswith("." + ckpt_key))
+        model_state = self.model.state_dict()
+        state, aside, summary.recognised, summary.renamed = official_to_sgr(state, model_state.keys())
+        summary.set_aside = {k: tuple(v.shape) for k, v in aside.items()}
+        if summary.recognised is not None:
+            kinds: Dict[str, int] = {}
+            for key in aside:
+                kind = key if key == "criterion.empty_weight" else "*." + key.rsplit(".", 1)[-1]
+                kinds[kind] = kinds.get(kind, 0) + 1
+            log.info(f"{path}: recognised {summary.recognised.describe()}; renamed {summary.renamed} tensors "
+                     f"to sgr_d2's names (sgr_d2/engine/official_layout.py); set aside {len(aside)} "
+                     "official-only tensors, which the model builds itself: "
+                     + ", ".join(f"{k} ({n})" for k, n in kinds.items()))
+        if checkpoint.get("matching_heuristics", False):
+            from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-        used = set(loaded)
-        wrong_shape, unexpected = [], []
-        for key, shape in ckpt.items():
-            if any(fits(key, m) for m in used):
-                continue
-            same_name = [m for m in model_shapes if fits(key, m) and model_shapes[m] != shape]
-            if same_name:
-                wrong_shape.append(f"{key} {list(shape)} (model {same_name[0]}: "
-                                   f"{list(model_shapes[same_name[0]])})")
-            else:
-                unexpected.append(key)
-        missing = [k for k in model_shapes if k not in used]
-        return (
-            f"weights file {path} does not fit the {type(self.model).__name__} model: only "
-            f"{len(loaded)} of its {len(ckpt)} weight tensors match a parameter or buffer of the model by "
-            f"name and shape; at least {MIN_FITTING_FRACTION:.0%} must. It looks like a checkpoint of "
-            "another architecture or config (backbone, depth, width, SGR on/off).\n"
-            f"  keys of the file the model does not have ({len(unexpected)}): {_head(unexpected)}\n"
-            f"  keys with another shape ({len(wrong_shape)}): {_head(wrong_shape)}\n"
-            f"  keys of the model left uninitialised ({len(missing)} of {len(model_shapes)}): "
-            f"{_head(missing)}\n{WEIGHTS_HELP}"
-        )
+            caffe2 = checkpoint.get("__author__", None) == "Caffe2"
+            state = align_and_update_state_dicts(model_state, state, c2_conversion=caffe2)
+            checkpoint["matching_heuristics"] = False  # matched here, once
+            if caffe2:
+                summary.folded_norms = _fill_folded_norm_statistics(state, model_state)
+                if summary.folded_norms:
+                    log.info(f"{path}: Caffe2 file: the statistics of {summary.folded_norms} norms are folded into "
+                             "their scale and bias; running mean 0 and variance 1 are loaded with them")
+        else:
+            state, summary.wrapped = _place_under_wrapper(state, model_state)
+            if summary.wrapped:
+                log.info(f"{path}: a model without SGR: its {summary.wrapped} backbone tensors go under the "
+                         "SGR wrapper (backbone.* -> backbone.backbone.*)")
+
+        parts = model_parts(self.model)
+        new_classes = self.new_classes and not getattr(self, "_resuming", False)
+        report = check_fit(parts, {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")},
+                           new_classes=new_classes)
+        summary.fit = report
+        self.last_load = summary
+        if not report.ok:
+            official = _official_groups(report.missing, model_state) if summary.recognised else None
+            raise CheckpointMismatchError(mismatch_message(
+                report, path, type(self.model).__name__, new_classes=new_classes, official=official))
+        for key in report.new_class_layers:
+            state.pop(key, None)
+        if report.new_class_layers:
+            log.info(f"{path}: MODEL.WEIGHTS_NEW_CLASSES: the class-specific layers start from their "
+                     f"initialisation: {format_groups(report.new_class_layers)}")
+        for why, keys in report.at_init.items():
+            log.info(f"{path}: left at initialisation ({why}): {format_groups(keys)}")
+        if report.unused:
+            log.warning(f"{path}: {len(report.unused)} tensors of the file are not used by the model: "
+                        f"{format_groups(report.unused)}")
+        log.info(f"{path}: {report.kind} checkpoint; {len(report.loaded)} of the model's {len(parts.weights)} "
+                 "tensors loaded")
+        checkpoint["model"] = state
+        incompatible = super()._load_model(checkpoint)
+        reported = set(report.unused) | set(report.new_class_layers)
+        reported.update(k for keys in report.at_init.values() for k in keys)
+        # what the fit check reported already; fvcore would list it again as warnings
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in reported]
+        incompatible.unexpected_keys[:] = [k for k in incompatible.unexpected_keys if k not in reported]
+        return incompatible
+
+
+def _place_under_wrapper(state, model_state):
+    """``backbone.X`` -> ``backbone.backbone.X`` where only the latter is a model tensor: a
+    checkpoint of the model without SGR (or GloRe), loaded into the model with it."""
+    if any(k.startswith("backbone.backbone.") for k in state):
+        return state, 0
+    out, n = {}, 0
+    for key, value in state.items():
+        wrapped = "backbone." + key
+        if key.startswith("backbone.") and key not in model_state and wrapped in model_state:
+            out[wrapped] = value
+            n += 1
+        else:
+            out[key] = value
+    return out, n
+
+
+def _fill_folded_norm_statistics(state, model_state) -> int:
+    """Caffe2 ImageNet files (detectron2's MSRA R-50.pkl) keep a norm as scale and bias only, its
+    statistics folded into them: give such norms running mean 0 and variance 1, the values
+    detectron2's FrozenBatchNorm2d gives them."""
+    n = 0
+    for key in model_state:
+        if not key.endswith(".running_mean"):
+            continue
+        prefix = key[: -len("running_mean")]
+        var = prefix + "running_var"
+        if prefix + "weight" in state and key not in state and var not in state and var in model_state:
+            state[key] = torch.zeros_like(model_state[key])
+            state[var] = torch.ones_like(model_state[var])
+            n += 1
+    return n
+
+
+def _official_groups(keys, model_state) -> Dict[str, str]:
+    """sgr_d2 group name -> official group name, for the missing tensors of an official file."""
+    from .official_layout import official_name
+    from .weights_fit import group_names
+
+    def unwrapped(k):
+        return k[len("backbone."):] if k.startswith("backbone.backbone.") else k
+
+    names = [unwrapped(k) for k in model_state]
+    officials: Dict[str, list] = {}
+    for key in keys:
+        try:
+            officials.setdefault(group_names([key])[0][0], []).append(official_name(unwrapped(key), names))
+        except ValueError:
+            continue
+    out = {}
+    for group, names_in_group in officials.items():
+        groups = {g for g, _ in group_names(names_in_group)}
+        if len(groups) == 1:
+            out[group] = groups.pop()
+        else:
+            common = os.path.commonprefix([n.split(".") for n in names_in_group])
+            out[group] = ".".join(common) + ".*"
+    return out
+
+
+# ----------------------------------------------------------------------------- the one loading path
+def build_checkpointer(cfg, model, save_dir: str = "", **checkpointables) -> AtomicCheckpointer:
+    """The checkpointer of ``model`` with the config's loading options (``MODEL.WEIGHTS_NEW_CLASSES``)."""
+    return AtomicCheckpointer(model, save_dir, new_classes=cfg.MODEL.WEIGHTS_NEW_CLASSES, **checkpointables)
+
+
+def load_weights(cfg, model, path: Optional[str] = None) -> LoadSummary:
+    """Load ``path`` (default ``cfg.MODEL.WEIGHTS``) into ``model`` through the fit check; what
+    ``--eval-only``, the demo and the tools use. Returns what was done."""
+    path = cfg.MODEL.WEIGHTS if path is None else path
+    if not path:
+        raise ValueError(f"no weights to load: MODEL.WEIGHTS is empty. {WEIGHTS_HELP}")
+    checkpointer = build_checkpointer(cfg, model)
+    checkpointer.load(path)
+    return checkpointer.last_load
+
+
+def build_predictor(cfg):
+    """detectron2's ``DefaultPredictor`` for ``cfg``, its weights loaded by :func:`load_weights`
+    (``DefaultPredictor`` alone would load them with detectron2's unchecked checkpointer)."""
+    from detectron2.engine import DefaultPredictor
+
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    predictor = DefaultPredictor(bare)
+    load_weights(cfg, predictor.model)
+    predictor.cfg = cfg
+    return predictor

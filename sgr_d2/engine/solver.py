@@ -18,8 +18,10 @@ NORM_TYPES = (
     torch.nn.LocalResponseNorm,
     torch.nn.modules.instancenorm._InstanceNorm,
 )
-# parameters that transformer recipes exclude from weight decay (Swin, DETR-style queries)
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "query_embed", "level_embed")
+# parameters that transformer recipes exclude from weight decay (Swin, DETR-style queries; the
+# queries and the decoder's level embedding are nn.Embedding, which never decays). As in
+# MaskFormer / Mask2Former, the pixel decoder's level embedding (an nn.Parameter) does decay.
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "query_embed")
 
 
 def _is_norm(module) -> bool:

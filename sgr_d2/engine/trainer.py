@@ -27,7 +27,7 @@ from ..config import add_sgr_config, validate_sgr_config
 from ..data import SemSegDatasetMapper
 from ..evaluation import SGRSemSegEvaluator
 from ..modeling import SemanticSegmentorWithTTA
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import build_checkpointer
 from .hooks import NonFiniteLossGuard
 from .solver import build_optimizer, build_poly_lr_scheduler
 
@@ -165,8 +165,8 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # Replace DefaultTrainer's checkpointer before the hooks capture it.
-        self.checkpointer = AtomicCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = build_checkpointer(
+            self.cfg, self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         return super().build_hooks()
 
@@ -246,8 +246,7 @@ def run(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
-                                                                          resume=args.resume)
+        build_checkpointer(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))

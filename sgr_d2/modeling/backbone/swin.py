@@ -1,29 +1,39 @@
 """Swin Transformer (timm's implementation) as a detectron2 backbone with stages ``res2``..``res5``.
 
-The four stages are sub-modules named ``res2``, ``res3``, ``res4`` and ``res5`` whose input and
-output are NCHW tensors, so ``build_sgr_backbone`` can hook SGR onto any of them (SGR_SPEC §1:
-Swin-T at stride 32, SGR after ``res5``) and the hooked output is what later stages and the
-returned features see.
+The backbone computes what the official Swin segmentation backbones compute (the detectron2 port
+``D2SwinTransformer`` of MaskFormer / Mask2Former, and the UperNet code of the Swin authors), with
+timm's modules and weights layout:
 
-Choices (documented here because the Swin papers' detection/segmentation code and timm differ):
+* **Output norms.** Every output ``resN`` goes through its own LayerNorm (``resN.norm``; the
+  official ``norm0``..``norm3``); the next stage continues from the stage output *before* that
+  norm, as in the official code. ``build_sgr_backbone`` hooks a stage module ``resN``, whose
+  output is the normed feature: SGR after ``res5`` (SGR_SPEC §1) sees what the official head
+  sees. (SGR after an earlier Swin stage changes that stage's feature only; the next stage reads
+  the un-normed stage output.)
+* **Windows.** Windows are always ``MODEL.SWIN.WINDOW_SIZE`` and every second block is shifted, at
+  any input size (timm's ``always_partition=True``, ``strict_img_size=False``; timm's
+  classification default would shrink the window and drop the shift on a stage whose map is not
+  larger than the window). A feature map that is not a multiple of the window is padded at the
+  bottom/right **before** the cyclic shift, and the shifted-window mask is computed on the padded
+  map, as the official code does (``OfficialOrderSwinBlock``); timm shifts first and pads after,
+  which groups other pixels into the border windows. The two agree when every stage's map is a
+  multiple of the window (e.g. 224×224 inputs).
 
-* Windows are always ``MODEL.SWIN.WINDOW_SIZE`` and every second block is shifted, at any input
-  size; feature maps that are not a multiple of the window are padded (timm's
-  ``always_partition=True``, ``strict_img_size=False``). This is how the Swin segmentation code
-  runs; timm's classification default would shrink the window and drop the shift on a stage whose
-  feature map is not larger than the window (e.g. ``res5`` at 224×224).
-* ``res5`` ends with timm's final LayerNorm (``norm``, part of the ImageNet checkpoints); the
-  other outputs are the stage outputs as they enter the next stage, as timm's ``features_only``
-  returns them. So a converted timm checkpoint fills every parameter of this backbone, and
-  ``res2``..``res5`` equal ``timm``'s ``forward_intermediates(x, norm=True)``.
+Non-persistent buffers that timm computes itself (``relative_position_index``, the attention
+mask) are not part of the state dict. A timm (or official Microsoft) ImageNet checkpoint
+converted by ``tools/convert_pretrained.py`` fills every parameter: the output norms are not
+part of an ImageNet model, so the converted file holds LayerNorm's initial values for them
+(weight 1, bias 0), which is where the official segmentation code starts them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
@@ -53,25 +63,64 @@ def add_swin_config(cfg):
 
 
 class SwinStage(nn.Module):
-    """One timm Swin stage (patch merging + blocks) with NCHW input and output.
+    """One timm Swin stage (``stage``: patch merging + blocks, NHWC) and the LayerNorm of its
+    output (``norm``; absent for a stage that is not an output).
 
-    ``norm`` (the last stage only) is a LayerNorm over channels applied to the stage output.
+    ``SwinBackbone`` runs ``stage`` itself and calls this module on the stage output (NHWC):
+    ``forward`` returns the normed output as NCHW, the stage's feature (the module output that
+    ``build_sgr_backbone`` hooks).
     """
 
-    def __init__(self, stage: nn.Module, out_channels: int, stride: int, norm: Optional[nn.Module] = None):
+    def __init__(self, stage: nn.Module, out_channels: int, stride: int, norm: bool = True):
         super().__init__()
         self.stage = stage
-        if norm is not None:
-            self.norm = norm
+        if norm:
+            self.norm = nn.LayerNorm(out_channels)
         self.out_channels = out_channels
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage(x.permute(0, 2, 3, 1))  # timm stages work in NHWC
         norm = getattr(self, "norm", None)
         if norm is not None:
             x = norm(x)
         return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _official_window_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """Shifted-window attention of a timm block in the official order: pad the (B, H, W, C) map to
+    a multiple of the window (bottom/right, zeros), then shift, then attend within windows with the
+    shifted-window mask of the padded map; undo the shift and crop."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    _, h, w, c = x.shape
+    wh, ww = block.window_size
+    x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+    hp, wp = x.shape[1:3]
+    shift = tuple(block.shift_size)
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        mask = block.get_attn_mask(x)
+    else:
+        mask = None
+    windows = window_partition(x, block.window_size).view(-1, wh * ww, c)
+    x = window_reverse(block.attn(windows, mask=mask).view(-1, wh, ww, c), block.window_size, hp, wp)
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _official_order_block_class():
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    class OfficialOrderSwinBlock(SwinTransformerBlock):
+        """timm's block with the official pad-then-shift window attention
+        (:func:`_official_window_attention`); weights and names unchanged."""
+
+        def _attn(self, x):
+            return _official_window_attention(self, x)
+
+    return OfficialOrderSwinBlock
 
 
 def _timm_swin_class():
@@ -140,13 +189,15 @@ class SwinBackbone(Backbone):
         self._out_features = out_features
         self._out_feature_strides, self._out_feature_channels = {}, {}
         last = max(SWIN_STAGE_NAMES.index(f) for f in out_features)
+        block_class = _official_order_block_class()
         self.stage_names: List[str] = []
         for i, name in enumerate(SWIN_STAGE_NAMES[: last + 1]):
             stage = timm_swin.layers[i]
             stage.grad_checkpointing = use_checkpoint
+            for block in stage.blocks:
+                block.__class__ = block_class  # same module, official window order
             channels, stride = embed_dim * 2**i, patch_size * 2**i
-            norm = timm_swin.norm if name == "res5" else None
-            self.add_module(name, SwinStage(stage, channels, stride, norm))
+            self.add_module(name, SwinStage(stage, channels, stride, norm=name in out_features))
             self.stage_names.append(name)
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = channels
@@ -165,12 +216,14 @@ class SwinBackbone(Backbone):
                 f"SwinBackbone: input size {h}x{w} must be a multiple of the patch size "
                 f"{self.patch_size} (pad batches to size_divisibility {self.size_divisibility})"
             )
-        x = self.patch_embed(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        x = self.patch_embed(x)  # NHWC
         outputs = {}
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            stage = getattr(self, name)
+            x = stage.stage(x)  # the next stage continues from here, before the output norm
+            feature = stage(x)  # normed, NCHW (a forward hook may replace it)
             if name in self._out_features:
-                outputs[name] = x
+                outputs[name] = feature
         return outputs
 
     def output_shape(self):
