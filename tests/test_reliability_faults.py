@@ -230,6 +230,23 @@ def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp
     assert all(math.isfinite(v) for k in LOSSES for v in _history(again)[k])
 
 
+def test_divergence_without_a_sane_checkpoint_removes_the_tag(tmp_path):
+    """SOLVER.BASE_LR 1e2 from the start, no periodic checkpoint: no state of the run is sane,
+    so the tag an earlier run left is removed and --resume starts again at iteration 0."""
+    out = tmp_path / "run"
+    _earlier_outputs(out)  # last_checkpoint names an earlier run's model_final.pth
+    trainer = _trainer(_cfg(out, "SOLVER.BASE_LR", "100.0", "SOLVER.MAX_ITER", "12"))
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "No checkpoint of this run passed the sanity check" in msg and "was removed" in msg
+    assert not (out / "last_checkpoint").exists() and not (out / "model_last_good.pth").exists()
+    again = _trainer(_cfg(out, "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "12"))
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 0
+
+
 # =========================================================================== 4. kills and files
 def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     """MAX_ITER a multiple of CHECKPOINT_PERIOD; SIGKILL while model_final.pth is written leaves
