@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, TOY_SGR
 from PIL import Image
 from test_reliability import (  # noqa: F401  (one_thread, register: fixtures)
-    CLI, TINY, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer, one_thread, register,
+    CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer, one_thread, register,
 )
 
 from detectron2.engine import HookBase

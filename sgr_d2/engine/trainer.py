@@ -14,6 +14,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import (
     CityscapesSemSegEvaluator,
     COCOEvaluator,
@@ -21,7 +22,6 @@ from detectron2.evaluation import (
     SemSegEvaluator,
     verify_results,
 )
-from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
