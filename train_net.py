@@ -3,13 +3,12 @@
 
     python train_net.py --config-file configs/toy/dil_fcn_r18_sgr.yaml --num-gpus 1
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --eval-only --allow-random-weights   # untrained model
     python train_net.py --config-file ... --resume          # continue a stopped run
 """
 import sgr_d2  # noqa: F401  (compat shims + registrations, before any detectron2 import)
 from sgr_d2.compat import launch
-from sgr_d2.engine.trainer import run
-
-from detectron2.engine import default_argument_parser
+from sgr_d2.engine.trainer import argument_parser, run
 
 
 def main(args):
@@ -17,7 +16,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -77,6 +77,11 @@ def add_sgr_config(cfg):
 def validate_sgr_config(cfg):
     """Raise ValueError naming the key and value for settings that cannot work together."""
     sgr = cfg.MODEL.SGR
+    if sgr.NUM_MATCHED < 1:
+        raise ValueError(
+            f"MODEL.SGR.NUM_MATCHED is {sgr.NUM_MATCHED}; expected a positive number of matched "
+            f"tokens (L, 1..MODEL.SGR.NUM_TOKENS = {sgr.NUM_TOKENS}): with none, every SGR loss is 0"
+        )
     if sgr.NUM_MATCHED > sgr.NUM_TOKENS:
         raise ValueError(
             f"MODEL.SGR.NUM_MATCHED ({sgr.NUM_MATCHED}) must not exceed MODEL.SGR.NUM_TOKENS "

@@ -15,8 +15,10 @@ figure tools: all go through :func:`build_checkpointer` / :func:`load_weights` /
 """
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -35,8 +37,10 @@ from .weights_fit import (
     model_parts,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LoadSummary", "atomic_torch_save",
-           "build_checkpointer", "build_predictor", "load_weights"]
+           "build_checkpointer", "read_checkpoint", "build_predictor", "load_weights"]
 
 _is_weight = is_weight  # the tensors that count (one definition, in weights_fit)
 
@@ -48,13 +52,24 @@ WEIGHTS_HELP = (
 )
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _open_temporary(path: str, binary: bool):
+    """A new file beside ``path``, named ``.<basename>.<random>.tmp``, created with mode 0666
+    less the umask (like every other output; ``tempfile.mkstemp`` would make it 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    while True:
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover (a 48-bit collision)
+            continue
+        return os.fdopen(fd, "wb" if binary else "w"), tmp
+
+
+def _atomic_write(path: str, write, binary: bool) -> None:
+    f, tmp = _open_temporary(path, binary)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,14 +79,27 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
 def _atomic_write_text(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+# What an interrupted write of this module leaves: ``.<name>.pth.<random>.tmp`` or
+# ``.last_checkpoint.<random>.tmp`` (also the names of the earlier ``tempfile.mkstemp`` version).
+_TEMPORARY = re.compile(r"^\.(?:.+\.pth|last_checkpoint)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def read_checkpoint(path: str):
+    """The checkpoint's dict, its tensors memory-mapped (cheap even for large files). Raises for
+    a file that is missing, truncated or not a torch checkpoint."""
+    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
 
 
 @dataclass
@@ -94,12 +122,19 @@ class AtomicCheckpointer(DetectionCheckpointer):
     the model (see :mod:`sgr_d2.engine.weights_fit`) raises :class:`CheckpointMismatchError`
     naming the file and the missing groups, where detectron2 only warns; the model is left
     untouched. ``new_classes`` (``MODEL.WEIGHTS_NEW_CLASSES``): the class-specific output layers
-    of the file are not loaded. ``last_load`` (:class:`LoadSummary`) says what was done."""
+    of the file are not loaded. ``last_load`` (:class:`LoadSummary`) says what was done.
+
+    ``resume_or_load(resume=True)`` resumes from the file ``last_checkpoint`` names or, when that
+    file is missing or unreadable (truncated), from the newest readable checkpoint of the folder,
+    with a warning. ``saved`` lists the files this checkpointer wrote, ``resumed_from`` the file
+    it resumed from (``None`` if it did not resume)."""
 
     def __init__(self, model, save_dir: str = "", *, new_classes: bool = False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.new_classes = bool(new_classes)
         self.last_load: Optional[LoadSummary] = None
+        self.saved = []
+        self.resumed_from = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -114,9 +149,31 @@ class AtomicCheckpointer(DetectionCheckpointer):
         os.makedirs(self.save_dir, exist_ok=True)
         atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
+        if save_file in self.saved:
+            self.saved.remove(save_file)
+        self.saved.append(save_file)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         _atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+    def remove_stale_temporaries(self):
+        """Delete the temporary files that interrupted saves left in ``save_dir`` (main process
+        only); returns their paths."""
+        if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
+            return []
+        removed = []
+        for name in sorted(os.listdir(self.save_dir)):
+            path = os.path.join(self.save_dir, name)
+            if _TEMPORARY.match(name) and os.path.isfile(path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+        if removed:
+            logger.warning("Removed %d temporary file(s) left by interrupted checkpoint writes: %s",
+                           len(removed), ", ".join(removed))
+        return removed
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
@@ -134,16 +191,57 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         if resume and self.has_checkpoint():
-            last = self.get_checkpoint_file()
-            if "://" not in last and not os.path.isfile(last):
-                tag = os.path.join(self.save_dir, "last_checkpoint")
-                raise FileNotFoundError(
-                    f"{tag} names {os.path.basename(last)}, but {last} does not exist: it was "
-                    "deleted or moved after it was saved. Write the name of an existing checkpoint "
-                    "of this folder into last_checkpoint, or delete last_checkpoint to start from "
-                    "MODEL.WEIGHTS."
-                )
-        return super().resume_or_load(path, resume=resume)
+            last = self._resume_file()
+            self.resumed_from = last
+            return self.load(last)
+        return self.load(path, checkpointables=[])
+
+    def _resume_file(self) -> str:
+        """The file ``last_checkpoint`` names if it can be read, else the newest readable
+        checkpoint (highest iteration) of ``save_dir``, with a warning."""
+        last = self.get_checkpoint_file()
+        if "://" in last:
+            return last
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        name = os.path.basename(last) or "nothing"
+        if not os.path.isfile(last):
+            problem = f"{tag} names {name}, but {last} does not exist: it was deleted or moved after it was saved"
+        else:
+            try:
+                read_checkpoint(last)
+                return last
+            except Exception as e:  # truncated or corrupt: torch's unpickling/zip errors vary
+                problem = f"{tag} names {name}, but {last} cannot be read ({type(e).__name__}: {e})"
+        fallback = self._newest_readable(exclude=last)
+        if fallback is None:
+            raise FileNotFoundError(
+                f"{problem}, and no other checkpoint of {self.save_dir} can be read. Write the name of "
+                "an existing checkpoint of this folder into last_checkpoint, or delete last_checkpoint "
+                "to start from MODEL.WEIGHTS."
+            )
+        path, iteration = fallback
+        logger.warning("%s. Resuming from %s instead (iteration %s), the newest readable checkpoint "
+                       "of %s.", problem, path, iteration, self.save_dir)
+        return path
+
+    def _newest_readable(self, exclude: str):
+        found = []
+        for name in os.listdir(self.save_dir):
+            path = os.path.join(self.save_dir, name)
+            if not name.endswith(".pth") or name.startswith(".") or path == exclude:
+                continue
+            try:
+                ckpt = read_checkpoint(path)
+            except Exception as e:
+                logger.warning("Skipping checkpoint %s, which cannot be read (%s: %s)", path,
+                               type(e).__name__, e)
+                continue
+            if "model" in ckpt:
+                found.append((int(ckpt.get("iteration", -1)), os.path.getmtime(path), path))
+        if not found:
+            return None
+        iteration, _, path = max(found)
+        return path, iteration
 
     def _load_model(self, checkpoint):
         path = getattr(self, "_loading", None) or "the checkpoint"

@@ -11,15 +11,17 @@ from collections import OrderedDict
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import (
     CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluators,
     verify_results,
 )
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
@@ -28,10 +30,13 @@ from ..data import SemSegDatasetMapper
 from ..evaluation import SGRSemSegEvaluator
 from ..modeling import SemanticSegmentorWithTTA
 from .checkpoint import build_checkpointer
-from .hooks import NonFiniteLossGuard
+from .hooks import FinalCheckpoint, NonFiniteLossGuard, UnlabelledImagesMonitor
+from .resume import (apply_config_hyperparameters, configured_hyperparameters, restart_data_loader,
+                     resumable_train_loader, rng_state, set_rng_state)
 from .solver import build_optimizer, build_poly_lr_scheduler
+from .workers import stop_with_launcher
 
-__all__ = ["Trainer", "setup_cfg", "load_config", "is_detection"]
+__all__ = ["Trainer", "setup_cfg", "load_config", "is_detection", "argument_parser"]
 
 # Meta-architectures trained as detectors (SGR_SPEC §5): detectron2's data path and evaluators.
 DETECTION_META_ARCHS = ("GeneralizedRCNN",)
@@ -91,8 +96,32 @@ def _pick_device(cfg):
         cfg.MODEL.DEVICE = "cpu"
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` plus sgr_d2's flags."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="with --eval-only: evaluate even though MODEL.WEIGHTS is empty, i.e. a "
+                             "randomly initialised model (otherwise an error)")
+    return parser
+
+
+def _check_eval_weights(cfg, args):
+    """--eval-only needs weights: MODEL.WEIGHTS, or --resume with a checkpoint in OUTPUT_DIR."""
+    if not getattr(args, "eval_only", False) or cfg.MODEL.WEIGHTS or getattr(args, "allow_random_weights", False):
+        return
+    if getattr(args, "resume", False) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise ValueError(
+        "--eval-only with an empty MODEL.WEIGHTS would evaluate a randomly initialised model. Give "
+        "the weights to evaluate (MODEL.WEIGHTS <file.pth> among the KEY VALUE overrides), or "
+        f"--resume to evaluate the checkpoint that {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} "
+        "names, or pass --allow-random-weights to evaluate a random model on purpose."
+    )
+
+
 def setup_cfg(args):
     cfg = load_config(args.config_file, args.opts)
+    _check_eval_weights(cfg, args)
     _pick_device(cfg)
     _sync_norms(cfg, args.num_gpus * args.num_machines)
     cfg.freeze()
@@ -153,6 +182,11 @@ class Trainer(DefaultTrainer):
         finally:
             defaults.create_ddp_model = original
         self.loss_guard = NonFiniteLossGuard(self)
+        self.label_monitor = UnlabelledImagesMonitor(self)
+        # the training sampler's stream position: restored on resume (docs/reliability.md §1)
+        self._data_stream = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        self._data_start = 0
+        self._resumed_state = None
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -168,15 +202,82 @@ class Trainer(DefaultTrainer):
         self.checkpointer = build_checkpointer(
             self.cfg, self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        from detectron2.engine.hooks import PeriodicCheckpointer
+
+        for i, h in enumerate(hooks):  # the main process's (the others do not save)
+            if isinstance(h, PeriodicCheckpointer):
+                hooks.insert(i + 1, FinalCheckpoint(self.checkpointer))
+                break
+        return hooks
+
+    # ------------------------------------------------------------------ resume (resume.py)
+    def state_dict(self):
+        # TrainerBase's (iteration, hooks: the LR scheduler), then the optimizer under the key
+        # upstream main's DefaultTrainer uses; v0.6's DefaultTrainer saves no optimizer.
+        ret = TrainerBase.state_dict(self)
+        inner = self._trainer.state_dict()
+        inner["iteration"] = self.iter
+        ret["_trainer"] = inner
+        if self._data_stream is not None:
+            position = self._data_start + (self.iter + 1 - self.start_iter) * self.cfg.SOLVER.IMS_PER_BATCH
+            ret["data"] = {"seed": self._data_stream.seed, "position": int(position)}
+        if comm.get_world_size() == 1:
+            ret["rng"] = rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        configured = configured_hyperparameters(self.optimizer, self.scheduler)
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger("sgr_d2").warning(
+                "resume: the checkpoint holds no optimizer state (written by an earlier sgr_d2): the "
+                "optimizer starts afresh (no momentum or Adam moments) at iteration %d", self.iter + 1)
+        apply_config_hyperparameters(self.optimizer, self.scheduler, configured, self.iter + 1)
+        self._resumed_state = {"data": state_dict.get("data"), "rng": state_dict.get("rng")}
+
+    def resume_or_load(self, resume=True):
+        self.checkpointer.remove_stale_temporaries()
+        self._resumed_state = None
+        super().resume_or_load(resume=resume)
+        if self._resumed_state is not None:
+            self._restore_stream(**self._resumed_state)
+            self._resumed_state = None
+
+    def _restore_stream(self, data, rng):
+        """The sampler's seed and position, then (one process) the random states."""
+        log = logging.getLogger("sgr_d2")
+        stream = self._data_stream
+        if stream is not None:
+            if data:
+                if data.get("seed") is not None:
+                    stream.seed = data["seed"]
+                stream.start = self._data_start = int(data["position"])
+                log.info("resume: the training images continue at position %d of the sampler's "
+                         "stream (seed %s)", self._data_start, stream.seed)
+                restart_data_loader(self._trainer)
+            else:
+                log.warning("resume: the checkpoint does not record the data stream (written by an "
+                            "earlier sgr_d2): the sampler starts again from its first index")
+        if rng is None or comm.get_world_size() != 1:
+            return
+        if stream is not None and data and self.cfg.DATALOADER.NUM_WORKERS == 0:
+            # The data loader draws from torch's generator when its iterator starts (at the first
+            # step); the saved run had done that long before. Restore when the stream yields its
+            # first index: then the mapper and the model draw exactly what the saved run drew.
+            stream.rng_state = rng
+        else:
+            set_rng_state(rng)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if is_detection(cfg):  # detectron2's DatasetMapper (instances, boxes, masks)
-            return super().build_train_loader(cfg)
-        if cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
-            return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
-        return super().build_train_loader(cfg)
+        # detectron2's loader (its DatasetMapper for detection), with a sampler that can resume
+        mapper = None
+        if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
+            mapper = SemSegDatasetMapper(cfg, True)
+        return resumable_train_loader(cfg, mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -243,6 +344,7 @@ class Trainer(DefaultTrainer):
 
 def run(args):
     """The body of ``train_net.py`` (one worker)."""
+    stop_with_launcher()
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -7,6 +7,7 @@ weighted by its labelled fraction ``w(x) = Σ_j M_j(x)`` and its targets are div
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -17,6 +18,8 @@ from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 
 __all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
            "weighted_dice", "world_mean_count"]
+
+logger = logging.getLogger(__name__)
 
 
 def downsample_components(masks: torch.Tensor, size: Sequence[int], eps: float = 1e-6):
@@ -92,6 +95,12 @@ class SGRCriterion(nn.Module):
         (H, W) component-id map (-1 = no component) at the (padded) input resolution, as the
         dataset mapper emits it, or ``masks``, (N, H, W) bool.
     Returns ``{"loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}``, already weighted.
+
+    Every parameter that produced ``region_maps`` and ``token_logits`` is in the graph of the
+    returned terms, even for a batch without components (a zero contribution), as
+    ``DistributedDataParallel(find_unused_parameters=False)`` requires on every worker. Region
+    maps with NaN or infinite values skip the matching (which cannot rank them) and make every
+    term NaN, for the trainer's non-finite-loss check to report.
     """
 
     def __init__(
@@ -131,7 +140,16 @@ class SGRCriterion(nn.Module):
         if len(targets) != b:
             raise ValueError(f"SGRCriterion: {b} images but {len(targets)} component targets")
         zero = regions.sum() * 0.0  # keeps the graph connected when nothing is supervised
-        union_sum, cls_sum, div_sum = zero, zero, zero
+        cls_zero = zero if token_logits is None else token_logits.sum() * 0.0
+        if not bool(torch.isfinite(regions.detach()).all()):
+            # the counts below are all-reduced: every worker must still take part
+            world_mean_count(0, regions.device)
+            world_mean_count(0, regions.device)
+            logger.warning("SGRCriterion: the region maps hold NaN or infinite values; the SGR loss "
+                           "terms are NaN and the token matching was skipped")
+            nan = (zero + cls_zero) * float("nan")
+            return {"loss_sgr_union": nan, "loss_sgr_cls": nan, "loss_sgr_div": nan}
+        union_sum, cls_sum, div_sum = zero, cls_zero, zero
         n_comp = n_tok = n_pairs = 0
         for i, tgt in enumerate(targets):
             classes = tgt["classes"].to(regions.device)

@@ -1,0 +1,180 @@
+"""What a training checkpoint holds besides the weights, and how ``--resume`` puts it back.
+
+``Trainer.state_dict`` (docs/reliability.md §1) saves:
+
+* ``iteration`` and ``hooks`` (detectron2's ``TrainerBase``: the LR scheduler's state);
+* ``_trainer``: the inner ``SimpleTrainer``'s state, i.e. the optimizer (momentum buffers, Adam
+  moments, step counts) and, with AMP, the gradient scaler. detectron2 v0.6's ``DefaultTrainer``
+  leaves it out; upstream main saves it under the same key, which is read either way;
+* ``data``: the training sampler's seed and the position in its index stream
+  (:class:`ResumableSampler`);
+* ``rng``: the random states of Python, NumPy and torch (and CUDA), in one-process runs only.
+
+On resume, the configuration's optimizer hyperparameters replace the checkpoint's
+(:func:`apply_config_hyperparameters`): ``SOLVER.BASE_LR`` given with ``--resume`` takes effect.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler, get_worker_info
+
+from detectron2.data import build_detection_train_loader
+from detectron2.utils import comm
+
+__all__ = ["ResumableSampler", "resumable_train_loader", "rng_state", "set_rng_state",
+           "configured_hyperparameters", "apply_config_hyperparameters", "restart_data_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableSampler(Sampler):
+    """A detectron2 training sampler (an infinite stream of dataset indices, of which worker
+    ``r`` of ``W`` takes positions ``r, r + W, ...``) that can start at a position of the stream.
+
+    ``start`` is a position of the whole stream (all workers together): the resumed run's
+    workers skip the first ``start // W`` indices of their share. ``seed`` is the wrapped
+    sampler's shuffling seed, which a resumed run takes from the checkpoint.
+    """
+
+    def __init__(self, sampler: Sampler):
+        super().__init__()
+        self.sampler = sampler
+        self.start = 0
+        # random states to restore when the stream yields its first index in the main process
+        # (DATALOADER.NUM_WORKERS 0): where the saved run stood, after the data loader's own draws
+        self.rng_state: Optional[Dict] = None
+
+    @property
+    def seed(self) -> Optional[int]:
+        seed = getattr(self.sampler, "_seed", None)
+        return None if seed is None else int(seed)
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        if hasattr(self.sampler, "_seed"):
+            self.sampler._seed = int(value)
+
+    def __iter__(self):
+        stream = itertools.islice(iter(self.sampler), self.start // comm.get_world_size(), None)
+        if self.rng_state is None or get_worker_info() is not None:
+            return stream
+        return self._restoring(stream)
+
+    def _restoring(self, stream):
+        first = next(stream)
+        state, self.rng_state = self.rng_state, None
+        set_rng_state(state)
+        yield first
+        yield from stream
+
+
+def resumable_train_loader(cfg, mapper=None):
+    """detectron2's ``build_detection_train_loader(cfg, mapper)`` with its sampler wrapped in a
+    :class:`ResumableSampler`, which the returned loader carries as ``resumable_sampler``
+    (``mapper=None``: detectron2's ``DatasetMapper``)."""
+    kwargs = build_detection_train_loader.from_config(cfg, mapper)
+    sampler = kwargs.get("sampler")
+    if sampler is not None:
+        kwargs["sampler"] = ResumableSampler(sampler)
+    loader = build_detection_train_loader(**kwargs)
+    loader.resumable_sampler = kwargs["sampler"]
+    return loader
+
+
+def restart_data_loader(simple_trainer) -> None:
+    """Make ``simple_trainer`` (detectron2's ``SimpleTrainer``) read its data loader from the
+    start, now: v0.6 keeps the iterator in ``_data_loader_iter``, upstream main creates it
+    lazily in ``_data_loader_iter_obj``. Created here, not at the first step, so that the random
+    draw of the iterator's base seed happens before the random states are restored."""
+    it = iter(simple_trainer.data_loader)
+    if isinstance(getattr(type(simple_trainer), "_data_loader_iter", None), property):
+        simple_trainer._data_loader_iter_obj = it
+    else:
+        simple_trainer._data_loader_iter = it
+
+
+def rng_state() -> Dict:
+    """Python's, NumPy's and torch's random states (and CUDA's once CUDA is in use), in types
+    that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+
+
+def configured_hyperparameters(optimizer, scheduler):
+    """The optimizer's per-group hyperparameters and the scheduler's base LRs as the config built
+    them: call before a checkpoint overwrites them."""
+    groups = [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
+    return groups, list(getattr(scheduler, "base_lrs", []))
+
+
+def _group_name(group: Dict, i: int) -> str:
+    return str(group.get("name", f"group {i}"))
+
+
+def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: int) -> List[str]:
+    """After ``optimizer.load_state_dict`` and ``scheduler.load_state_dict`` (which bring back the
+    checkpoint's LRs, momentum, weight decay ...), put the config's values back; keep the
+    checkpoint's *state* (momentum buffers, moments, the iteration). A changed base LR rescales
+    each group's current LR by new base / old base, so the schedule continues at ``iteration``
+    from the new base. Returns the log lines (also logged as warnings)."""
+    groups, base_lrs = configured
+    lines = []
+    changed = {}
+    for i, (g, c) in enumerate(zip(optimizer.param_groups, groups)):
+        for k, v in c.items():
+            if k in g and g[k] != v:
+                changed.setdefault(k, []).append((_group_name(g, i), g[k], v))
+                g[k] = v
+    for k, items in changed.items():
+        name, old, new = items[0]
+        lines.append(f"resume: {k} of {len(items)} parameter group(s) set from the config, not the "
+                     f"checkpoint (e.g. {name}: {old} -> {new})")
+    loaded = list(getattr(scheduler, "base_lrs", []))
+    if base_lrs and len(loaded) == len(base_lrs) and loaded != base_lrs:
+        moved = []
+        for i, (g, old, new) in enumerate(zip(optimizer.param_groups, loaded, base_lrs)):
+            if old == new:
+                continue
+            before = g["lr"]
+            g["lr"] = before * new / old if old else new
+            g["initial_lr"] = new
+            moved.append((_group_name(g, i), old, new, before, g["lr"]))
+        scheduler.base_lrs = list(base_lrs)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+        name, old, new, before, after = moved[0]
+        lines.append(
+            f"resume: the config's learning rates replace the checkpoint's (SOLVER.BASE_LR and its "
+            f"multipliers) in {len(moved)} of {len(base_lrs)} parameter groups, e.g. {name}: base LR "
+            f"{old:.6g} -> {new:.6g}; the LR schedule continues at iteration {iteration} with that "
+            f"group's LR {before:.6g} -> {after:.6g}"
+        )
+    for line in lines:
+        logger.warning(line)
+    return lines

@@ -1,0 +1,467 @@
+"""Trustworthy runs, second pass (docs/reliability.md): a resumed run equals the uninterrupted
+one, divergence is caught wherever it appears and leaves a sane state to resume from, a kill at
+any moment leaves a complete run possible, bad values are refused, and workers stop with their
+launcher (also with a worker whose images have no labelled pixel)."""
+import logging
+import math
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TOY_SGR
+from PIL import Image
+from test_reliability import (  # noqa: F401  (one_thread, register: fixtures)
+    CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer, one_thread, register,
+)
+
+from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
+
+from sgr_d2 import compat
+from sgr_d2.engine.checkpoint import AtomicCheckpointer, atomic_torch_save
+from sgr_d2.engine.hooks import MAX_NORM_GROWTH
+from sgr_d2.engine.trainer import Trainer, argument_parser, run, setup_cfg
+
+LOSSES = ("loss_sem_seg", "loss_sgr_union", "loss_sgr_cls", "loss_sgr_div")
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL: the run stops between two iterations, keeping only its files."""
+
+
+class _KillBefore(HookBase):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            raise _Killed(self.iteration)
+
+
+@contextmanager
+def _records(name):
+    """Log records of logger ``name`` (detectron2's setup_logger may stop propagation to root)."""
+    got = []
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    h = _H(level=logging.DEBUG)
+    log = logging.getLogger(name)
+    old = log.level
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield got
+    finally:
+        log.removeHandler(h)
+        log.setLevel(old)
+
+
+def _history(trainer, keys=LOSSES):
+    return {k: [v for v, _ in trainer.storage.history(k).values()] for k in keys}
+
+
+def _param_norm(state, names):
+    return math.sqrt(sum(float(state[n].double().pow(2).sum()) for n in names))
+
+
+# =========================================================================== 1. resume = uninterrupted
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    """Same SEED, one process, NUM_WORKERS 0: a run stopped during iteration 4 and resumed from
+    model_0000002.pth ends with the parameters, buffers, optimizer state and losses of the run
+    that was never stopped, bit for bit. It needs the optimizer's momentum, the LR schedule, the
+    sampler's position and the random state (colour augmentation, flips, dropout) restored."""
+    opts = ("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "5")
+    whole = _trainer(_cfg(tmp_path / "whole", *opts))
+    whole.resume_or_load(resume=False)
+    whole.train()
+
+    out = tmp_path / "stopped"
+    first = _trainer(_cfg(out, *opts))
+    first.resume_or_load(resume=False)
+    first.register_hooks([_KillBefore(4)])
+    with pytest.raises(_Killed):
+        first.train()
+    assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
+    ckpt = torch.load(out / "model_0000002.pth", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]  # SGD momentum buffers are saved
+    assert ckpt["trainer"]["data"]["position"] == 3 * 2  # 3 iterations of IMS_PER_BATCH 2
+    del first
+
+    resumed = _trainer(_cfg(out, *opts))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    resumed.train()
+
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert set(a) == set(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert differ == []
+    sa, sb = whole.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
+                                         for i in sa)
+    assert [g["lr"] for g in whole.optimizer.param_groups] == [g["lr"] for g in resumed.optimizer.param_groups]
+    hw, hr = _history(whole), _history(resumed)
+    assert all(hw[k][3:] == hr[k] for k in LOSSES), (hw, hr)  # iterations 3, 4, 5
+
+
+def test_a_checkpoint_of_an_earlier_sgr_d2_still_resumes(tmp_path):
+    """Checkpoints written before the optimizer, data and random states were saved: the resume
+    takes what is there and warns about the optimizer and the data stream."""
+    out = tmp_path / "run"
+    first = _trainer(_cfg(out, "SOLVER.MAX_ITER", "1"))
+    first.resume_or_load(resume=False)
+    first.train()
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    for key in ("_trainer", "data", "rng"):
+        del ckpt["trainer"][key]
+    torch.save(ckpt, out / "model_final.pth")
+    with _records("sgr_d2") as logged:
+        again = _trainer(_cfg(out, "SOLVER.MAX_ITER", "2"))
+        again.resume_or_load(resume=True)
+    assert again.start_iter == 1 and again.optimizer.state_dict()["state"] == {}
+    assert any("holds no optimizer state" in m for m in logged), logged
+    assert any("does not record the data stream" in m for m in logged), logged
+
+
+# =========================================================================== 2, 3. divergence
+def _nan_region_maps_at(model, trainer, iteration):
+    """Make the SGR module's region maps NaN at ``iteration`` (its features stay finite)."""
+    def hook(module, args, output):
+        y, outputs = output
+        if trainer.iter == iteration:
+            outputs = dict(outputs, region_maps=outputs["region_maps"] * float("nan"))
+        return y, outputs
+
+    return model.backbone.sgr.register_forward_hook(hook)
+
+
+def test_non_finite_region_maps_reach_the_loss_guard(tmp_path):
+    """The SGR criterion returns NaN terms instead of failing in the matching, so the guard stops
+    the run as for a NaN head loss: its message, and the last good state saved and tagged."""
+    out = tmp_path / "run"
+    trainer = _trainer(_cfg(out, "SOLVER.MAX_ITER", "5"))
+    trainer.resume_or_load(resume=False)
+    _nan_region_maps_at(trainer.model, trainer, 2)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "at iteration 2 (non-finite: loss_sgr_cls, loss_sgr_div, loss_sgr_union)" in msg
+    reported = dict(re.findall(r"(loss_\w+)=(\S+?)[,.;]? ", msg + " "))
+    assert math.isfinite(float(reported["loss_sem_seg"]))  # the head's features were finite
+    assert str(out / "model_last_good.pth") in msg
+    assert (out / "last_checkpoint").read_text() == "model_last_good.pth"
+    ckpt = torch.load(out / "model_last_good.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 1
+
+
+class _LearningRate(HookBase):
+    """From ``iteration`` on, every group's LR is ``lr``: the run diverges."""
+
+    def __init__(self, iteration, lr):
+        self.iteration, self.lr = iteration, lr
+
+    def before_step(self):
+        if self.trainer.iter >= self.iteration:
+            for g in self.trainer.optimizer.param_groups:
+                g["lr"] = self.lr
+
+
+def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp_path):
+    """A run whose LR jumps to 100 at iteration 3 (checkpoints after every iteration) diverges:
+    the weights explode before a loss becomes NaN. The guard stops it, and last_checkpoint names
+    the newest checkpoint whose weights are finite and within MAX_NORM_GROWTH of the start's
+    norm: the one after iteration 2, not a later exploded one. ``--resume`` with a lower
+    SOLVER.BASE_LR continues from it with the new LR (logged), the checkpoint's momentum kept."""
+    out, max_iter = tmp_path / "run", 12
+    opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "1")
+    trainer = _trainer(_cfg(out, *opts))
+    trainer.resume_or_load(resume=False)
+    names = [n for n, _ in trainer.model.named_parameters()]
+    start_norm = _param_norm(trainer.model.state_dict(), names)
+    trainer.register_hooks([_LearningRate(3, 100.0)])
+    with pytest.raises(FloatingPointError) as e:  # not match_tokens' ValueError
+        trainer.train()
+    msg = str(e.value)
+    bad = int(re.search(r"at iteration (\d+)", msg).group(1))
+    assert 3 < bad < max_iter
+
+    def sane(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        return finite and _param_norm(state, names) <= MAX_NORM_GROWTH * start_norm
+
+    saved = {int(p.name[6:13]): p for p in out.glob("model_0*.pth")}
+    assert sorted(saved) == list(range(bad))  # a checkpoint after each good iteration
+    assert [i for i in sorted(saved) if sane(saved[i])] == [0, 1, 2]  # the LR jump exploded the weights
+    tagged = (out / "last_checkpoint").read_text()
+    assert tagged == "model_0000002.pth", msg
+    assert not (out / "model_last_good.pth").exists()  # the state after bad - 1 was not sane
+    assert f"last_checkpoint now names {tagged} (iteration 2)" in msg
+
+    # --resume with SOLVER.BASE_LR 0.001 (the recipe's is 0.01)
+    with _records("sgr_d2.engine.resume") as logged:
+        again = _trainer(_cfg(out, *opts, "SOLVER.BASE_LR", "0.001"))
+        again.resume_or_load(resume=True)
+    assert again.start_iter == 3
+    fresh = _trainer(_cfg(tmp_path / "fresh", *opts, "SOLVER.BASE_LR", "0.001"))  # the config's LRs
+    poly = (1 - 3 / max_iter) ** 0.9
+    expected = [g["lr"] * poly for g in fresh.optimizer.param_groups]
+    assert [g["lr"] for g in again.optimizer.param_groups] == pytest.approx(expected, rel=1e-9)
+    assert again.scheduler.base_lrs == [g["lr"] for g in fresh.optimizer.param_groups]
+    assert any("the config's learning rates replace the checkpoint's" in m and "0.01 -> 0.001" in m
+               for m in logged), logged
+    ckpt = torch.load(out / tagged, map_location="cpu", weights_only=True)["trainer"]["_trainer"]["optimizer"]
+    state = again.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["momentum_buffer"], ckpt["state"][i]["momentum_buffer"]) for i in state)
+    again.max_iter = 5
+    again.train()  # and it trains on with finite losses
+    assert all(math.isfinite(v) for k in LOSSES for v in _history(again)[k])
+
+
+def test_divergence_without_a_sane_checkpoint_removes_the_tag(tmp_path):
+    """SOLVER.BASE_LR 1e2 from the start, no periodic checkpoint: no state of the run is sane,
+    so the tag an earlier run left is removed and --resume starts again at iteration 0."""
+    out = tmp_path / "run"
+    _earlier_outputs(out)  # last_checkpoint names an earlier run's model_final.pth
+    trainer = _trainer(_cfg(out, "SOLVER.BASE_LR", "100.0", "SOLVER.MAX_ITER", "12"))
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "No checkpoint of this run passed the sanity check" in msg and "was removed" in msg
+    assert not (out / "last_checkpoint").exists() and not (out / "model_last_good.pth").exists()
+    again = _trainer(_cfg(out, "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "12"))
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 0
+
+
+# =========================================================================== 4. kills and files
+def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
+    """MAX_ITER a multiple of CHECKPOINT_PERIOD; SIGKILL while model_final.pth is written leaves
+    last_checkpoint at model_0000001.pth and the temporary file of the write. --resume (at
+    iteration MAX_ITER: nothing left to train) writes model_final.pth and removes the file."""
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2")
+    trainer = _trainer(_cfg(out, *opts))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    # what the kill leaves: the tag names the periodic checkpoint, the final write is a .tmp
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    stale = [out / ".model_final.pth.0a1b2c3d4e5f.tmp", out / ".last_checkpoint.k2x_9q7w.tmp"]
+    stale[0].write_bytes(b"half a checkpoint")
+    stale[1].write_text("model_fi")
+    keep = out / ".notes.tmp"  # not a name a checkpoint write makes
+    keep.write_text("x")
+    resumed = _trainer(_cfg(out, *opts))
+    resumed.resume_or_load(resume=True)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert resumed.start_iter == 2
+    resumed.train()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    periodic = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 1 and final["trainer"]["iteration"] == 1
+    assert all(torch.equal(final["model"][k], periodic["model"][k]) for k in periodic["model"])
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        model = torch.nn.Linear(2, 2)
+        AtomicCheckpointer(model, str(tmp_path)).save("model_0000000", iteration=0)
+        atomic_torch_save({"x": torch.zeros(1)}, str(tmp_path / "other.pth"))
+    finally:
+        os.umask(old)
+    for name in ("model_0000000.pth", "last_checkpoint", "other.pth"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+
+
+def _checkpoints(folder, iterations):
+    """A model and checkpoints model_<i>.pth, each with the model's weights + i."""
+    model = torch.nn.Linear(3, 2)
+    ckpt = AtomicCheckpointer(model, str(folder))
+    for i in iterations:
+        with torch.no_grad():
+            model.weight.fill_(i)
+        ckpt.save(f"model_{i:07d}", iteration=i)
+    return model
+
+
+@pytest.mark.parametrize("fault", ["truncated", "missing", "garbage"])
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, fault):
+    _checkpoints(tmp_path, [1, 3, 5])
+    newest = tmp_path / "model_0000005.pth"
+    if fault == "truncated":
+        data = newest.read_bytes()
+        newest.write_bytes(data[: len(data) // 2])
+    elif fault == "missing":
+        (tmp_path / "last_checkpoint").write_text("model_0000007.pth")
+    else:
+        newest.write_bytes(b"not a checkpoint")
+    (tmp_path / "notes.pth").write_bytes(b"\x80 not a checkpoint either")
+    model = torch.nn.Linear(3, 2)
+    with _records("sgr_d2.engine.checkpoint") as logged:
+        extra = AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    # the newest readable one: 5 when the tag names a missing file, else 3
+    named, it = ("model_0000007.pth", 5) if fault == "missing" else ("model_0000005.pth", 3)
+    assert extra["iteration"] == it and bool((model.weight == it).all())
+    assert any(f"last_checkpoint names {named}, but" in m and f"model_{it:07d}.pth instead (iteration {it})" in m
+               for m in logged), logged
+
+
+# =========================================================================== 6. bad values
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_no_matched_tokens_is_refused(tmp_path, value):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    args = argument_parser().parse_args(["--config-file", TOY_SGR, "OUTPUT_DIR", str(out),
+                                         "MODEL.SGR.NUM_MATCHED", value])
+    with pytest.raises(ValueError, match=rf"MODEL\.SGR\.NUM_MATCHED is {value}; expected a positive"):
+        run(args)
+    _assert_unchanged(out, earlier)
+
+
+def test_eval_only_without_weights_needs_an_explicit_flag(tmp_path):
+    out = tmp_path / "run"
+    earlier = _earlier_outputs(out)
+    (out / "last_checkpoint").unlink()
+    del earlier["last_checkpoint"]
+    base = ["--config-file", TOY_SGR, "--eval-only"]
+    with pytest.raises(ValueError, match=r"--eval-only with an empty MODEL\.WEIGHTS .*--allow-random-weights"):
+        run(argument_parser().parse_args(base + ["OUTPUT_DIR", str(out)]))
+    _assert_unchanged(out, earlier)
+    # the explicit flag, or --resume with a checkpoint to evaluate, gets past the check
+    cfg = setup_cfg(argument_parser().parse_args(base + ["--allow-random-weights", "OUTPUT_DIR", str(tmp_path / "a")]))
+    assert cfg.MODEL.WEIGHTS == ""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "last_checkpoint").write_text("model_final.pth")
+    setup_cfg(argument_parser().parse_args(base + ["--resume", "OUTPUT_DIR", str(tmp_path / "b")]))
+
+
+def _unlabelled_pair(folder, stem):
+    d = _pair(folder, stem)
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(d["sem_seg_file_name"])
+    return d
+
+
+def test_a_training_set_without_labelled_pixels_is_reported(tmp_path, register):
+    data = tmp_path / "data"
+    data.mkdir()
+    blank = register([_unlabelled_pair(data, "a"), _unlabelled_pair(data, "b")])
+    with _records("sgr_d2.engine.hooks") as logged:
+        trainer = _trainer(_cfg(tmp_path / "run", "DATASETS.TRAIN", f"('{blank}',)", "SOLVER.MAX_ITER", "3"))
+        trainer.train()
+    assert all(v == 0 for k in LOSSES for v in _history(trainer)[k])  # what the warning is about
+    warnings = [m for m in logged if "No training image has a labelled pixel" in m]
+    assert len(warnings) == 1 and "all 6 images (2 files) of the first 3 iteration(s)" in warnings[0], logged
+    # one labelled image among them: no warning
+    mixed = register([_unlabelled_pair(data, "c"), _pair(data, "d")])
+    with _records("sgr_d2.engine.hooks") as logged:
+        _trainer(_cfg(tmp_path / "run2", "DATASETS.TRAIN", f"('{mixed}',)", "SOLVER.MAX_ITER", "2")).train()
+    assert not [m for m in logged if "labelled pixel" in m]
+
+
+# =========================================================================== 8, 10. several workers
+def _children(pid):
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_stop_when_their_launcher_is_killed(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR, "--num-gpus", "2",
+           "--dist-url", f"file://{tmp_path / 'init'}", *CLI, "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(out)]
+    log = open(tmp_path / "launcher.log", "w")
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while not ((out / "log.txt").is_file() and "Starting training from iteration 0" in (out / "log.txt").read_text()):
+            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            assert time.time() < deadline, "the workers did not start training within 5 minutes"
+            time.sleep(0.2)
+        workers = [c for c in _children(launcher.pid) if "resource_tracker" not in _cmdline(c)]
+        assert len(workers) == 2, [(c, _cmdline(c)) for c in workers]
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 5
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert [w for w in workers if _alive(w)] == []
+    finally:
+        for w in [launcher.pid, *workers]:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        log.close()
+
+
+def _all_ignore_worker_main(data_dir, out_dir):
+    """In each of two gloo workers: train a tiny SGR model with DDP on two images, one with
+    labels and one whose labels are all ignore; with IMS_PER_BATCH 2 each worker gets one image
+    per iteration, so at every iteration one worker has no labelled pixel."""
+    from pathlib import Path
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    torch.set_num_threads(1)
+    data = Path(data_dir)
+    name = "sgr_test_all_ignore_worker_train"
+    dicts = [{"file_name": str(data / f"{s}.jpg"), "sem_seg_file_name": str(data / f"{s}.png"),
+              "height": 40, "width": 40} for s in ("labelled", "ignore")]
+    DatasetCatalog.register(name, lambda: list(dicts))
+    MetadataCatalog.get(name).set(ignore_label=255, stuff_classes=[str(i) for i in range(6)])
+    cfg = _cfg(out_dir, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "2")
+    seed_all_rng(cfg.SEED)
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.iter == 2
+
+
+@pytest.mark.slow
+def test_ddp_worker_without_labelled_pixels_trains(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, compat.launch is detectron2's own launcher (NCCL)")
+    data = tmp_path / "data"
+    data.mkdir()
+    _pair(data, "labelled")
+    _unlabelled_pair(data, "ignore")
+    assert not torch.distributed.is_initialized()
+    # Without every parameter in the graph, the labelled worker waits in DDP's gradient all-reduce
+    # for the other's bucket (or that one fails at its next step): the collective timeout stops it.
+    compat.launch(_all_ignore_worker_main, 2, dist_url=f"file://{tmp_path / 'init'}",
+                  args=(str(data), str(tmp_path / "run")), timeout=timedelta(seconds=90))
