@@ -71,7 +71,9 @@ def _semantic_meta_archs():
 def check_exportable(model: nn.Module, dynamic: bool = False) -> None:
     """Raise :class:`ExportError` naming what keeps ``model`` from being exported (with ``dynamic``:
     from being exported for any input size)."""
+    from .modeling.heads import PyramidPooling
     from .modeling.maskformer import MSDeformAttnPixelDecoder
+    from .modeling.sgr_backbone import find_sgr_backbone
 
     archs = _semantic_meta_archs()
     if not isinstance(model, archs):
@@ -81,14 +83,26 @@ def check_exportable(model: nn.Module, dynamic: bool = False) -> None:
             f"whose inference returns 'sem_seg' (detectron2's {', '.join(a.__name__ for a in archs)} "
             "and their subclasses)"
         )
-    if dynamic:
-        for name, m in model.named_modules():
-            if isinstance(m, MSDeformAttnPixelDecoder):
-                raise ExportError(
-                    f"--dynamic: {name} (MSDeformAttnPixelDecoder, MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME) "
-                    "normalises its sampling locations by the feature-map sizes, which the exporter "
-                    "records as constants; export at a fixed size (one file per input size) instead"
-                )
+    if not dynamic:
+        return
+    fixed = " (the exporter records it as a constant); export at a fixed size (one file per input size) instead"
+    for name, m in model.named_modules():
+        if isinstance(m, MSDeformAttnPixelDecoder):
+            raise ExportError(f"--dynamic: {name} (MSDeformAttnPixelDecoder, MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME) "
+                              "normalises its sampling locations by the feature-map sizes" + fixed)
+        if isinstance(m, PyramidPooling):
+            raise ExportError(f"--dynamic: {name} (UperNet's PyramidPooling) is exported with pooling matrices "
+                              "built for the input size" + fixed)
+    sgr = find_sgr_backbone(model)
+    shapes = sgr.output_shape() if sgr is not None else {}
+    stride = shapes[sgr.in_feature].stride if sgr is not None and sgr.in_feature in shapes else None
+    divisibility = int(getattr(model, "size_divisibility", 0) or 0)
+    if stride is not None and stride < divisibility:
+        raise ExportError(
+            f"--dynamic: the SGR region maps (output 'sgr_regions') are cropped to the image by "
+            f"sgr_d2.modeling.sgr_backbone.attach_sgr_regions with Python arithmetic on the sizes; with "
+            f"a region stride ({stride}) below the size divisibility ({divisibility}) the crop depends on "
+            "the input size" + fixed)
 
 
 class SemanticSegmentationExport(nn.Module):
@@ -168,13 +182,13 @@ def _describe(model: nn.Module, names: Sequence[str]) -> str:
 
 
 def export_onnx(model: nn.Module, path: str, height: int, width: int, dynamic: bool = False,
-                opset: int = OPSET, verify: bool = True) -> Tuple[List[str], Dict[str, Dict]]:
+                opset: int = OPSET, verify: bool = True, atol: float = ATOL) -> Tuple[List[str], Dict[str, Dict]]:
     """Export ``model`` (built from an sgr_d2 config, weights loaded) to ``path``; returns the
     output names and the verification reports (``{"HxW": compare_with_onnxruntime report}``).
 
     The graph is traced with an image of ``height`` × ``width``; the file takes that size only,
     or, with ``dynamic``, any size. With ``verify`` (default), onnxruntime must reproduce PyTorch
-    (:func:`compare_with_onnxruntime`: max |Δ| ≤ ``ATOL`` and argmax agreement ≥
+    (:func:`compare_with_onnxruntime`: max |Δ| ≤ ``atol`` and argmax agreement ≥
     ``MIN_ARGMAX_AGREEMENT``) on a random image of that size and, with ``dynamic``, of a second
     size that is not a multiple of the model's size divisibility; otherwise :class:`ExportError`.
     """
@@ -207,7 +221,7 @@ def export_onnx(model: nn.Module, path: str, height: int, width: int, dynamic: b
         session = onnxruntime_session(path)
         for h, w in sizes:
             report = compare_with_onnxruntime(wrapper, session, synthetic_image(h, w, seed=1).to(device))
-            bad = report_failures(report)
+            bad = report_failures(report, atol=atol)
             if bad:
                 what = f"at {h}x{w}" + (" (--dynamic's second check size)" if (h, w) != (height, width) else "")
                 raise ExportError(f"{path}: onnxruntime does not reproduce PyTorch {what}: {'; '.join(bad)}")
@@ -217,19 +231,26 @@ def export_onnx(model: nn.Module, path: str, height: int, width: int, dynamic: b
 
 def _raise_export_error(error: Exception, model: nn.Module, wrapper: nn.Module, image: torch.Tensor,
                         stack: List[str]):
-    m = re.search(r"operator '([\w:.]+)'", str(error))
+    # "Exporting the operator 'aten::cummax' to ONNX ...", "ONNX export of operator adaptive_avg_pool2d, ..."
+    m = re.search(r"operator '?([\w:.]+)'?", str(error))
     if m:  # a traced op without an ONNX form: find it in the traced graph
+        op = m.group(1) if "::" in m.group(1) else f"aten::{m.group(1)}"
         try:
-            where = _scopes_of_op(wrapper, image, m.group(1))
+            where = _scopes_of_op(wrapper, image, op)
         except Exception:  # the error below still names the op
             where = []
         part = _describe(model, where) if where else "a part of the model"
-        raise ExportError(f"{part} cannot be exported to ONNX: it uses {m.group(1)}, which the ONNX "
-                          f"exporter does not support ({type(error).__name__}: {error})") from error
+        raise ExportError(f"{part} cannot be exported to ONNX: it uses {op}, which the ONNX exporter "
+                          f"does not support here ({type(error).__name__}: {_first_line(error)})") from error
     inner = [n for n in stack if n]
     part = _describe(model, inner[-1:]) if inner else type(model).__name__
     raise ExportError(f"exporting {type(model).__name__} failed in {part}: "
                       f"{type(error).__name__}: {error}") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def _second_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:

@@ -9,8 +9,8 @@ Outputs: ``sem_seg`` (1, num_classes, H, W), the model's per-class scores at the
 resolution (argmax = the label map), and, with SGR, ``sgr_regions`` (1, K, h, w). The file takes
 ``--height`` × ``--width`` (default: INPUT.MIN_SIZE_TEST square); ``--dynamic`` makes it take any
 size where the model allows it (a clear error names the part that does not). Unless
-``--no-verify``, onnxruntime must reproduce PyTorch on a random image (max |Δ| ≤ 1e-4, argmax
-agreement ≥ 99.9%); the tool prints the figures. Needs ``pip install 'sgr_d2[deploy]'``.
+``--no-verify``, onnxruntime must reproduce PyTorch on a synthetic image (max |Δ| ≤ ``--atol``,
+default 1e-4, and argmax agreement ≥ 99.9%); the tool prints the figures. Needs ``pip install 'sgr_d2[deploy]'``.
 """
 import argparse
 import logging
@@ -32,17 +32,19 @@ def get_parser():
     p.add_argument("--dynamic", action="store_true", help="any input size (checked at a second size)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default sgr_d2.export.OPSET)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--atol", type=float, default=None,
+                   help="largest difference allowed between onnxruntime and PyTorch (default sgr_d2.export.ATOL, 1e-4)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return p
 
 
 def export(config_file, weights, output, height=None, width=None, dynamic=False, opset=None, verify=True,
-           opts=()):
+           opts=(), atol=None):
     """Build the model, load ``weights``, export; returns ``(output names, {"HxW": report})``."""
     from detectron2.modeling import build_model
 
     from sgr_d2.engine import AtomicCheckpointer, load_config
-    from sgr_d2.export import OPSET, check_exportable, export_onnx
+    from sgr_d2.export import ATOL, OPSET, check_exportable, export_onnx
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"--weights {weights} does not exist")
@@ -55,14 +57,15 @@ def export(config_file, weights, output, height=None, width=None, dynamic=False,
     model.eval()
     height = height or cfg.INPUT.MIN_SIZE_TEST
     width = width or cfg.INPUT.MIN_SIZE_TEST
-    return export_onnx(model, output, height, width, dynamic=dynamic, opset=opset or OPSET, verify=verify)
+    return export_onnx(model, output, height, width, dynamic=dynamic, opset=opset or OPSET, verify=verify,
+                       atol=ATOL if atol is None else atol)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names, reports = export(args.config_file, args.weights, args.output, args.height, args.width, args.dynamic,
-                            args.opset, not args.no_verify, args.opts)
+                            args.opset, not args.no_verify, args.opts, args.atol)
     print(f"wrote {args.output}: input 'image', outputs {names}")
     for size, report in reports.items():
         for name, e in report.items():
