@@ -224,7 +224,10 @@ def export_onnx(model: nn.Module, path: str, height: int, width: int, dynamic: b
             bad = report_failures(report, atol=atol)
             if bad:
                 what = f"at {h}x{w}" + (" (--dynamic's second check size)" if (h, w) != (height, width) else "")
-                raise ExportError(f"{path}: onnxruntime does not reproduce PyTorch {what}: {'; '.join(bad)}")
+                raise ExportError(f"{path}: onnxruntime does not reproduce PyTorch {what}: {'; '.join(bad)}. "
+                                  "(Rounding alone moves a badly conditioned model, e.g. a deep one with random "
+                                  "weights, by more: compare PyTorch on 1 and 2 threads, and raise --atol if it "
+                                  "varies as much.)")
             reports[f"{h}x{w}"] = report
     return names, reports
 

@@ -152,7 +152,8 @@ def _toy_batch(cfg, start=0, n=4):
 REL_TOL, ABS_TOL = 0.05, 2e-3
 
 
-@pytest.mark.parametrize("config", [DIL_FCN_SGR, MASK2FORMER_SGR], ids=["dil_fcn_sgr", "mask2former_sgr"])
+@pytest.mark.parametrize("config", [DIL_FCN_SGR, os.path.join(TOY, "maskformer_r18_sgr.yaml"), MASK2FORMER_SGR],
+                         ids=["dil_fcn_sgr", "maskformer_sgr", "mask2former_sgr"])
 def test_sgr_loss_terms_of_one_batch_under_bf16_autocast_equal_float32(config):
     """The whole model (backbone, SGR, head) forward in bfloat16 autocast, same weights and batch:
     each SGR loss term is finite, float32, and within 5% (or 2e-3) of the float32 forward's."""

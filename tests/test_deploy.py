@@ -169,6 +169,22 @@ def test_an_unsupported_part_is_named(tmp_path):
     assert "sem_seg_head.predictor.1 (_CumMax)" in msg and "aten::cummax" in msg, msg
 
 
+class _FailsWhenTraced(torch.nn.Module):
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            raise RuntimeError("this part cannot be traced")
+        return x
+
+
+def test_an_error_while_tracing_names_the_innermost_module(tmp_path):
+    _, model = _model("dil_fcn_r18")
+    model.sem_seg_head.convs.append(_FailsWhenTraced())
+    with pytest.raises(ExportError) as err:
+        export_onnx(model, str(tmp_path / "m.onnx"), H, W)
+    msg = str(err.value)
+    assert "in sem_seg_head.convs.1 (_FailsWhenTraced)" in msg and "this part cannot be traced" in msg, msg
+
+
 def test_a_detector_is_refused_by_name(tmp_path):
     cfg = tiny_toy_cfg(os.path.join(TOY, "mask_rcnn_r18_fpn.yaml"))
     model = build_model(cfg).eval()
