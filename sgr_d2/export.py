@@ -193,6 +193,10 @@ def export_onnx(model: nn.Module, path: str, height: int, width: int, dynamic: b
     size that is not a multiple of the model's size divisibility; otherwise :class:`ExportError`.
     """
     check_exportable(model, dynamic)
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # torch.onnx.export writes through it
+        raise ImportError(f"onnx is not installed: {DEPLOY_HELP}")
     if height < 1 or width < 1:
         raise ValueError(f"the export size must be positive, got {height}x{width}")
     device = next(model.parameters()).device
