@@ -5,6 +5,13 @@
         --input 'datasets/sgr_toy/images/val/*.jpg' --output out/ \
         --opts MODEL.WEIGHTS output/toy/dil_fcn_r18_sgr/model_final.pth
 
+``--onnx model.onnx`` runs a file written by ``tools/export_onnx.py`` with onnxruntime instead of
+the PyTorch model (the config still gives the class names, colours and input format; no
+``MODEL.WEIGHTS`` needed):
+
+    python demo/demo.py --config-file configs/toy/dil_fcn_r18_sgr.yaml --onnx model.onnx \
+        --input 'datasets/sgr_toy/images/val/*.jpg' --output out/
+
 ``--input`` takes image files, folders (every image inside) and glob patterns. For each image
 ``<stem>.jpg`` the demo writes ``<output>/<stem>_seg.png`` (the predicted classes over the image,
 detectron2's ``Visualizer.draw_sem_seg``, the image's size) and, for a model with SGR,
@@ -37,9 +44,12 @@ def setup_cfg(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("sgr_d2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS <checkpoint.pth>")
-    if not os.path.isfile(cfg.MODEL.WEIGHTS):
+    if getattr(args, "onnx", None):
+        if not os.path.isfile(args.onnx):
+            raise FileNotFoundError(f"--onnx {args.onnx} does not exist")
+    elif not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS <checkpoint.pth> (or --onnx model.onnx)")
+    elif not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not exist")
     cfg.freeze()
     return cfg
@@ -51,6 +61,8 @@ def get_parser():
     parser.add_argument("--input", nargs="+", required=True,
                         help="image files, folders or glob patterns, e.g. 'directory/*.jpg'")
     parser.add_argument("--output", required=True, help="folder for the PNGs (created)")
+    parser.add_argument("--onnx", default=None, metavar="FILE",
+                        help="run this exported model (tools/export_onnx.py) with onnxruntime")
     parser.add_argument("--num-tokens-shown", type=int, default=4,
                         help="token heatmaps in the concept-region figure")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -82,7 +94,7 @@ def main(argv=None):
     cfg = setup_cfg(args)
     paths = expand_inputs(args.input)
     os.makedirs(args.output, exist_ok=True)
-    demo = VisualizationDemo(cfg)
+    demo = VisualizationDemo(cfg, onnx=args.onnx)
     written = []
     stems = set()
     for path in tqdm.tqdm(paths, desc="demo", unit="img"):

@@ -23,18 +23,26 @@ __all__ = ["VisualizationDemo"]
 
 
 class VisualizationDemo:
-    def __init__(self, cfg, instance_mode: ColorMode = ColorMode.IMAGE):
+    def __init__(self, cfg, instance_mode: ColorMode = ColorMode.IMAGE, onnx: Optional[str] = None):
         """
         Args:
-            cfg (CfgNode): an sgr_d2 config with ``MODEL.WEIGHTS`` set; its metadata (class
-                names and colours) is that of ``DATASETS.TEST[0]`` (else ``DATASETS.TRAIN[0]``).
+            cfg (CfgNode): an sgr_d2 config with ``MODEL.WEIGHTS`` set (unless ``onnx``); its
+                metadata (class names and colours) is that of ``DATASETS.TEST[0]`` (else
+                ``DATASETS.TRAIN[0]``).
             instance_mode (ColorMode): Visualizer colour mode.
+            onnx (str): an exported model (``tools/export_onnx.py``), run with onnxruntime
+                (:class:`sgr_d2.export.OnnxSemanticPredictor`) instead of ``DefaultPredictor``.
         """
         names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = build_predictor(cfg)  # DefaultPredictor, weights loaded through the fit check
+        if onnx:
+            from sgr_d2.export import OnnxSemanticPredictor
+
+            self.predictor = OnnxSemanticPredictor(cfg, onnx)
+        else:
+            self.predictor = build_predictor(cfg)  # DefaultPredictor, weights loaded through the fit check
 
     def run_on_image(self, image: np.ndarray) -> Tuple[Dict, object, Optional[torch.Tensor]]:
         """

@@ -29,6 +29,7 @@ from ..config import add_sgr_config, validate_sgr_config
 from ..data import SemSegDatasetMapper
 from ..evaluation import SGRSemSegEvaluator
 from ..modeling import SemanticSegmentorWithTTA
+from .amp import build_amp_trainer
 from .checkpoint import build_checkpointer
 from .hooks import FinalCheckpoint, NonFiniteLossGuard, UnlabelledImagesMonitor
 from .resume import (apply_config_hyperparameters, configured_hyperparameters, restart_data_loader,
@@ -167,20 +168,22 @@ class Trainer(DefaultTrainer):
 
     Also (docs/reliability.md): a NaN/inf loss stops training before its update, after saving
     ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an empty
-    training dataset is a clear error; several CPU workers (gloo) train with DDP.
+    training dataset is a clear error; several CPU workers (gloo) train with DDP;
+    ``SOLVER.AMP.ENABLED`` trains in float16 on CUDA and in bfloat16 on the CPU (``engine/amp.py``).
     """
 
     def __init__(self, cfg):
         from detectron2.engine import defaults
 
-        # DefaultTrainer.__init__ calls the module-level create_ddp_model of detectron2.engine.defaults
-        original = defaults.create_ddp_model
-        defaults.create_ddp_model = _create_ddp_model
+        # DefaultTrainer.__init__ calls the module-level create_ddp_model of detectron2.engine.defaults,
+        # and its AMPTrainer when SOLVER.AMP.ENABLED (CUDA only; build_amp_trainer adds the CPU).
+        original = defaults.create_ddp_model, defaults.AMPTrainer
+        defaults.create_ddp_model, defaults.AMPTrainer = _create_ddp_model, build_amp_trainer
         try:
             with _clear_dataset_errors("DATASETS.TRAIN", cfg.DATASETS.TRAIN):
                 super().__init__(cfg)
         finally:
-            defaults.create_ddp_model = original
+            defaults.create_ddp_model, defaults.AMPTrainer = original
         self.loss_guard = NonFiniteLossGuard(self)
         self.label_monitor = UnlabelledImagesMonitor(self)
         # the training sampler's stream position: restored on resume (docs/reliability.md §1)

@@ -3,12 +3,14 @@
 * :class:`SGRModule` — the component (SGR_SPEC §1);
 * :func:`connected_components` — supervision targets (SGR_SPEC §2);
 * :func:`pairwise_cost`, :func:`match_tokens` — the cost matrix and matching;
-* :class:`SGRCriterion` — the union, class and diversity losses with the β weighting.
+* :class:`SGRCriterion` — the union, class and diversity losses with the β weighting;
+* :func:`autocast_off` — what keeps the sensitive parts in float32 under mixed precision.
 """
 from .components import component_label_map, connected_components
 from .losses import SGRCriterion, downsample_component_labels, downsample_components, weighted_bce, weighted_dice
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 from .module import SGRModule
+from .precision import autocast_off
 
 __all__ = [
     "SGRModule",
@@ -22,4 +24,5 @@ __all__ = [
     "weighted_bce",
     "weighted_dice",
     "MATCHING_MODES",
+    "autocast_off",
 ]

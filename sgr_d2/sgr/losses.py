@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
+from .precision import autocast_off
 
 __all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
            "weighted_dice", "world_mean_count"]
@@ -94,7 +95,8 @@ class SGRCriterion(nn.Module):
       * ``targets``: one dict per image with ``classes`` (N,) int64 and either ``labels``, the
         (H, W) component-id map (-1 = no component) at the (padded) input resolution, as the
         dataset mapper emits it, or ``masks``, (N, H, W) bool.
-    Returns ``{"loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}``, already weighted.
+    Returns ``{"loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}``, already weighted, computed in
+    float32 with autocast off whatever the caller's autocast state (mixed-precision training).
 
     Every parameter that produced ``region_maps`` and ``token_logits`` is in the graph of the
     returned terms, even for a batch without components (a zero contribution), as
@@ -134,6 +136,12 @@ class SGRCriterion(nn.Module):
         return match_tokens(cost, min(self.num_matched, regions.shape[0]), self.matching)
 
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
+        # In float32 with autocast off (AMP): the matching cost, the assignment and the losses.
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        with autocast_off(outputs["region_maps"].device):
+            return self._forward(outputs, targets)
+
+    def _forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
         regions = outputs["region_maps"]
         token_logits: Optional[torch.Tensor] = outputs.get("token_logits")
         b, k, h, w = regions.shape

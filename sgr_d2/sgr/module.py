@@ -6,6 +6,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .precision import autocast_off
+
 __all__ = ["SGRModule"]
 
 
@@ -98,12 +100,16 @@ class SGRModule(nn.Module):
                 f"SGRModule expects a (B, {self.in_channels}, H, W) feature map, got {tuple(x.shape)}"
             )
         logits = self.region_conv(x)  # (B, K, H, W)
-        regions = logits.softmax(dim=1)
         values = self.value_conv(x)  # (B, C, H, W)
-        b, k = regions.shape[:2]
-        p = regions.flatten(2)  # (B, K, HW)
-        v = values.flatten(2).transpose(1, 2)  # (B, HW, C)
-        tokens = torch.bmm(p, v) / (p.sum(dim=2, keepdim=True) + self.eps)  # (B, K, C)
+        b, k = logits.shape[:2]
+        # The region softmax and the token average in float32 whatever the autocast state (AMP):
+        # the region maps feed the losses, whose log(1 - P) a bfloat16 P (1 - 1e-6 rounds to 1)
+        # would make infinite. Without autocast this changes nothing.
+        with autocast_off(x.device):
+            regions = logits.float().softmax(dim=1)
+            p = regions.flatten(2)  # (B, K, HW)
+            v = values.float().flatten(2).transpose(1, 2)  # (B, HW, C)
+            tokens = torch.bmm(p, v) / (p.sum(dim=2, keepdim=True) + self.eps)  # (B, K, C)
         tokens = self.encoder_norm(self.encoder(tokens))
         reproj = torch.bmm(tokens.transpose(1, 2), p)  # (B, C, HW)
         reproj = reproj.view(b, self.token_dim, *x.shape[2:])

@@ -15,7 +15,9 @@ __all__ = ["DilatedFCNHead", "PerPixelHead", "per_pixel_loss", "classifier", "co
 
 
 def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
-    """Per-pixel cross-entropy of ``logits`` upsampled ×``scale`` to the target resolution."""
+    """Per-pixel cross-entropy of ``logits`` upsampled ×``scale`` to the target resolution (in
+    float32, also under mixed precision, as detectron2's ``SemSegFPNHead`` does)."""
+    logits = logits.float()
     if scale != 1:
         logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
     if logits.shape[-2:] != targets.shape[-2:]:

@@ -27,6 +27,26 @@ def _resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def adaptive_avg_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)``; during ONNX export the same averages as two matrix
+    products, ``P_h @ x @ P_wᵀ`` (the exporter needs the input's spatial size for adaptive pooling,
+    and Swin's reshapes hide it; the matrices are built for the traced size)."""
+    if not torch.onnx.is_in_onnx_export():
+        return F.adaptive_avg_pool2d(x, size)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    return _pooling_matrix(h, size, x) @ x @ _pooling_matrix(w, size, x).T
+
+
+def _pooling_matrix(n: int, s: int, like: torch.Tensor) -> torch.Tensor:
+    """(s, n): row i averages the cells ``floor(i n / s) .. ceil((i + 1) n / s) - 1``, PyTorch's
+    adaptive-pooling bins."""
+    i = torch.arange(s).unsqueeze(1)
+    j = torch.arange(n).unsqueeze(0)
+    inside = (j >= i * n // s) & (j < ((i + 1) * n + s - 1) // s)
+    m = inside.to(like.dtype)
+    return (m / m.sum(1, keepdim=True)).to(like.device)
+
+
 class PyramidPooling(nn.Module):
     """PSPNet's pooling module: the input and, for each scale s, an s×s average pooling followed
     by a 1×1 conv and bilinear upsampling, concatenated and fused by a 3×3 conv.
@@ -44,7 +64,7 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        outs = [x] + [_resize(conv(F.adaptive_avg_pool2d(x, s)), size) for s, conv in zip(self.scales, self.convs)]
+        outs = [x] + [_resize(conv(adaptive_avg_pool2d(x, s)), size) for s, conv in zip(self.scales, self.convs)]
         return self.bottleneck(torch.cat(outs, dim=1))
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...sgr.losses import world_mean_count
+from ...sgr.precision import autocast_off
 from .config import MASK_LOSS_TYPES
 from .losses import (
     dice_loss,
@@ -131,7 +132,12 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """``outputs``: ``pred_logits``, ``pred_masks`` and optionally ``aux_outputs`` (a list of dicts
         with the same keys); ``targets``: per image ``labels`` (N,) int64 and ``masks`` (N, H, W).
-        Returns the unweighted losses."""
+        Returns the unweighted losses, computed in float32 with autocast off (the matching, the point
+        sampling and the losses; as MaskFormer / Mask2Former do under mixed precision)."""
+        with autocast_off(outputs["pred_logits"].device):
+            return self._forward(outputs, targets)
+
+    def _forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
         num_masks = world_mean_count(sum(len(t["labels"]) for t in targets), device)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}

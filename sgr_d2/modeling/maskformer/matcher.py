@@ -9,6 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
+from ...sgr.precision import autocast_off
 from .config import MASK_LOSS_TYPES
 from .losses import pairwise_dice, pairwise_sigmoid_ce, pairwise_sigmoid_focal, point_sample
 
@@ -45,7 +46,12 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, logits: torch.Tensor, masks: torch.Tensor, tgt_labels: torch.Tensor,
                     tgt_masks: torch.Tensor) -> torch.Tensor:
-        """(Q, num_classes + 1) logits, (Q, h, w) mask logits, (N,) labels, (N, H, W) masks -> (Q, N)."""
+        """(Q, num_classes + 1) logits, (Q, h, w) mask logits, (N,) labels, (N, H, W) masks -> (Q, N),
+        in float32 with autocast off."""
+        with autocast_off(logits.device):
+            return self._cost_matrix(logits, masks, tgt_labels, tgt_masks)
+
+    def _cost_matrix(self, logits, masks, tgt_labels, tgt_masks):
         prob = logits.float().softmax(-1)
         cost_class = -prob[:, tgt_labels]
         out = masks.float()

@@ -1,0 +1,65 @@
+"""``SOLVER.AMP.ENABLED`` on any device: float16 with gradient scaling on CUDA, bfloat16 on the CPU.
+
+detectron2's ``DefaultTrainer`` builds its ``AMPTrainer`` when AMP is enabled; that trainer
+asserts CUDA (v0.6 and upstream main alike) and its autocast is CUDA's, which leaves CPU tensors
+alone. :func:`build_amp_trainer` is what sgr_d2's ``Trainer`` builds instead: detectron2's
+``AMPTrainer`` for a model on CUDA, :class:`CPUAutocastTrainer` for a model on the CPU.
+
+The parts that must not run in low precision (SGR's region softmax, token average, matching and
+losses; the MaskFormer criterion; the per-pixel cross-entropy) switch autocast off themselves
+(``sgr_d2.sgr.autocast_off``), whoever runs them.
+"""
+from __future__ import annotations
+
+import torch
+
+from detectron2.engine import AMPTrainer, SimpleTrainer
+
+__all__ = ["CPUAutocastTrainer", "build_amp_trainer"]
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` whose forward pass (the model and its losses) runs under CPU
+    autocast in ``precision`` (bfloat16).
+
+    Only the model call of ``run_step`` is under autocast (entered by a forward pre-hook on the
+    model, left by its forward hook); the backward pass and the optimiser step run outside it, as
+    PyTorch recommends, and the parameters stay float32. No gradient scaling: bfloat16 has the
+    exponent range of float32. Forward passes outside ``run_step`` (evaluation hooks) are not
+    affected. ``run_step`` itself is detectron2's, whichever version is installed.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *args, precision: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(model, data_loader, optimizer, *args, **kwargs)
+        self.precision = precision
+        self._in_step = False
+        self._autocast = None
+        self._hook_handles = [model.register_forward_pre_hook(self._enter_autocast),
+                              model.register_forward_hook(self._leave_autocast)]
+
+    def _enter_autocast(self, module, args) -> None:
+        if self._in_step and self._autocast is None:
+            self._autocast = torch.autocast(device_type="cpu", dtype=self.precision)
+            self._autocast.__enter__()
+
+    def _leave_autocast(self, module=None, args=None, output=None) -> None:
+        if self._autocast is not None:
+            ctx, self._autocast = self._autocast, None
+            ctx.__exit__(None, None, None)
+
+    def run_step(self):
+        self._in_step = True
+        try:
+            return super().run_step()
+        finally:
+            self._in_step = False
+            self._leave_autocast()  # when the forward pass raised
+
+
+def build_amp_trainer(model, data_loader, optimizer, *args, **kwargs):
+    """The trainer for ``SOLVER.AMP.ENABLED``: detectron2's ``AMPTrainer`` (float16 autocast and a
+    ``GradScaler``) when the model is on CUDA, :class:`CPUAutocastTrainer` (bfloat16) otherwise."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        return AMPTrainer(model, data_loader, optimizer, *args, **kwargs)
+    return CPUAutocastTrainer(model, data_loader, optimizer, *args, **kwargs)
