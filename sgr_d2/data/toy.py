@@ -32,7 +32,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 
-__all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene"]
+__all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene",
+           "write_generated_split", "load_generated_split", "register_generated"]
 
 TOY_CLASSES = ["sky", "grass", "wall", "ball", "box", "kite"]
 TOY_COLORS = [[135, 206, 235], [60, 160, 60], [150, 120, 100], [230, 60, 60], [170, 130, 90], [240, 90, 60]]
@@ -103,14 +104,16 @@ def _stamp(n, seed):
     return {"version": TOY_VERSION, "size": TOY_SIZE, "count": n, "seed": seed}
 
 
-def generate_toy_split(split: str, root: Path | None = None) -> Path:
-    """Write the split's files under ``root`` (idempotent; rewritten if the recipe changed)."""
-    if split not in TOY_SPLITS:
-        raise KeyError(f"sgr_toy has splits {sorted(TOY_SPLITS)}, not {split!r}")
-    root = Path(root) if root is not None else toy_root()
-    n, seed = TOY_SPLITS[split]
+def write_generated_split(root: Path, split: str, count: int, seed: int, draw, stamp: dict,
+                          image_ext: str = "jpg") -> Path:
+    """Draw ``count`` scenes ``draw(seed + i)`` -> (rgb, labels, instance ids) into ``root`` as
+    ``images/<split>/NNNN.<image_ext>``, ``annotations/<split>/NNNN.png`` and
+    ``instances/<split>/NNNN.png``. Idempotent: nothing is written when ``root/.<split>.json``
+    already holds ``stamp``; a changed stamp (recipe) rewrites the split. The generated toy
+    datasets (this module, :mod:`.toy_context`) all go through here."""
+    root = Path(root)
     stamp_file = root / f".{split}.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(n, seed):
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return root
     root.mkdir(parents=True, exist_ok=True)
     # Draw into a temporary folder, then move into place: concurrent users never see half a split.
@@ -118,9 +121,10 @@ def generate_toy_split(split: str, root: Path | None = None) -> Path:
         tmp = Path(tmp)
         for sub in ("images", "annotations", "instances"):
             (tmp / sub).mkdir()
-        for i in range(n):
-            rgb, sem, inst = draw_scene(seed + i)
-            cv2.imwrite(str(tmp / "images" / f"{i:04d}.jpg"), rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_ext == "jpg" else []
+        for i in range(count):
+            rgb, sem, inst = draw(seed + i)
+            cv2.imwrite(str(tmp / "images" / f"{i:04d}.{image_ext}"), rgb[:, :, ::-1], params)
             cv2.imwrite(str(tmp / "annotations" / f"{i:04d}.png"), sem)
             cv2.imwrite(str(tmp / "instances" / f"{i:04d}.png"), inst)
         for sub in ("images", "annotations", "instances"):
@@ -130,37 +134,56 @@ def generate_toy_split(split: str, root: Path | None = None) -> Path:
                 shutil.rmtree(dest)
             os.replace(tmp / sub, dest)
     tmp_stamp = stamp_file.with_suffix(".tmp")
-    tmp_stamp.write_text(json.dumps(_stamp(n, seed)))
+    tmp_stamp.write_text(json.dumps(stamp))
     os.replace(tmp_stamp, stamp_file)
     return root
 
 
-def _load(split: str):
-    root = generate_toy_split(split)
+def load_generated_split(root: Path, split: str, image_ext: str = "jpg"):
+    """detectron2 dicts of a split written by :func:`write_generated_split`, each with its
+    ``instance_file_name``."""
     dicts = load_sem_seg(str(root / "annotations" / split), str(root / "images" / split),
-                         gt_ext="png", image_ext="jpg")
+                         gt_ext="png", image_ext=image_ext)
     for d in dicts:
         stem = Path(d["file_name"]).stem
         d["instance_file_name"] = str(root / "instances" / split / f"{stem}.png")
     return dicts
 
 
-def register_toy():
-    for split in TOY_SPLITS:
-        name = f"sgr_toy_sem_seg_{split}"
+def register_generated(prefix: str, splits, load, root: Path, **metadata):
+    """Register ``<prefix>_<split>`` for each split (``load(split)`` gives its dicts) with
+    semantic-segmentation metadata; a name already registered is left alone."""
+    for split in splits:
+        name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(name, lambda s=split: _load(s))
-        root = toy_root()
+        DatasetCatalog.register(name, lambda s=split: load(s))
         MetadataCatalog.get(name).set(
-            stuff_classes=list(TOY_CLASSES),
-            stuff_colors=[list(c) for c in TOY_COLORS],
-            thing_classes=["ball", "box", "kite"],
             image_root=str(root / "images" / split),
             sem_seg_root=str(root / "annotations" / split),
             ignore_label=IGNORE,
             evaluator_type="sem_seg",
+            **metadata,
         )
+
+
+def generate_toy_split(split: str, root: Path | None = None) -> Path:
+    """Write the split's files under ``root`` (idempotent; rewritten if the recipe changed)."""
+    if split not in TOY_SPLITS:
+        raise KeyError(f"sgr_toy has splits {sorted(TOY_SPLITS)}, not {split!r}")
+    root = Path(root) if root is not None else toy_root()
+    n, seed = TOY_SPLITS[split]
+    return write_generated_split(root, split, n, seed, draw_scene, _stamp(n, seed))
+
+
+def _load(split: str):
+    return load_generated_split(generate_toy_split(split), split)
+
+
+def register_toy():
+    register_generated("sgr_toy_sem_seg", TOY_SPLITS, _load, toy_root(),
+                       stuff_classes=list(TOY_CLASSES), stuff_colors=[list(c) for c in TOY_COLORS],
+                       thing_classes=["ball", "box", "kite"])
 
 
 register_toy()
