@@ -110,19 +110,24 @@ def test_runner_reads_the_last_evaluation_and_the_median_step(tmp_path):
     assert experiments.read_last_evaluation(str(tmp_path)) == {"sem_seg/mIoU": 40.0, "sem_seg/IoU-sky": 70.0}
     with pytest.raises(FileNotFoundError, match="peak_memory.json"):
         experiments.read_run(str(tmp_path))
+    (tmp_path / "metrics.json").write_text(json.dumps(lines[-1]) + "\n")
+    assert math.isnan(experiments.median_step_time(str(tmp_path)))  # too short a run to be timed
     (tmp_path / "metrics.json").write_text('{"iteration": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 2: not JSON"):
         experiments.read_last_evaluation(str(tmp_path))
 
 
 @pytest.mark.slow
-def test_compare_trains_a_pair_and_reads_back_both_evaluations(tmp_path):
-    """One seed, two iterations, the multi-scale test reduced to scale 1 without flip: its mIoU
-    must then equal the single-scale one (the same model, read from results_TTA.json)."""
+def test_compare_trains_a_pair_and_reads_back_both_evaluations(tmp_path, monkeypatch):
+    """One seed, five iterations (the first three are not timed), evaluation at 32 px, the
+    multi-scale test reduced to scale 1 without flip: its mIoU must then equal the single-scale
+    one (the same model, read from results_TTA.json)."""
     tool = _tool()
-    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "2", "--output", str(tmp_path),
-                         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "TEST.AUG.SCALES", "[1.0]",
-                         "TEST.AUG.FLIP", "False", "SOLVER.CHECKPOINT_PERIOD", "1000"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children: no thread contention on a shared CPU
+    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "5", "--output", str(tmp_path),
+                         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+                         "INPUT.MIN_SIZE_TEST", "32", "TEST.AUG.SCALES", "[1.0]", "TEST.AUG.FLIP", "False",
+                         "SOLVER.CHECKPOINT_PERIOD", "1000"])
     variants = results["dil_fcn_r18"]["variants"]
     for v in ("baseline", "sgr"):
         run = variants[v]["runs"][0]
