@@ -63,7 +63,7 @@ def test_the_validation_files_hold_both_worlds_and_the_cue_in_every_image():
         cloth = (img_r != img_b).any(axis=2)
         assert (sem_r[cloth] == tc.FLAG).all() and (sem_b[cloth] == tc.FLAG).all()
         # ... which is in every image and says which team: red in the first, blue in the second
-        assert cloth.sum() >= 16 * 12
+        assert cloth.sum() >= 20 * 12
         assert (img_r[cloth][:, 0].astype(int) > img_r[cloth][:, 2] + 60).all()
         assert (img_b[cloth][:, 2].astype(int) > img_b[cloth][:, 0] + 60).all()
         for sem, team in ((sem_r, tc.RED_TEAM), (sem_b, tc.BLUE_TEAM)):
@@ -155,7 +155,7 @@ def test_the_context_configs_share_the_recipe_and_keep_the_flag_out_of_reach():
     assert tuple(base.INPUT.MIN_SIZE_TRAIN) == (tc.HEIGHT,) and not base.INPUT.CROP.ENABLED
     assert not base.INPUT.COLOR_AUG and base.INPUT.MIN_SIZE_TEST == tc.HEIGHT
     assert min(base.TEST.AUG.SCALES) >= 1.0
-    assert base.MODEL.SEM_SEG_HEAD.NUM_CLASSES == len(tc.CONTEXT_CLASSES) and base.SOLVER.IMS_PER_BATCH == 4
+    assert base.MODEL.SEM_SEG_HEAD.NUM_CLASSES == len(tc.CONTEXT_CLASSES) and base.SOLVER.IMS_PER_BATCH == 8
 
 
 def test_the_ceiling_tool_prints_the_figures_of_docs_method(capsys):
@@ -168,7 +168,7 @@ def test_the_ceiling_tool_prints_the_figures_of_docs_method(capsys):
     tool.main(["--radii", "344", "400"])
     out = capsys.readouterr().out
     assert "sgr_toy_context val: 20 scenes, each drawn with a red and a blue flag" in out
-    assert "| 344 | 98.75% | 50.00% |" in out and "| 400 | 99.16% | 66.51% |" in out
+    assert "| 344 | 96.99% | 50.00% |" in out and "| 400 | 98.01% | 66.85% |" in out
     assert "mIoU of a local classifier <= 73.3" in out
     assert "reach of configs/toy/dil_fcn_r18_context.yaml: 324 px" in out
     train = tc.split_scenes("train")

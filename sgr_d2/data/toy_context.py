@@ -4,14 +4,14 @@ The shape toy (:mod:`.toy`) is solved by local colour and shape. This one is bui
 pixel's neighbourhood — everything a convolutional model without SGR sees — says nothing about
 the class of the objects that matter; only something at the far end of the image does.
 
-Scene (64 × 512 pixels, a horizontal strip; ``draw_context_scene``):
+Scene (32 × 512 pixels, a horizontal strip; ``draw_context_scene``):
 
 * ``ground`` everywhere else (one tint per image, a vertical gradient, noise);
-* ``rock``: 3–6 squares anywhere along the strip (locally recognisable by their shape);
-* ``flag``: a cloth on a pole, inside the first ``FLAG_ZONE`` = 40 columns at one end. The
-  cloth's colour is the **cue**: red or blue;
-* ``red_team`` / ``blue_team``: 3–5 discs, all inside the columns from ``TEAM_START`` = 384 on
-  (the far end). **Team discs are drawn identically whatever their class**; their class is
+* ``rock``: 4–8 squares anywhere along the strip (locally recognisable by their shape);
+* ``flag``: a cloth (at least 20 × 12 pixels) inside the first ``FLAG_ZONE`` = 40 columns at one
+  end. Its colour is the **cue**: red or blue;
+* ``red_team`` / ``blue_team``: 3–5 discs (radius 7–12), all inside the columns from
+  ``TEAM_START`` = 384 on (the far end). **Team discs are drawn identically whatever their class**; their class is
   ``red_team`` when the flag is red and ``blue_team`` when it is blue. All discs of an image
   share the class, so a class has several disconnected components.
 
@@ -75,10 +75,10 @@ TEAMS = (RED_TEAM, BLUE_TEAM)
 # split: (number of images, first scene seed, paired). A paired split holds each scene twice,
 # red flag then blue flag (image 2i and 2i + 1 are scene seed + i in the two worlds).
 CONTEXT_SPLITS = {"train": (200, 5000, False), "val": (40, 6000, True)}
-HEIGHT, WIDTH = 64, 512
+HEIGHT, WIDTH = 32, 512
 FLAG_ZONE = 40  # flag pixels lie in columns [0, FLAG_ZONE) (before the mirror)
 TEAM_START = 384  # team pixels lie in columns [TEAM_START, WIDTH) (before the mirror)
-CONTEXT_VERSION = 1
+CONTEXT_VERSION = 2
 _FLAG_RGB = {RED_TEAM: (215, 45, 45), BLUE_TEAM: (45, 65, 215)}
 
 
@@ -103,7 +103,7 @@ def split_scenes(split: str):
 
 
 def draw_context_scene(seed: int, team: int | None = None):
-    """(rgb uint8 (64, 512, 3), labels uint8, instance ids uint8) of scene ``seed`` with a red
+    """(rgb uint8 (32, 512, 3), labels uint8, instance ids uint8) of scene ``seed`` with a red
     (``team`` = ``RED_TEAM``) or blue (``BLUE_TEAM``) flag; the default is :func:`scene_team`.
     The flag's colour and the team discs' labels are the only things ``team`` changes."""
     if team is None:
@@ -119,28 +119,24 @@ def draw_context_scene(seed: int, team: int | None = None):
     img = np.broadcast_to(tint, (h, w, 3)).copy()
     img += ((yy - h / 2) * rng.uniform(-0.4, 0.4))[..., None]
     next_id = 1
-    for _ in range(int(rng.integers(3, 7))):  # rocks, anywhere
-        r = int(rng.integers(4, 9))
+    for _ in range(int(rng.integers(4, 9))):  # rocks, anywhere
+        r = int(rng.integers(3, 8))
         cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
         sq = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
         img[sq] = np.array([92, 82, 72], np.float32) + rng.uniform(-12, 12, 3)
         sem[sq], inst[sq] = ROCK, next_id
         next_id += 1
-    # the flag: a pole and a cloth, inside the first FLAG_ZONE columns
-    pole_x = int(rng.integers(4, 12))
-    top = int(rng.integers(4, 20))
-    cloth_w, cloth_h = int(rng.integers(16, FLAG_ZONE - pole_x - 1)), int(rng.integers(12, 22))
-    pole = (xx >= pole_x) & (xx < pole_x + 2) & (yy >= top)
-    cloth = (xx >= pole_x + 2) & (xx < pole_x + 2 + cloth_w) & (yy >= top) & (yy < top + cloth_h)
-    pole_rgb = np.array([60, 50, 40], np.float32) + rng.uniform(-8, 8, 3)
+    # the flag: a cloth inside the first FLAG_ZONE columns
+    x0 = int(rng.integers(2, 8))
+    cloth_w, cloth_h = int(rng.integers(20, FLAG_ZONE - x0 + 1)), int(rng.integers(12, 21))
+    top = int(rng.integers(1, h - cloth_h))
+    cloth = (xx >= x0) & (xx < x0 + cloth_w) & (yy >= top) & (yy < top + cloth_h)
     cloth_jitter = rng.uniform(-15, 15, 3)  # drawn in both worlds: only the colour differs
-    img[pole] = pole_rgb
     img[cloth] = np.array(_FLAG_RGB[team], np.float32) + cloth_jitter
-    sem[pole | cloth] = FLAG
-    inst[pole | cloth] = 0
+    sem[cloth], inst[cloth] = FLAG, 0
     # the team: identical discs at the far end, their class set by the flag
     for _ in range(int(rng.integers(3, 6))):
-        r = int(rng.integers(6, 11))
+        r = int(rng.integers(7, 13))
         cy, cx = int(rng.integers(r, h - r)), int(rng.integers(TEAM_START + r, w - r))
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         img[disc] = np.array([205, 205, 200], np.float32) + rng.uniform(-15, 15, 3)
