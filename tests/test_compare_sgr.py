@@ -139,3 +139,29 @@ def test_compare_trains_a_pair_and_reads_back_both_evaluations(tmp_path, monkeyp
     assert all(0.0 <= variants["sgr"]["runs"][0][k] <= 1.0 for k in ("S_C", "D_C", "S_I", "D_I"))
     log = (tmp_path / "dil_fcn_r18" / "sgr" / "seed1" / "train_stdout.log").read_text()
     assert "SEED 1" in log.splitlines()[0] and "TEST.AUG.ENABLED False" in log.splitlines()[0]
+
+
+def test_make_compare_runs_both_toys_dilated_fcn_pairs_over_three_seeds():
+    """What README / docs/evidence.md say `make compare` does."""
+    args = _tool().get_parser().parse_args([])
+    assert args.pairs == ["dil_fcn_r18", "dil_fcn_r18_context"] and args.seeds == 3 and not args.ablate
+    with open(os.path.join(REPO, "Makefile")) as f:
+        make = f.read()
+    target = make[make.index("\ncompare: $(STAMP)\n"):].split("\n\n")[0]
+    assert "$(PY) tools/compare_sgr.py --output $(COMPARE_OUT)" in target
+    assert "COMPARE_OUT ?= output/compare" in make
+
+
+def test_each_ablation_zeroes_its_own_term_of_the_sgr_config():
+    from sgr_d2.engine import load_config
+
+    tool = _tool()
+    sgr_config = os.path.join(REPO, "configs", "toy", "dil_fcn_r18_context_sgr.yaml")
+    keys = ("UNION_WEIGHT", "CLASS_WEIGHT", "DIVERSITY_WEIGHT", "LOSS_WEIGHT")
+    zeroed = {}
+    for name, (_, opts) in tool.ABLATIONS.items():
+        sgr = load_config(sgr_config, opts).MODEL.SGR  # the overrides must merge (a float key)
+        zeroed[name] = [k for k in keys if sgr[k] == 0.0]
+        assert all(sgr[k] > 0 for k in keys if k not in zeroed[name])
+    assert zeroed == {"no_union": ["UNION_WEIGHT"], "no_class": ["CLASS_WEIGHT"],
+                      "no_diversity": ["DIVERSITY_WEIGHT"], "unsupervised": ["LOSS_WEIGHT"]}

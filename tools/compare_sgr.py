@@ -39,10 +39,10 @@ sys.path.insert(0, REPO)
 DEFAULT_PAIRS = ["dil_fcn_r18", "dil_fcn_r18_context"]
 # variant: (label, the SGR config's overrides); "baseline" is the config without SGR
 ABLATIONS = {
-    "no_union": ("SGR w/o union loss", ["MODEL.SGR.UNION_WEIGHT", "0"]),
-    "no_class": ("SGR w/o class term", ["MODEL.SGR.CLASS_WEIGHT", "0"]),
-    "no_diversity": ("SGR w/o diversity term", ["MODEL.SGR.DIVERSITY_WEIGHT", "0"]),
-    "unsupervised": ("SGR, regions unsupervised (β = 0)", ["MODEL.SGR.LOSS_WEIGHT", "0"]),
+    "no_union": ("SGR w/o union loss", ["MODEL.SGR.UNION_WEIGHT", "0.0"]),
+    "no_class": ("SGR w/o class term", ["MODEL.SGR.CLASS_WEIGHT", "0.0"]),
+    "no_diversity": ("SGR w/o diversity term", ["MODEL.SGR.DIVERSITY_WEIGHT", "0.0"]),
+    "unsupervised": ("SGR, regions unsupervised (β = 0)", ["MODEL.SGR.LOSS_WEIGHT", "0.0"]),
 }
 LABELS = {"baseline": "baseline", "sgr": "SGR", **{k: v[0] for k, v in ABLATIONS.items()}}
 TOKEN_METRICS = ("S_C", "D_C", "S_I", "D_I")
