@@ -39,7 +39,8 @@ def _fake_run(path, miou, miou_tta, times, peak, ious, tokens=None):
     """A finished run's folder as train_and_evaluate leaves it."""
     os.makedirs(path)
     lines = [{"iteration": 19 + 20 * i, "time": t, "total_loss": 1.0} for i, t in enumerate(times)]
-    ev = {"iteration": 299, "sem_seg/mIoU": miou, **{f"sem_seg/IoU-{c}": v for c, v in zip(TOY_CLASSES, ious)}}
+    ev = {"iteration": 299, "sem_seg/mIoU": miou, **{f"sem_seg/IoU-{c}": v for c, v in zip(TOY_CLASSES, ious)},
+          **{f"sem_seg/ACC-{c}": v + 1 for c, v in zip(TOY_CLASSES, ious)}}
     ev.update({f"token_semantics/{k}": v for k, v in (tokens or {}).items()})
     lines.append(ev)
     with open(os.path.join(path, "metrics.json"), "w") as f:
@@ -86,6 +87,7 @@ def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
     assert saved["std"] == "sample (ddof=1)" and saved["seeds"] == [1, 2, 3]
     assert saved["pairs"]["dil_fcn_r18"]["variants"]["baseline"]["summary"]["S_C"] == [None, None]
     assert [r["mIoU"] for r in saved["pairs"]["dil_fcn_r18"]["variants"]["sgr"]["runs"]] == [60.6, 61.7, 61.2]
+    assert saved["pairs"]["dil_fcn_r18"]["variants"]["baseline"]["summary"]["ACC-kite"] == pytest.approx([21.0, 10.0])
     assert (root / "compare.md").read_text().startswith("`python tools/compare_sgr.py --pairs dil_fcn_r18")
     with Image.open(root / "compare.png") as im:
         assert im.size == (500, 400)  # figsize (5, 4) per pair at dpi 100

@@ -21,7 +21,8 @@ Every figure is reported as mean ± std over the seeds, the **sample** standard 
 step of a run (``median_step_time``); peak memory: the training process's peak resident memory
 (its GPU peak on a GPU); both also as ratios of the means, model / baseline.
 
-Writes ``<output>/compare.json`` (every run and the summaries), ``<output>/compare.md`` (the
+Writes ``<output>/compare.json`` (every run and the summaries, with each class's accuracy
+``ACC-<class>`` too), ``<output>/compare.md`` (the
 tables, with the command and date; also printed) and ``<output>/compare.png`` (mIoU per seed).
 """
 import argparse
@@ -109,6 +110,7 @@ def run_record(run, seed, classes):
            "wall_s": run["wall_s"]}
     for c in classes:
         rec[f"IoU-{c}"] = m.get(f"sem_seg/IoU-{c}", math.nan)
+        rec[f"ACC-{c}"] = m.get(f"sem_seg/ACC-{c}", math.nan)  # recall of the class (JSON only)
     for k in TOKEN_METRICS:
         rec[k] = m.get(f"token_semantics/{k}", math.nan)
     return rec
@@ -228,7 +230,7 @@ def main(argv=None):
                 records[pair][v].append(run_record(run, seed, classes))
 
     keys_of = lambda classes: ["mIoU", "mIoU_TTA", "step_time_s", "peak_mib", "wall_s", *TOKEN_METRICS,  # noqa: E731
-                               *(f"IoU-{c}" for c in classes)]
+                               *(f"IoU-{c}" for c in classes), *(f"ACC-{c}" for c in classes)]
     results = {}
     for pair, (base_cfg, sgr_cfg, dataset, classes) in pairs.items():
         results[pair] = {
