@@ -83,6 +83,7 @@ def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
     assert "| model | " + " | ".join(TOY_CLASSES) + " |" in lines
     assert "| baseline | 90.0 ± 0.0 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 20.0 ± 10.0 |" in out
     assert "| SGR | 60.6 / 62.6 | 61.7 / 63.7 | 61.2 / 63.2 |" in out
+    assert "scores at most" not in out  # the shape toy has no local-classifier ceiling
     saved = json.loads((root / "compare.json").read_text())
     assert saved["std"] == "sample (ddof=1)" and saved["seeds"] == [1, 2, 3]
     assert saved["pairs"]["dil_fcn_r18"]["variants"]["baseline"]["summary"]["S_C"] == [None, None]
@@ -167,3 +168,15 @@ def test_each_ablation_zeroes_its_own_term_of_the_sgr_config():
         assert all(sgr[k] > 0 for k in keys if k not in zeroed[name])
     assert zeroed == {"no_union": ["UNION_WEIGHT"], "no_class": ["CLASS_WEIGHT"],
                       "no_diversity": ["DIVERSITY_WEIGHT"], "unsupervised": ["LOSS_WEIGHT"]}
+
+
+def test_compare_quotes_the_local_ceiling_of_the_context_toy(tmp_path, capsys):
+    tool = _tool()
+    for v, miou in (("baseline", 50.0), ("sgr", 60.0)):
+        _fake_run(str(tmp_path / "dil_fcn_r18_context" / v / "seed1"), miou, miou, [1.0], 900.0, [])
+    results = tool.main(["--pairs", "dil_fcn_r18_context", "--seeds", "1", "--output", str(tmp_path),
+                         "--skip-existing"])
+    out = capsys.readouterr().out
+    assert ("scores at most 73.3 mIoU on `sgr_toy_context_sem_seg_val`" in out
+            and "| SGR | 60.0 ± – | 60.0 ± – |" in out)
+    assert results["dil_fcn_r18_context"]["classes"] == ["ground", "flag", "rock", "red_team", "blue_team"]

@@ -53,7 +53,9 @@ def test_the_two_worlds_differ_only_in_the_flag_colour_and_the_team_labels(seed)
 def test_the_validation_files_hold_both_worlds_and_the_cue_in_every_image():
     dicts = DatasetCatalog.get("sgr_toy_context_sem_seg_val")
     assert len(dicts) == 40
-    assert MetadataCatalog.get("sgr_toy_context_sem_seg_val").stuff_classes == tc.CONTEXT_CLASSES
+    meta = MetadataCatalog.get("sgr_toy_context_sem_seg_val")
+    assert meta.stuff_classes == tc.CONTEXT_CLASSES
+    assert meta.local_miou_ceiling == pytest.approx(100 * (3 + 2 / 3) / 5)  # quoted by compare_sgr.py
     red_team_pixels, blue_team_pixels = [], []
     for i in range(0, len(dicts), 2):
         (img_r, sem_r), (img_b, sem_b) = [

@@ -21,6 +21,9 @@ Every figure is reported as mean ± std over the seeds, the **sample** standard 
 step of a run (``median_step_time``); peak memory: the training process's peak resident memory
 (its GPU peak on a GPU); both also as ratios of the means, model / baseline.
 
+Under a pair whose test set carries a ``local_miou_ceiling`` (the context toy), the table is
+followed by that ceiling: the best mIoU of a classifier that sees only a window around each pixel.
+
 Writes ``<output>/compare.json`` (every run and the summaries, with each class's accuracy
 ``ACC-<class>`` too), ``<output>/compare.md`` (the
 tables, with the command and date; also printed) and ``<output>/compare.png`` (mIoU per seed).
@@ -194,6 +197,8 @@ def plot(results, path):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     import sgr_d2  # noqa: F401
+    from detectron2.data import MetadataCatalog
+
     from sgr_d2.engine.experiments import read_run, train_and_evaluate
 
     if args.seeds < 1:
@@ -245,6 +250,10 @@ def main(argv=None):
           "step and memory ratios: model / baseline, of the means)", ""]
     for pair in results:
         md += [tables(pair, results[pair]["classes"], results[pair]["variants"]), ""]
+        ceiling = MetadataCatalog.get(results[pair]["dataset"]).get("local_miou_ceiling", None)
+        if ceiling is not None:
+            md += [f"A classifier that sees only a window around each pixel as wide as the baseline's reach "
+                   f"scores at most {ceiling:.1f} mIoU on `{results[pair]['dataset']}` (docs/method.md).", ""]
     text = "\n".join(md)
     print(text)
     os.makedirs(out_root, exist_ok=True)
