@@ -8,8 +8,9 @@ STAMP := $(VENV)/.sgr_d2-installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 DEMO_OUT ?= output/demo
+COMPARE_OUT ?= output/compare
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo compare test test-fast bench clean
 
 install: $(STAMP)
 
@@ -30,6 +31,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo_toy.py --output $(DEMO_OUT)
+
+# Baseline vs SGR on both toys, seeds 1-3 (tools/compare_sgr.py; its --help for more).
+compare: $(STAMP)
+	$(PY) tools/compare_sgr.py --output $(COMPARE_OUT)
 
 bench: $(STAMP)
 	$(PY) bench/sgr_overhead.py

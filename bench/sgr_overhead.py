@@ -16,7 +16,6 @@ with the overrides in ``FALLBACK``.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,6 +120,7 @@ def worker(args):
     import torch
 
     import sgr_d2  # noqa: F401
+    from sgr_d2.engine.experiments import peak_rss_mib
 
     cfg, model, opt = _build(args.config, json.loads(args.opts), args.device)
     batch = _random_batch(args.batch, args.size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
@@ -129,20 +129,8 @@ def worker(args):
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _peak_rss_mib()
+        peak = peak_rss_mib()
     print(json.dumps({"peak_mib": peak}))
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory. /proc's VmHWM belongs to this process alone;
-    getrusage's ru_maxrss can carry a forking parent's larger peak across exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_models(args):

@@ -1,15 +1,14 @@
 #!/usr/bin/env python
 """``make demo``: train SGR on the generated toy dataset on the CPU, evaluate it, draw its regions.
 
-1. trains ``configs/toy/dil_fcn_r18_sgr.yaml`` with ``train_net.py`` (the real command);
-2. evaluates the final checkpoint single-scale and multi-scale + flip (SGR_SPEC §4), with the
-   token-semantics metrics when ``sgr_d2.evaluation`` provides them;
-3. prints the mIoU beside that of a majority-class predictor (chance level for this data);
-4. writes a concept-region figure of the first validation image.
+1. trains ``configs/toy/dil_fcn_r18_sgr.yaml`` as ``train_net.py`` does, in a child process
+   (``sgr_d2.engine.experiments.train_and_evaluate``), which then evaluates the final checkpoint
+   single-scale with the token-semantics metrics and multi-scale + flip (SGR_SPEC §4);
+2. prints the mIoU beside that of a majority-class predictor (chance level for this data);
+3. writes a concept-region figure of the first validation image.
 """
 import argparse
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,8 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from sgr_d2.engine import Trainer, load_config, load_weights  # noqa: E402
+from sgr_d2.engine import load_config, load_weights  # noqa: E402
+from sgr_d2.engine.experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
 
@@ -59,23 +59,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = ["OUTPUT_DIR", str(out / "train"), "MODEL.DEVICE", "cpu"]
+    overrides = ["MODEL.DEVICE", "cpu"]
     if args.iters:
         overrides += ["SOLVER.MAX_ITER", str(args.iters)]
 
-    if not args.skip_train:
-        cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", args.config_file, *overrides]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+    train_dir = out / "train"
+    overrides += ["TEST.TOKEN_SEMANTICS", "True"]
+    if args.skip_train:
+        run = read_run(str(train_dir), tta=True)
+    else:  # trains and evaluates (single-scale with token semantics, then multi-scale + flip)
+        run = train_and_evaluate(args.config_file, overrides, str(train_dir), tta=True, log_file=None,
+                                 cwd=str(REPO))
+    single, multi = run["metrics"], run["metrics_TTA"]
 
-    weights = out / "train" / "model_final.pth"
-    cfg = load_config(args.config_file, overrides + ["MODEL.WEIGHTS", str(weights)])
-    cfg.TEST.TOKEN_SEMANTICS = True
+    weights = train_dir / "model_final.pth"
+    cfg = load_config(args.config_file, overrides + ["OUTPUT_DIR", str(train_dir), "MODEL.WEIGHTS", str(weights)])
     model = build_model(cfg)
     load_weights(cfg, model, str(weights))
     model.eval()
-    single = Trainer.test(cfg, model)
-    multi = Trainer.test_with_TTA(cfg, model)
     train_name, val_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
@@ -83,10 +84,10 @@ def main(argv=None):
     figure_ok = _concept_region_figure(cfg, model, val_name, fig)
 
     print("\n==== sgr_d2 demo: sgr_toy_sem_seg_val ====")
-    print(f"mIoU single-scale           : {single['sem_seg']['mIoU']:.2f}")
-    print(f"mIoU multi-scale + flip     : {multi['sem_seg_TTA']['mIoU']:.2f}")
+    print(f"mIoU single-scale           : {single['sem_seg/mIoU']:.2f}")
+    print(f"mIoU multi-scale + flip     : {multi['sem_seg_TTA/mIoU']:.2f}")
     print(f"mIoU majority-class baseline: {chance:.2f}")
-    ts = single.get("token_semantics")
+    ts = {k: single[f"token_semantics/{k}"] for k in TOKEN_METRICS if f"token_semantics/{k}" in single}
     if ts:
         print("token semantics             : " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
     if figure_ok:

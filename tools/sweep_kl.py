@@ -4,8 +4,9 @@
     python tools/sweep_kl.py                                  # K ∈ {128, 256, 512} × L ∈ {32, 64}
     python tools/sweep_kl.py --ks 32 64 --ls 8 16 --iters 100 --output output/sweep_kl_small
 
-Each run is ``train_net.py --config-file <config> MODEL.SGR.NUM_TOKENS K MODEL.SGR.NUM_MATCHED L
-TEST.TOKEN_SEMANTICS True [SOLVER.MAX_ITER iters] OUTPUT_DIR <output>/K<K>_L<L> [extra opts]``
+Each run trains ``<config> MODEL.SGR.NUM_TOKENS K MODEL.SGR.NUM_MATCHED L TEST.TOKEN_SEMANTICS True
+[SOLVER.MAX_ITER iters] [extra opts]`` into ``<output>/K<K>_L<L>`` as ``train_net.py`` would, in a
+child process (``sgr_d2.engine.experiments.train_and_evaluate``, log in ``train_stdout.log``)
 (default config: the toy Dil-FCN + SGR, whose 16×16 = 256 feature cells are fewer than K = 512:
 that is fine, tokens are soft regions and nothing requires K ≤ cells). The final evaluation's numbers are read back from
 the run's ``metrics.json``. Combinations with L > K are skipped. The table is printed and saved
@@ -15,12 +16,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from sgr_d2.engine.experiments import read_final_metrics, train_and_evaluate  # noqa: E402
 
 COLUMNS = ("K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I")
 
@@ -37,27 +39,6 @@ def get_parser():
                    help="reuse a run whose metrics.json already holds its final evaluation")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="more config overrides for every run")
     return p
-
-
-def read_final_metrics(output_dir: str) -> dict:
-    """mIoU and S_C, D_C, S_I, D_I of the last evaluation in ``<output_dir>/metrics.json``."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: the run did not finish its evaluation")
-    last = None
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rec = json.loads(line)
-                if "sem_seg/mIoU" in rec:
-                    last = rec
-    if last is None:
-        raise ValueError(f"{path} holds no evaluation ('sem_seg/mIoU' in no line)")
-    out = {"mIoU": float(last["sem_seg/mIoU"])}
-    for k in ("S_C", "D_C", "S_I", "D_I"):
-        out[k] = float(last.get(f"token_semantics/{k}", math.nan))
-    return out
 
 
 def format_table(rows) -> str:
@@ -79,25 +60,14 @@ def run_one(args, k: int, l: int) -> dict:
             return {"K": k, "L": l, **read_final_metrics(out_dir)}
         except (FileNotFoundError, ValueError):
             pass
-    os.makedirs(out_dir, exist_ok=True)
-    opts = ["MODEL.SGR.NUM_TOKENS", str(k), "MODEL.SGR.NUM_MATCHED", str(l), "TEST.TOKEN_SEMANTICS", "True",
-            "OUTPUT_DIR", out_dir]
+    opts = ["MODEL.SGR.NUM_TOKENS", str(k), "MODEL.SGR.NUM_MATCHED", str(l), "TEST.TOKEN_SEMANTICS", "True"]
     if args.iters is not None:
         opts += ["SOLVER.MAX_ITER", str(args.iters)]
     opts += list(args.opts)
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", args.config_file,
-           "--num-gpus", str(args.num_gpus), *opts]
-    log_path = os.path.join(out_dir, "train_stdout.log")
-    print(f"[sweep_kl] K={k} L={l}: {' '.join(cmd)}  (log: {log_path})", flush=True)
+    print(f"[sweep_kl] K={k} L={l}: train {args.config_file} {' '.join(opts)}  "
+          f"(log: {os.path.join(out_dir, 'train_stdout.log')})", flush=True)
     start = time.time()
-    if os.path.exists(os.path.join(out_dir, "metrics.json")):
-        os.remove(os.path.join(out_dir, "metrics.json"))  # a fresh run: no stale evaluations
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-30:])
-        raise RuntimeError(f"training K={k} L={l} failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+    train_and_evaluate(args.config_file, opts, out_dir, num_gpus=args.num_gpus, cwd=REPO)
     res = {"K": k, "L": l, **read_final_metrics(out_dir)}
     print(f"[sweep_kl] K={k} L={l} done in {time.time() - start:.0f}s: mIoU {res['mIoU']:.1f}", flush=True)
     return res

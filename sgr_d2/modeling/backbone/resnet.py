@@ -10,7 +10,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 __all__ = ["DilatedBasicBlock", "build_dilated_resnet_backbone", "build_dilated_resnet_fpn_backbone",
-           "stage_strides_and_dilations"]
+           "stage_strides_and_dilations", "receptive_field"]
 
 _DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
@@ -51,6 +51,57 @@ def stage_strides_and_dilations(output_stride: int):
     return table[output_stride]
 
 
+def _stage_plan(r):
+    """[(first block's stride, dilation of each block)] of res2..res5 for ``MODEL.RESNETS`` ``r``:
+    dilation from the output stride, times the multi-grid in a dilated res5."""
+    if r.DEPTH not in _DEPTHS:
+        raise ValueError(f"MODEL.RESNETS.DEPTH is {r.DEPTH}; expected one of {sorted(_DEPTHS)}")
+    grid = list(r.MULTI_GRID) or [1]
+    plan = []
+    for i, ((stride, dilation), n) in enumerate(zip(stage_strides_and_dilations(r.OUTPUT_STRIDE), _DEPTHS[r.DEPTH])):
+        dilations = [dilation] * n
+        if i == 3 and dilation > 1:
+            dilations = [dilation * grid[b % len(grid)] for b in range(n)]
+        plan.append((stride, dilations))
+    return plan
+
+
+def receptive_field(cfg):
+    """(size, stride) of the theoretical receptive field of one res5 cell of
+    ``build_dilated_resnet_backbone``: the side, in input pixels, of the square of pixels it
+    depends on, and the cells' spacing. Walks the layers: a k×k layer with dilation d adds
+    (k−1)·d·(current stride) — detectron2's stem (7×7/2 conv, 3×3/2 max-pool), then each
+    block's convs (basic: two 3×3; bottleneck: 1×1, 3×3, 1×1 with the stride in the first 1×1
+    when ``STRIDE_IN_1X1``). Cell i is centred on input pixel stride·i (every layer pads by
+    (k−1)·d/2). Checked against the gradient support of a built model in
+    ``tests/test_toy_context.py``."""
+    r = cfg.MODEL.RESNETS
+    size, jump = 1, 1
+
+    def layer(k, stride=1, dilation=1):
+        nonlocal size, jump
+        size += (k - 1) * dilation * jump
+        jump *= stride
+
+    layer(7, 2)
+    layer(3, 2)
+    for stride, dilations in _stage_plan(r):
+        for b, d in enumerate(dilations):
+            s = stride if b == 0 else 1
+            if r.DEPTH in (18, 34):
+                layer(3, s, d)
+                layer(3, 1, d)
+            elif r.STRIDE_IN_1X1:
+                layer(1, s)
+                layer(3, 1, d)
+                layer(1)
+            else:
+                layer(1)
+                layer(3, s, d)
+                layer(1)
+    return size, jump
+
+
 @BACKBONE_REGISTRY.register()
 def build_dilated_resnet_backbone(cfg, input_shape: ShapeSpec):
     """ResNet-18..152 whose last downsamplings are replaced by dilation (MODEL.RESNETS.OUTPUT_STRIDE),
@@ -58,18 +109,13 @@ def build_dilated_resnet_backbone(cfg, input_shape: ShapeSpec):
     r = cfg.MODEL.RESNETS
     norm = r.NORM
     depth = r.DEPTH
-    if depth not in _DEPTHS:
-        raise ValueError(f"MODEL.RESNETS.DEPTH is {depth}; expected one of {sorted(_DEPTHS)}")
     stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=norm)
     out_channels = r.RES2_OUT_CHANNELS
     in_channels = r.STEM_OUT_CHANNELS
     bottleneck = r.NUM_GROUPS * r.WIDTH_PER_GROUP
-    grid = list(r.MULTI_GRID) or [1]
     stages = []
-    for i, ((stride, dilation), n) in enumerate(zip(stage_strides_and_dilations(r.OUTPUT_STRIDE), _DEPTHS[depth])):
-        dilations = [dilation] * n
-        if i == 3 and dilation > 1:
-            dilations = [dilation * grid[b % len(grid)] for b in range(n)]
+    for stride, dilations in _stage_plan(r):
+        n = len(dilations)
         kwargs = dict(num_blocks=n, in_channels=in_channels, out_channels=out_channels,
                       stride_per_block=[stride] + [1] * (n - 1), dilation_per_block=dilations, norm=norm)
         if depth in (18, 34):
