@@ -32,6 +32,39 @@ def toy_cfg():
     return tiny_toy_cfg()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on two shared cores, two threads per process are many times slower.
+    Test files that train use it for every test (``pytestmark = pytest.mark.usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def register():
+    """``register(dicts, **metadata)``: a dataset of ``dicts`` under a new name (ignore label 255),
+    removed from detectron2's catalogs after the test; returns the name."""
+    import uuid
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names = []
+
+    def _register(dicts, **meta):
+        name = f"sgr_test_{uuid.uuid4().hex[:8]}_train"
+        DatasetCatalog.register(name, lambda: list(dicts))
+        MetadataCatalog.get(name).set(ignore_label=255, **meta)
+        names.append(name)
+        return name
+
+    yield _register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 def load_reporting_incompatible(model, path):
     """Load the weights file ``path`` into ``model`` through detectron2's public
     ``DetectionCheckpointer.load`` (as MODEL.WEIGHTS does) and return the incompatible keys that

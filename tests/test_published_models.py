@@ -25,6 +25,8 @@ from sgr_d2.engine.checkpoint import AtomicCheckpointer, CheckpointMismatchError
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = os.path.join(REPO, "tests", "data", "interop")
 CPU = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
 OFFICIAL = {  # our config -> the .tsv of the official model it must load
@@ -89,14 +91,6 @@ EXPECTED = {
         PRED + "transformer_ffn_layers.8.norm.weight": PRED + "ffn_layers.8.norm.weight",
     },
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- official files

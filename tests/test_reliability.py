@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ import torch
 from conftest import REPO, TOY_BASE, TOY_SGR, tiny_toy_cfg
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
@@ -28,6 +26,8 @@ from sgr_d2.engine.checkpoint import AtomicCheckpointer, CheckpointMismatchError
 from sgr_d2.engine.trainer import Trainer, run
 from sgr_d2.sgr import SGRCriterion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A smaller model than the toy config (64 px crops, output stride 16, 8 tokens): every test here
 # trains a few iterations at most on shared CPUs.
 TINY = ("INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "DATASETS.TEST", "()",
@@ -35,15 +35,6 @@ TINY = ("INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "DATASET
         "MODEL.SGR.NUM_TOKENS", "8", "MODEL.SGR.NUM_MATCHED", "4", "MODEL.SGR.TOKEN_DIM", "32",
         "MODEL.SGR.FFN_DIM", "64", "SOLVER.CHECKPOINT_PERIOD", "1000")
 CLI = ("MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2") + TINY
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on two shared cores, two threads per process are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(out, *opts, config=TOY_SGR):
@@ -214,23 +205,6 @@ def test_missing_dataset_root_or_split_names_the_folder(tmp_path, monkeypatch):
         _trainer(cfg)
     assert str(root / "ADEChallengeData2016" / "images" / "training") in str(e.value)
     _assert_unchanged(out, earlier)
-
-
-@pytest.fixture
-def register():
-    names = []
-
-    def _register(dicts, **meta):
-        name = f"sgr_test_{uuid.uuid4().hex[:8]}_train"
-        DatasetCatalog.register(name, lambda: list(dicts))
-        MetadataCatalog.get(name).set(ignore_label=255, **meta)
-        names.append(name)
-        return name
-
-    yield _register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path, register):

@@ -19,9 +19,7 @@ import pytest
 import torch
 from conftest import REPO, TOY_SGR
 from PIL import Image
-from test_reliability import (  # noqa: F401  (one_thread, register: fixtures)
-    CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer, one_thread, register,
-)
+from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer
 
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
@@ -30,6 +28,8 @@ from sgr_d2 import compat
 from sgr_d2.engine.checkpoint import AtomicCheckpointer, atomic_torch_save
 from sgr_d2.engine.hooks import MAX_NORM_GROWTH
 from sgr_d2.engine.trainer import Trainer, argument_parser, run, setup_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSSES = ("loss_sem_seg", "loss_sgr_union", "loss_sgr_cls", "loss_sgr_div")
 
