@@ -580,3 +580,41 @@ def test_detectron2_msra_r101_pkl_loads_into_the_r101_configs(tmp_path):
         summary = checkpointer.last_load
         assert summary.folded_norms == 1 + (3 + 4 + 23 + 3) * 3 + 4 and summary.fit.missing == []
         assert np.array_equal(backbone.state_dict()["res4.22.conv3.weight"].numpy(), blobs["res4_22_branch2c_w"])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_c4_roi_res5_belongs_to_the_backbone_only_of_a_bottleneck_resnet(depth, tmp_path):
+    """A backbone file for Mask R-CNN C4 (``backbone.*`` only, as tools/export_backbone.py writes
+    for a toy ResNet-18, whose basic-block res5 cannot fill the bottleneck ``Res5ROIHeads``):
+    ResNet-18 loads it, ``roi_heads.res5`` left at initialisation; ResNet-50 refuses it naming
+    ``roi_heads.res5``, and loads it once the file has ``roi_heads.res5`` too. Catches res5 always
+    (the toy transfer refused) or never (an R-50 file without res5 accepted) in the backbone."""
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", str(depth)]
+    if depth == 50:
+        opts += ["MODEL.RESNETS.RES5_DILATION", "1"]
+    cfg = load_config(os.path.join(REPO, "configs", "toy", "mask_rcnn_r18_c4.yaml"), opts)
+    torch.manual_seed(0)
+    source = build_model(cfg).state_dict()
+    backbone = {k: v for k, v in source.items() if k.startswith("backbone.")}
+    torch.save({"model": backbone}, tmp_path / "backbone.pth")
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    res5_init = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("roi_heads.res5.")}
+    assert res5_init
+    checkpointer = AtomicCheckpointer(model)
+    if depth == 18:
+        checkpointer.load(str(tmp_path / "backbone.pth"))
+        fit = checkpointer.last_load.fit
+        assert fit.kind == "backbone" and fit.missing == []
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in backbone.items())
+        assert all(torch.equal(state[k], v) for k, v in res5_init.items())
+        return
+    with pytest.raises(CheckpointMismatchError, match=r"roi_heads\.res5\.\*"):
+        checkpointer.load(str(tmp_path / "backbone.pth"))
+    with_res5 = dict(backbone, **{k: v for k, v in source.items() if k.startswith("roi_heads.res5.")})
+    torch.save({"model": with_res5}, tmp_path / "with_res5.pth")
+    checkpointer.load(str(tmp_path / "with_res5.pth"))
+    assert checkpointer.last_load.fit.kind == "backbone"
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in with_res5.items())

@@ -7,7 +7,8 @@ A file is one of two kinds, told apart by where its tensors land:
   top-level modules, or ``sem_seg_head.`` / ``proposal_generator.`` / ``roi_heads.`` /
   ``criterion.``, whether the model has that head or not), and every tensor that lands in the
   model lands in the backbone network or in its SGR / GloRe component. It must cover the **whole backbone network** (the innermost backbone: the
-  ResNet or Swin inside SGR's wrapper and inside an FPN, plus ``roi_heads.res5`` of a C4 model),
+  ResNet or Swin inside SGR's wrapper and inside an FPN, plus ``roi_heads.res5`` of a C4 model
+  whose backbone is a bottleneck ResNet, 50 layers or more),
   and a component it has tensors of entirely. The head, an FPN's own convs and a component
   the file lacks start from their initialisation.
 * a **full-model checkpoint**: anything else. It must give every tensor of the model a value,
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from torch import nn
+
+from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 __all__ = ["CLASS_LAYERS", "CheckpointMismatchError", "FitReport", "ModelParts", "check_fit", "group_names",
            "format_groups", "is_weight", "mismatch_message", "model_parts"]
@@ -109,8 +112,13 @@ def model_parts(model: nn.Module) -> ModelParts:
         prefix, net = prefix + inner[0] + ".", inner[1]
     if net is not None:
         body.append(prefix)
-    if isinstance(getattr(getattr(model, "roi_heads", None), "res5", None), nn.Module):
-        body.append("roi_heads.res5.")  # C4: res5 runs per RoI in the ROI heads
+    if isinstance(getattr(getattr(model, "roi_heads", None), "res5", None), nn.Module) and net is not None \
+            and any(isinstance(m, BottleneckBlock) for m in net.modules()):
+        # C4: res5 runs per RoI in the ROI heads, always as 3 bottleneck blocks. It is part of the
+        # backbone network when the backbone is a bottleneck ResNet (50 and deeper), whose res5
+        # fills it; the basic-block res5 of ResNet-18/34 cannot, so there it starts from its
+        # initialisation like the rest of the ROI heads.
+        body.append("roi_heads.res5.")
     heads = {f"{name}." for name, _ in model.named_children() if name != "backbone"}
     heads.update(HEAD_PREFIXES)
     return ModelParts(weights=weights, body=tuple(body), heads=tuple(sorted(heads)), components=components,
