@@ -188,6 +188,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         finally:
             self._loading = None
             self._resuming = False
+            # upstream detectron2 main resets this only after a load that succeeded, and asserts
+            # it is unset when the next load starts: a refused file (fit check) or an unreadable
+            # one would make every later load of this checkpointer fail
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         if resume and self.has_checkpoint():
