@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sgr_overhead import _peak_rss_mib  # noqa: E402
+from sgr_d2.engine.experiments import peak_rss_mib  # noqa: E402
 
 RUNTIMES = ("fp32", "bf16", "onnxruntime")
 
@@ -111,7 +111,7 @@ def worker(args):
     run = _runner(args.runtime, args.config, args.onnx, args.threads)
     for _ in range(2):
         run(image)
-    print(json.dumps({"peak_mib": _peak_rss_mib() - baseline}))
+    print(json.dumps({"peak_mib": peak_rss_mib() - baseline}))
 
 
 def bench(args):
