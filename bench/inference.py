@@ -11,9 +11,10 @@ in eval mode; the input is one ``--size`` x ``--size`` synthetic image. Each mod
 ONNX (``sgr_d2.export.export_onnx``); the table gives the largest difference between onnxruntime's
 and PyTorch's ``sem_seg`` on the image and their argmax agreement.
 
-Latency: the three runtimes of one model take turns in this process (fp32, bf16, onnxruntime,
-fp32, ...), ``--warmup`` then ``--runs`` rounds, so a change of machine load hits all three
-alike; the table gives each one's median and its ratio to float32. All use ``--threads``
+Latency: the three runtimes of a model with and without SGR (six runners) take turns in this
+process (fp32, bf16, onnxruntime, SGR fp32, SGR bf16, SGR onnxruntime, fp32, ...), ``--warmup``
+then ``--runs`` rounds, so a change of machine load hits all six alike; the table gives each
+one's median, its ratio to float32 and, for SGR, its ratio to the model without SGR. All use ``--threads``
 threads. Peak memory: each runtime alone in a subprocess, which imports everything, notes its
 resident memory, loads the model (builds it, or opens the ONNX session) and runs it twice; the
 figure is the peak resident memory (``VmHWM``) minus that baseline, i.e. weights plus
@@ -125,6 +126,9 @@ def bench(args):
     rows = []
     tmp = tempfile.mkdtemp(prefix="sgr_d2_bench_onnx_")
     for name in args.models:
+        # the model with and without SGR: exported and checked one after the other, then all six
+        # (variant, runtime) runners take turns, so SGR / no SGR is a ratio within one run too
+        variants = {}
         for suffix in ("", "_sgr"):
             config = str(REPO / "configs" / args.dataset / f"{name}{suffix}.yaml")
             onnx_path = os.path.join(tmp, f"{name}{suffix}.onnx")
@@ -134,36 +138,43 @@ def bench(args):
             export_s = time.perf_counter() - t0
             sem = compare_with_onnxruntime(SemanticSegmentationExport(model), onnxruntime_session(onnx_path),
                                            image)["sem_seg"]
-            diff = (sem["max_abs_diff"], sem["argmax_agreement"])
+            variants[suffix] = (config, onnx_path, (sem["max_abs_diff"], sem["argmax_agreement"]), export_s)
             del model
-            runners = {r: _runner(r, config, onnx_path, args.threads) for r in RUNTIMES}
-            times = {r: [] for r in RUNTIMES}
-            for i in range(args.warmup + args.runs):
-                for r in RUNTIMES:
-                    t = time.perf_counter()
-                    runners[r](image)
-                    if i >= args.warmup:
-                        times[r].append(time.perf_counter() - t)
-            del runners
+        runners = {(suffix, r): _runner(r, config, onnx_path, args.threads)
+                   for suffix, (config, onnx_path, _, _) in variants.items() for r in RUNTIMES}
+        times = {key: [] for key in runners}
+        for i in range(args.warmup + args.runs):
+            for key, run in runners.items():
+                t = time.perf_counter()
+                run(image)
+                if i >= args.warmup:
+                    times[key].append(time.perf_counter() - t)
+        del runners
+        for suffix, (config, onnx_path, diff, export_s) in variants.items():
             mem = {}
             for r in RUNTIMES:
                 cmd = [sys.executable, __file__, "--worker", "--runtime", r, "--config", config, "--onnx", onnx_path,
                        "--size", str(args.size), "--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 mem[r] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-            rows.append((f"{name}{suffix}", {r: statistics.median(v) for r, v in times.items()}, mem, diff, export_s))
-            print(f"# {name}{suffix}: " + ", ".join(f"{r} {statistics.median(v):.3f} s" for r, v in times.items()),
+            median = {r: statistics.median(times[(suffix, r)]) for r in RUNTIMES}
+            rows.append((f"{name}{suffix}", median, mem, diff, export_s))
+            print(f"# {name}{suffix}: " + ", ".join(f"{r} {t:.3f} s" for r, t in median.items()),
                   file=sys.stderr, flush=True)
     print(f"\n### Inference, {args.size}x{args.size}, batch 1, CPU, {args.threads} threads, median of {args.runs} "
           f"interleaved runs after {args.warmup} warm-up ({datetime.date.today().isoformat()})\n")
     print("| model (configs/" + args.dataset + "/) | fp32 (s) | bf16 (s) | onnxruntime (s) | bf16 / fp32 | ort / fp32 "
-          "| peak mem fp32 (MiB) | bf16 / fp32 | ort / fp32 | ort vs PyTorch: max abs diff, argmax agreement "
-          "| export (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| SGR / no SGR: fp32, bf16, ort | peak mem fp32 (MiB) | bf16 / fp32 | ort / fp32 | SGR / no SGR: fp32 "
+          "| ort vs PyTorch: max abs diff, argmax agreement | export (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    by_name = {name: (t, m) for name, t, m, _, _ in rows}
     for name, t, m, diff, export_s in rows:
+        base = by_name.get(name[: -len("_sgr")]) if name.endswith("_sgr") else None
+        sgr_t = ", ".join(f"{t[r] / base[0][r]:.3f}" for r in RUNTIMES) if base else "–"
+        sgr_m = f"{m['fp32'] / base[1]['fp32']:.3f}" if base else "–"
         print(f"| {name} | {t['fp32']:.3f} | {t['bf16']:.3f} | {t['onnxruntime']:.3f} | {t['bf16'] / t['fp32']:.3f} "
-              f"| {t['onnxruntime'] / t['fp32']:.3f} | {m['fp32']:.0f} | {m['bf16'] / m['fp32']:.3f} "
-              f"| {m['onnxruntime'] / m['fp32']:.3f} | {diff[0]:.1e}, {100 * diff[1]:.2f}% | {export_s:.0f} |")
+              f"| {t['onnxruntime'] / t['fp32']:.3f} | {sgr_t} | {m['fp32']:.0f} | {m['bf16'] / m['fp32']:.3f} "
+              f"| {m['onnxruntime'] / m['fp32']:.3f} | {sgr_m} | {diff[0]:.1e}, {100 * diff[1]:.2f}% | {export_s:.0f} |")
 
 
 def main():
