@@ -35,16 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sgr_d2.engine.experiments import peak_rss_mib  # noqa: E402
+from sgr_d2.engine.experiments import peak_rss_mib, proc_status_mib  # noqa: E402
 
 RUNTIMES = ("fp32", "bf16", "onnxruntime")
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status")
 
 
 def _build(config, size=128):
@@ -108,7 +103,7 @@ def worker(args):
 
     torch.set_num_threads(args.threads)
     image = _image(args.size)
-    baseline = _rss_mib()
+    baseline = proc_status_mib("VmRSS")
     run = _runner(args.runtime, args.config, args.onnx, args.threads)
     for _ in range(2):
         run(image)

@@ -34,16 +34,22 @@ __all__ = ["peak_rss_mib", "read_last_evaluation", "read_final_metrics", "median
 TOKEN_METRICS = ("S_C", "D_C", "S_I", "D_I")
 
 
+def proc_status_mib(field: str) -> float:
+    """A memory field of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB.
+    Raises OSError where /proc has no such field."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (MiB). /proc's VmHWM belongs to this process alone;
     getrusage's ru_maxrss can carry a forking parent's larger peak across exec."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
+        return proc_status_mib("VmHWM")
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _metrics_lines(output_dir: str):
