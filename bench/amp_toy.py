@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""float32 vs bfloat16 autocast training of a toy SGR model, the rows of docs/deploy.md's table.
+
+    python bench/amp_toy.py --model dil_fcn --iters 300 --seed 43
+    python bench/amp_toy.py --model mask2former --iters 60 --seed 42
+
+Runs the slow test's own routine (``tests/test_amp.py::_train_evaluate_export``) twice, side by
+side in two processes of one thread each: same seed, weights and data order, float32 and
+bfloat16 autocast; prints one JSON line with both mIoUs (and the onnxruntime mIoU of each
+trained model). ``--seed`` and ``--iters`` override the config's ``SEED`` and
+``SOLVER.MAX_ITER``, which the test keeps at 42 and 300.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+
+def _run(model, amp, iters, seed, out):
+    import test_amp as T
+
+    config = {"dil_fcn": T.DIL_FCN_SGR, "mask2former": T.MASK2FORMER_SGR}[model]
+    load = T.load_config
+    T.load_config = lambda f, opts=(): load(f, list(opts) + ["SEED", str(seed)])
+    return T._train_evaluate_export(config, amp, iters, out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("dil_fcn", "mask2former"), default="dil_fcn")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output", default=None, help="folder of the two runs (default: a temporary one)")
+    args = p.parse_args()
+    out = args.output or tempfile.mkdtemp(prefix="sgr_d2_amp_toy_")
+    import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
+    from detectron2.data import DatasetCatalog
+
+    for split in ("train", "val"):  # generate the toy data once, before the workers read it
+        DatasetCatalog.get(f"sgr_toy_sem_seg_{split}")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {amp: pool.submit(_run, args.model, amp, args.iters, args.seed, os.path.join(out, f"amp_{amp}"))
+                for amp in (False, True)}
+        runs = {amp: job.result() for amp, job in jobs.items()}
+    print(json.dumps({"model": args.model, "iters": args.iters, "seed": args.seed, "float32": runs[False]["miou"],
+                      "bfloat16": runs[True]["miou"],
+                      "onnxruntime": [runs[False]["onnx_miou"], runs[True]["onnx_miou"]]}))
+
+
+if __name__ == "__main__":
+    main()
