@@ -39,7 +39,13 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output", default=None, help="folder of the two runs (default: a temporary one)")
     args = p.parse_args()
-    out = args.output or tempfile.mkdtemp(prefix="sgr_d2_amp_toy_")
+    if args.output:
+        return _compare(args, args.output)
+    with tempfile.TemporaryDirectory(prefix="sgr_d2_amp_toy_") as out:  # checkpoints and .onnx go with it
+        return _compare(args, out)
+
+
+def _compare(args, out):
     import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
     from detectron2.data import DatasetCatalog
 

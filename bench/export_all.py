@@ -40,16 +40,21 @@ def main():
     import torch
 
     import sgr_d2  # noqa: F401
-    from inference import _build
     from sgr_d2.engine import load_config
-    from sgr_d2.export import (ExportError, SemanticSegmentationExport, check_exportable, compare_with_onnxruntime,
-                               export_onnx, onnxruntime_session, synthetic_image)
 
     torch.set_num_threads(args.threads)
     configs = sorted(c for c in glob.glob(str(REPO / "configs" / args.dataset / "*.yaml"))
                      if not os.path.basename(c).startswith("Base-")
                      and load_config(c).MODEL.META_ARCHITECTURE in SEMANTIC)
-    tmp = tempfile.mkdtemp(prefix="sgr_d2_export_all_")
+    with tempfile.TemporaryDirectory(prefix="sgr_d2_export_all_") as tmp:  # the .onnx files go with it
+        _export_all(args, configs, tmp)
+
+
+def _export_all(args, configs, tmp):
+    from inference import _build
+    from sgr_d2.export import (ExportError, SemanticSegmentationExport, check_exportable, compare_with_onnxruntime,
+                               export_onnx, onnxruntime_session, synthetic_image)
+
     image = synthetic_image(args.size, args.size, seed=5)
     print(f"\n### ONNX export, configs/{args.dataset}, {args.size}x{args.size}, random weights\n")
     print("| config | export (s) | sem_seg: ort vs PyTorch (PyTorch 1 vs 2 threads) | argmax agreement "

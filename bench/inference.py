@@ -114,48 +114,13 @@ def bench(args):
     import torch
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.export import SemanticSegmentationExport, compare_with_onnxruntime, export_onnx, onnxruntime_session
 
     torch.set_num_threads(args.threads)
     image = _image(args.size)
     rows = []
-    tmp = tempfile.mkdtemp(prefix="sgr_d2_bench_onnx_")
-    for name in args.models:
-        # the model with and without SGR: exported and checked one after the other, then all six
-        # (variant, runtime) runners take turns, so SGR / no SGR is a ratio within one run too
-        variants = {}
-        for suffix in ("", "_sgr"):
-            config = str(REPO / "configs" / args.dataset / f"{name}{suffix}.yaml")
-            onnx_path = os.path.join(tmp, f"{name}{suffix}.onnx")
-            model = _build(config)
-            t0 = time.perf_counter()
-            export_onnx(model, onnx_path, args.size, args.size, verify=False)
-            export_s = time.perf_counter() - t0
-            sem = compare_with_onnxruntime(SemanticSegmentationExport(model), onnxruntime_session(onnx_path),
-                                           image)["sem_seg"]
-            variants[suffix] = (config, onnx_path, (sem["max_abs_diff"], sem["argmax_agreement"]), export_s)
-            del model
-        runners = {(suffix, r): _runner(r, config, onnx_path, args.threads)
-                   for suffix, (config, onnx_path, _, _) in variants.items() for r in RUNTIMES}
-        times = {key: [] for key in runners}
-        for i in range(args.warmup + args.runs):
-            for key, run in runners.items():
-                t = time.perf_counter()
-                run(image)
-                if i >= args.warmup:
-                    times[key].append(time.perf_counter() - t)
-        del runners
-        for suffix, (config, onnx_path, diff, export_s) in variants.items():
-            mem = {}
-            for r in RUNTIMES:
-                cmd = [sys.executable, __file__, "--worker", "--runtime", r, "--config", config, "--onnx", onnx_path,
-                       "--size", str(args.size), "--threads", str(args.threads)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                mem[r] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-            median = {r: statistics.median(times[(suffix, r)]) for r in RUNTIMES}
-            rows.append((f"{name}{suffix}", median, mem, diff, export_s))
-            print(f"# {name}{suffix}: " + ", ".join(f"{r} {t:.3f} s" for r, t in median.items()),
-                  file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="sgr_d2_bench_onnx_") as tmp:  # the .onnx files go with it
+        for name in args.models:
+            rows.extend(_measure_pair(args, name, image, tmp))
     print(f"\n### Inference, {args.size}x{args.size}, batch 1, CPU, {args.threads} threads, median of {args.runs} "
           f"interleaved runs after {args.warmup} warm-up ({datetime.date.today().isoformat()})\n")
     print("| model (configs/" + args.dataset + "/) | fp32 (s) | bf16 (s) | onnxruntime (s) | bf16 / fp32 | ort / fp32 "
@@ -170,6 +135,49 @@ def bench(args):
         print(f"| {name} | {t['fp32']:.3f} | {t['bf16']:.3f} | {t['onnxruntime']:.3f} | {t['bf16'] / t['fp32']:.3f} "
               f"| {t['onnxruntime'] / t['fp32']:.3f} | {sgr_t} | {m['fp32']:.0f} | {m['bf16'] / m['fp32']:.3f} "
               f"| {m['onnxruntime'] / m['fp32']:.3f} | {sgr_m} | {diff[0]:.1e}, {100 * diff[1]:.2f}% | {export_s:.0f} |")
+
+
+def _measure_pair(args, name, image, tmp):
+    """Rows of ``name`` and ``name_sgr``: median times, peak memory, ort vs PyTorch, export seconds."""
+    from sgr_d2.export import SemanticSegmentationExport, compare_with_onnxruntime, export_onnx, onnxruntime_session
+
+    rows = []
+    # the model with and without SGR: exported and checked one after the other, then all six
+    # (variant, runtime) runners take turns, so SGR / no SGR is a ratio within one run too
+    variants = {}
+    for suffix in ("", "_sgr"):
+        config = str(REPO / "configs" / args.dataset / f"{name}{suffix}.yaml")
+        onnx_path = os.path.join(tmp, f"{name}{suffix}.onnx")
+        model = _build(config)
+        t0 = time.perf_counter()
+        export_onnx(model, onnx_path, args.size, args.size, verify=False)
+        export_s = time.perf_counter() - t0
+        sem = compare_with_onnxruntime(SemanticSegmentationExport(model), onnxruntime_session(onnx_path),
+                                       image)["sem_seg"]
+        variants[suffix] = (config, onnx_path, (sem["max_abs_diff"], sem["argmax_agreement"]), export_s)
+        del model
+    runners = {(suffix, r): _runner(r, config, onnx_path, args.threads)
+               for suffix, (config, onnx_path, _, _) in variants.items() for r in RUNTIMES}
+    times = {key: [] for key in runners}
+    for i in range(args.warmup + args.runs):
+        for key, run in runners.items():
+            t = time.perf_counter()
+            run(image)
+            if i >= args.warmup:
+                times[key].append(time.perf_counter() - t)
+    del runners
+    for suffix, (config, onnx_path, diff, export_s) in variants.items():
+        mem = {}
+        for r in RUNTIMES:
+            cmd = [sys.executable, __file__, "--worker", "--runtime", r, "--config", config, "--onnx", onnx_path,
+                   "--size", str(args.size), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            mem[r] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        median = {r: statistics.median(times[(suffix, r)]) for r in RUNTIMES}
+        rows.append((f"{name}{suffix}", median, mem, diff, export_s))
+        print(f"# {name}{suffix}: " + ", ".join(f"{r} {t:.3f} s" for r, t in median.items()),
+              file=sys.stderr, flush=True)
+    return rows
 
 
 def main():

@@ -1,12 +1,15 @@
 """Shared test set-up: sgr_d2 first (compat shims), a private DETECTRON2_DATASETS, small configs."""
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # The toy dataset is generated here once per test session (a few seconds), not in ./datasets.
-_DATASETS = tempfile.mkdtemp(prefix="sgr_d2_tests_datasets_")
-os.environ.setdefault("DETECTRON2_DATASETS", _DATASETS)
+# (only where none is set: worker processes that import this module inherit the session's folder)
+_DATASETS = None
+if "DETECTRON2_DATASETS" not in os.environ:
+    _DATASETS = os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="sgr_d2_tests_datasets_")
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
 import torch  # noqa: E402
@@ -79,3 +82,17 @@ def load_reporting_incompatible(model, path):
     checkpointer = Recording(model)
     checkpointer.load(str(path), checkpointables=[])
     return checkpointer.incompatible
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _DATASETS:
+        shutil.rmtree(_DATASETS, ignore_errors=True)  # the session's generated toy data
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A folder for a module-scoped fixture, removed when the module's tests are done (pytest's
+    retention policy only removes the function-scoped ``tmp_path`` folders of passing tests)."""
+    d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -57,11 +57,11 @@ def tiny_split():
 
 
 @pytest.fixture(scope="module")
-def toy_model(tmp_path_factory, tiny_split):
+def toy_model(module_tmp, tiny_split):
     """A toy SGR model trained 2 iterations (CPU, batch 2)."""
     from sgr_d2.engine import Trainer
 
-    out = tmp_path_factory.mktemp("toy_model")
+    out = module_tmp
     cfg = tiny_toy_cfg(os.path.join(REPO, "configs/toy/dil_fcn_r18_sgr.yaml"),
                        "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), "DATASETS.TEST", "()",
                        "SOLVER.CHECKPOINT_PERIOD", "1000")

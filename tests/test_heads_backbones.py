@@ -246,8 +246,8 @@ def dilate_torchvision_os8(tv, grid=(1, 2, 4)):
 
 
 @pytest.fixture(scope="module")
-def resnet50_pkl(tmp_path_factory):
-    d = tmp_path_factory.mktemp("r50")
+def resnet50_pkl(module_tmp):
+    d = module_tmp
     torch.manual_seed(1)
     tv = randomize_norms(torchvision.models.resnet50()).eval()
     torch.save(tv.state_dict(), d / "resnet50.pth")

@@ -521,13 +521,13 @@ def _two_workers_main(out_dir):
 
 
 @pytest.fixture(scope="module")
-def two_gloo_workers(tmp_path_factory):
+def two_gloo_workers(module_tmp):
     """One run of ``sgr_d2.compat.launch(main, num_gpus_per_machine=2)`` on this CPU machine
     (detectron2 v0.6: compat._cpu_worker spawns the processes and joins a gloo group through a
     file:// URL), shared by the two tests below: starting workers costs seconds of imports."""
     if torch.cuda.is_available():
         pytest.skip("with CUDA, compat.launch is detectron2's own launcher (NCCL)")
-    d = tmp_path_factory.mktemp("gloo")
+    d = module_tmp
     assert not torch.distributed.is_initialized()
     compat.launch(_two_workers_main, 2, dist_url=f"file://{d / 'init'}", args=(str(d),))
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
