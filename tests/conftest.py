@@ -30,6 +30,25 @@ def tiny_toy_cfg(config_file=TOY_SGR, *opts):
     return cfg
 
 
+def toy_batch(cfg, start=0, n=4, seed=0):
+    """Images ``start:start + n`` of ``cfg``'s training split through the training mapper, its
+    augmentation drawn from numpy's RNG seeded with ``seed`` (the global RNG is restored after),
+    so the batch does not depend on what earlier tests drew."""
+    import numpy as np
+
+    from detectron2.data import DatasetCatalog
+
+    from sgr_d2.data import SemSegDatasetMapper
+
+    mapper = SemSegDatasetMapper(cfg, True)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
+    finally:
+        np.random.set_state(state)
+
+
 @pytest.fixture
 def toy_cfg():
     return tiny_toy_cfg()

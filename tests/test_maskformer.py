@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, toy_batch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
@@ -23,7 +23,6 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 
-from sgr_d2.data import SemSegDatasetMapper
 from sgr_d2.engine import Trainer, load_config
 from sgr_d2.modeling.maskformer import (
     HungarianMatcher,
@@ -356,18 +355,12 @@ def test_model_inference_crops_padding_and_resizes_to_the_requested_size():
 
 
 # ------------------------------------------------------------------------------ configs and models
-def _toy_batch(cfg, n=2):
-    mapper = SemSegDatasetMapper(cfg, True)
-    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-    return [mapper(d) for d in dicts[:n]]
-
-
 @pytest.mark.parametrize("config", [MASKFORMER_SGR, MASK2FORMER_SGR], ids=["maskformer", "mask2former"])
 def test_one_training_step_of_the_toy_sgr_configs(config):
     cfg = load_config(config, ["MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    batch = _toy_batch(cfg)
+    batch = toy_batch(cfg, n=2)
     assert all("instances" in x and "components" in x for x in batch)
     losses = model(batch)
     n_aux = cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1
@@ -457,7 +450,7 @@ def test_bad_config_values_are_clear_errors(override, words):
 def test_training_without_instances_names_the_missing_key():
     cfg = load_config(MASKFORMER_SGR, ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg).train()
-    batch = _toy_batch(cfg, 1)
+    batch = toy_batch(cfg, n=1)
     del batch[0]["instances"]
     with pytest.raises(KeyError, match="instances"):
         model(batch)
