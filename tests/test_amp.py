@@ -13,15 +13,13 @@ import os
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_toy_cfg
+from conftest import REPO, tiny_toy_cfg, toy_batch
 
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from sgr_d2.data import SemSegDatasetMapper
 from sgr_d2.engine import Trainer, load_config
 from sgr_d2.engine.amp import CPUAutocastTrainer
 from sgr_d2.modeling.maskformer import HungarianMatcher, SetCriterion, mask_classification_weight_dict
@@ -143,22 +141,10 @@ def test_maskformer_criterion_and_matcher_are_float32_under_autocast():
             assert cost.dtype == torch.float32 and torch.allclose(cost, cost_ref, rtol=1e-6, atol=1e-6)
 
 
-def _toy_batch(cfg, start=0, n=4, seed=0):
-    """Training images ``start:start + n`` through the training mapper, its augmentation drawn
-    from numpy's RNG seeded with ``seed`` (the global RNG is restored after)."""
-    mapper = SemSegDatasetMapper(cfg, True)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
-    finally:
-        np.random.set_state(state)
-
-
-# The batch is seeded: its augmentation used to follow the RNG state left by earlier tests, and
-# over 20 augmented batches of the Mask2Former toy the diversity term (~0.02) differed by up to
-# 7.9% (1.6e-3), once enough to fail. Largest differences over those 20 batches: 0.5% (union),
-# 2.3% (class), 1.6e-3 absolute (diversity); the seeded batches use at most half the tolerance.
+# The batch is seeded (conftest.toy_batch): its augmentation used to follow the RNG state left
+# by earlier tests. Over 20 augmented batches (bench/amp_loss_spread.py, docs/benchmarks.md) the
+# largest differences were 0.5% (union), 2.3% (class) and 7.9% = 1.6e-3 (diversity, a term
+# ~0.02): 0.82 of the tolerance, once enough to fail; the seed-0 batch uses at most 0.21 of it.
 REL_TOL, ABS_TOL = 0.05, 2e-3
 
 
@@ -170,7 +156,7 @@ def test_sgr_loss_terms_of_one_batch_under_bf16_autocast_equal_float32(config):
     cfg = tiny_toy_cfg(config)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    batch = _toy_batch(cfg)
+    batch = toy_batch(cfg)
     low_model = copy.deepcopy(model)  # BatchNorm's running statistics move with each forward
     torch.manual_seed(1)
     ref = model(batch)
