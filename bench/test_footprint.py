@@ -8,7 +8,7 @@ folders are removed as they end (``tmp_path_retention_policy = "failed"`` in pyp
 module fixtures remove theirs, so the peak is the largest single test, not the sum of all.
 
     python bench/test_footprint.py                       # the whole suite (about 12 min on 2 cores)
-    python bench/test_footprint.py -- tests/test_interop.py   # any pytest arguments after --
+    python bench/test_footprint.py -- tests/test_published_models.py   # more pytest arguments after --
 """
 from __future__ import annotations
 
@@ -49,14 +49,18 @@ def main():
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
                *pytest_args]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, tree_bytes(root))
-            time.sleep(args.every)
-        wall = time.perf_counter() - t0
-        left = tree_bytes(root)
-        peak = max(peak, left)
+        with tempfile.TemporaryFile("w+") as log:  # pytest's output, outside the measured folder
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            peak = 0
+            while proc.poll() is None:
+                peak = max(peak, tree_bytes(root))
+                time.sleep(args.every)
+            wall = time.perf_counter() - t0
+            left = tree_bytes(root)
+            peak = max(peak, left)
+            if proc.returncode:
+                log.seek(0)
+                print("".join(log.readlines()[-30:]), file=sys.stderr)
     mib = 1 << 20
     print(f"\n### Test-suite disk footprint: pytest {' '.join(pytest_args)}\n")
     print("| wall (s) | pytest exit | peak temporary files (MiB) | left over at the end (MiB) |")
