@@ -407,7 +407,12 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR, "--num-gpus", "2",
            "--dist-url", f"file://{tmp_path / 'init'}", *CLI, "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(out)]
     log = open(tmp_path / "launcher.log", "w")
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    # The launcher ignores SIGINT, as a job started in the background of a non-interactive shell
+    # does. The workers inherit that, so torch's own safety net (spawn sets PR_SET_PDEATHSIG to
+    # SIGINT) cannot stop them: only sgr_d2's watch on the launcher does. Without this, the test
+    # would pass with that watch removed.
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     workers = []
     try:
         deadline = time.time() + 300
@@ -428,6 +433,57 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
         log.close()
+
+
+_WATCHED_WORKER = """
+import multiprocessing, os, sys, time
+def worker(pid_file):
+    from sgr_d2.engine import workers
+    workers._PR_SET_PDEATHSIG = 0  # an invalid prctl option: only the watch thread is left
+    assert workers.stop_with_launcher(period_s=0.2)
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    p = multiprocessing.Process(target=worker, args=(sys.argv[1],))
+    p.start()
+    while not os.path.exists(sys.argv[1] + ".done"):
+        time.sleep(0.05)
+    os._exit(0)  # the launcher dies without stopping its worker
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
+    """Without the kernel's parent-death signal, the thread that checks the parent's pid makes
+    the worker exit once its launcher is gone; a process that multiprocessing did not start
+    (this one) is left alone."""
+    from sgr_d2.engine import workers
+    before = {t.name for t in __import__("threading").enumerate()}
+    assert workers.stop_with_launcher() is False
+    assert "sgr_d2-launcher-watch" not in {t.name for t in __import__("threading").enumerate()} - before
+    script, pid_file = tmp_path / "launcher.py", tmp_path / "worker.pid"
+    script.write_text(_WATCHED_WORKER)
+    launcher = subprocess.Popen([sys.executable, str(script), str(pid_file)], env=_env())
+    worker = None
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        (tmp_path / "worker.pid.done").touch()
+        launcher.wait(timeout=30)
+        deadline = time.time() + 5
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the worker outlived its launcher by 5 s"
+    finally:
+        for pid in (launcher.pid, worker):
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _all_ignore_worker_main(data_dir, out_dir):
