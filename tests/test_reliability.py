@@ -413,8 +413,10 @@ def test_resume_with_a_dangling_last_checkpoint_names_it(tmp_path):
     out.mkdir()
     (out / "last_checkpoint").write_text("model_0000199.pth")
     trainer = _trainer(_cfg(out))
-    with pytest.raises(FileNotFoundError, match=r"last_checkpoint names model_0000199\.pth, but .* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"last_checkpoint names model_0000199\.pth, but .* does not exist") as e:
         trainer.resume_or_load(resume=True)
+    assert "Write the name of an existing checkpoint of this folder into last_checkpoint, or delete " \
+        "last_checkpoint to start from MODEL.WEIGHTS" in str(e.value)  # how to fix it
 
 
 class _StateAfter(HookBase):

@@ -2,6 +2,7 @@
 one, divergence is caught wherever it appears and leaves a sane state to resume from, a kill at
 any moment leaves a complete run possible, bad values are refused, and workers stop with their
 launcher (also with a worker whose images have no labelled pixel)."""
+import itertools
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOY_SGR
+from conftest import REPO, TOY_SGR, tiny_toy_cfg
 from PIL import Image
 from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer
 
@@ -77,29 +78,33 @@ def _param_norm(state, names):
 
 
 # =========================================================================== 1. resume = uninterrupted
-def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
-    """Same SEED, one process, NUM_WORKERS 0: a run stopped during iteration 4 and resumed from
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
+    """One process, NUM_WORKERS 0: a run stopped during iteration 4 and resumed from
     model_0000002.pth ends with the parameters, buffers, optimizer state and losses of the run
-    that was never stopped, bit for bit. It needs the optimizer's momentum, the LR schedule, the
-    sampler's position and the random state (colour augmentation, flips, dropout) restored."""
-    opts = ("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "5")
-    whole = _trainer(_cfg(tmp_path / "whole", *opts))
+    that was never stopped, bit for bit. It needs the optimizer's state (SGD's momentum, AdamW's
+    moments and step counts), the LR schedule, the sampler's shuffling seed and position and the
+    random state (colour augmentation, flips, dropout) restored. The resumed command gives another
+    SEED (the sampler's seed must come from the checkpoint) and a MODEL.WEIGHTS that does not
+    exist (resuming ignores it)."""
+    opts = ("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.OPTIMIZER", optimizer)
+    whole = _trainer(_cfg(tmp_path / "whole", *opts, "SEED", "5"))
     whole.resume_or_load(resume=False)
     whole.train()
 
     out = tmp_path / "stopped"
-    first = _trainer(_cfg(out, *opts))
+    first = _trainer(_cfg(out, *opts, "SEED", "5"))
     first.resume_or_load(resume=False)
     first.register_hooks([_KillBefore(4)])
     with pytest.raises(_Killed):
         first.train()
     assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
     ckpt = torch.load(out / "model_0000002.pth", map_location="cpu", weights_only=True)
-    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]  # SGD momentum buffers are saved
+    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]  # momentum buffers / moments are saved
     assert ckpt["trainer"]["data"]["position"] == 3 * 2  # 3 iterations of IMS_PER_BATCH 2
     del first
 
-    resumed = _trainer(_cfg(out, *opts))
+    resumed = _trainer(_cfg(out, *opts, "SEED", "6", "MODEL.WEIGHTS", str(tmp_path / "no_such_weights.pth")))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3
     resumed.train()
@@ -109,11 +114,33 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert differ == []
     sa, sb = whole.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
-                                         for i in sa)
+    expected_keys = {"momentum_buffer"} if optimizer == "SGD" else {"exp_avg", "exp_avg_sq", "step"}
+    assert sa and sa.keys() == sb.keys() and all(set(sa[i]) == set(sb[i]) == expected_keys for i in sa)
+    assert all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])) for i in sa for k in sa[i])
     assert [g["lr"] for g in whole.optimizer.param_groups] == [g["lr"] for g in resumed.optimizer.param_groups]
     hw, hr = _history(whole), _history(resumed)
     assert all(hw[k][3:] == hr[k] for k in LOSSES), (hw, hr)  # iterations 3, 4, 5
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_each_worker_resumes_its_share_of_the_stream(monkeypatch, world_size):
+    """The data position is one for all workers together: resumed at position 6, worker r of W
+    continues with stream positions 6 + r, 6 + r + W, ... of the same shuffled stream, which is
+    what the uninterrupted run's worker r would have read next (6 is a multiple of W)."""
+    from detectron2.data.samplers import TrainingSampler
+    from detectron2.utils import comm
+
+    from sgr_d2.engine.resume import ResumableSampler
+    monkeypatch.setattr(comm, "get_world_size", lambda: 1)
+    monkeypatch.setattr(comm, "get_rank", lambda: 0)
+    stream = list(itertools.islice(iter(TrainingSampler(10, shuffle=True, seed=3)), 40))
+    monkeypatch.setattr(comm, "get_world_size", lambda: world_size)
+    for rank in range(world_size):
+        monkeypatch.setattr(comm, "get_rank", lambda: rank)
+        sampler = ResumableSampler(TrainingSampler(10, shuffle=True, seed=11))
+        sampler.seed, sampler.start = 3, 6  # what resuming sets from the checkpoint
+        got = list(itertools.islice(iter(sampler), 8))
+        assert got == stream[6 + rank::world_size][:8], (rank, got)
 
 
 def test_a_checkpoint_of_an_earlier_sgr_d2_still_resumes(tmp_path):
@@ -166,6 +193,36 @@ def test_non_finite_region_maps_reach_the_loss_guard(tmp_path):
     assert ckpt["iteration"] == 1
 
 
+def test_non_finite_mask_predictions_reach_the_loss_guard(tmp_path):
+    """MaskFormer's Hungarian matching on diverged predictions: the criterion skips the matching
+    (its cost would be NaN, which the matcher refuses inside the forward pass) and returns NaN
+    terms, so the guard stops the run with its message and the last good state, as for SGR."""
+    out = tmp_path / "run"
+    config = os.path.join(REPO, "configs", "toy", "maskformer_r18_sgr.yaml")
+    trainer = _trainer(tiny_toy_cfg(config, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "5", "DATASETS.TEST", "()",
+                                    "INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                                    "SOLVER.CHECKPOINT_PERIOD", "1000"))
+    trainer.resume_or_load(resume=False)
+
+    def nan_masks(module, args, output):
+        if trainer.iter == 2:
+            output = dict(output, pred_masks=output["pred_masks"] * float("nan"))
+        return output
+
+    trainer.model.sem_seg_head.predictor.register_forward_hook(nan_masks)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "HungarianMatcher" not in msg
+    non_finite = re.search(r"at iteration 2 \(non-finite: ([^)]*)\)", msg)
+    assert non_finite, msg
+    assert {"loss_ce", "loss_mask", "loss_dice"} <= set(non_finite.group(1).split(", ")), msg
+    assert str(out / "model_last_good.pth") in msg
+    assert (out / "last_checkpoint").read_text() == "model_last_good.pth"
+    ckpt = torch.load(out / "model_last_good.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 1
+
+
 class _LearningRate(HookBase):
     """From ``iteration`` on, every group's LR is ``lr``: the run diverges."""
 
@@ -210,12 +267,18 @@ def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp
     assert not (out / "model_last_good.pth").exists()  # the state after bad - 1 was not sane
     assert f"last_checkpoint now names {tagged} (iteration 2)" in msg
 
-    # --resume with SOLVER.BASE_LR 0.001 (the recipe's is 0.01)
+    # --resume with SOLVER.BASE_LR 0.001 (the recipe's is 0.01), and momentum and weight decay
+    # changed too (0.9 and 1e-4 in the recipe)
+    new_opts = ("SOLVER.BASE_LR", "0.001", "SOLVER.MOMENTUM", "0.8", "SOLVER.WEIGHT_DECAY", "0.0003")
     with _records("sgr_d2.engine.resume") as logged:
-        again = _trainer(_cfg(out, *opts, "SOLVER.BASE_LR", "0.001"))
+        again = _trainer(_cfg(out, *opts, *new_opts))
         again.resume_or_load(resume=True)
     assert again.start_iter == 3
-    fresh = _trainer(_cfg(tmp_path / "fresh", *opts, "SOLVER.BASE_LR", "0.001"))  # the config's LRs
+    fresh = _trainer(_cfg(tmp_path / "fresh", *opts, *new_opts))  # the config's LRs
+    for key in ("momentum", "weight_decay"):  # every group's, from the config, not the checkpoint
+        assert [g[key] for g in again.optimizer.param_groups] == [g[key] for g in fresh.optimizer.param_groups]
+    assert {g["momentum"] for g in again.optimizer.param_groups} == {0.8}
+    assert 0.0003 in {g["weight_decay"] for g in again.optimizer.param_groups}
     poly = (1 - 3 / max_iter) ** 0.9
     expected = [g["lr"] * poly for g in fresh.optimizer.param_groups]
     assert [g["lr"] for g in again.optimizer.param_groups] == pytest.approx(expected, rel=1e-9)
@@ -247,6 +310,31 @@ def test_divergence_without_a_sane_checkpoint_removes_the_tag(tmp_path):
     assert again.start_iter == 0
 
 
+def test_divergence_after_resuming_falls_back_to_the_checkpoint_resumed_from(tmp_path):
+    """A run killed before iteration 3 leaves model_0000001.pth; resumed with the LR jumping to 100,
+    it saves only exploded checkpoints before a loss becomes NaN. The newest sane state is the
+    checkpoint it resumed from, which last_checkpoint then names; the message advises a lower
+    SOLVER.BASE_LR."""
+    out, opts = tmp_path / "run", ("SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "2")
+    first = _trainer(_cfg(out, *opts))
+    first.resume_or_load(resume=False)
+    first.register_hooks([_KillBefore(3)])
+    with pytest.raises(_Killed):
+        first.train()
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    again = _trainer(_cfg(out, *opts))
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 2
+    again.register_hooks([_LearningRate(2, 100.0)])
+    with pytest.raises(FloatingPointError) as e:
+        again.train()
+    msg = str(e.value)
+    assert not (out / "model_last_good.pth").exists(), msg  # the state before the NaN was not sane
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth", msg
+    assert "last_checkpoint now names model_0000001.pth (iteration 1)" in msg
+    assert "SOLVER.BASE_LR" in msg
+
+
 # =========================================================================== 4. kills and files
 def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     """MAX_ITER a multiple of CHECKPOINT_PERIOD; SIGKILL while model_final.pth is written leaves
@@ -265,9 +353,11 @@ def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     stale[1].write_text("model_fi")
     keep = out / ".notes.tmp"  # not a name a checkpoint write makes
     keep.write_text("x")
-    resumed = _trainer(_cfg(out, *opts))
-    resumed.resume_or_load(resume=True)
+    with _records("sgr_d2") as logged:
+        resumed = _trainer(_cfg(out, *opts))
+        resumed.resume_or_load(resume=True)
     assert not any(p.exists() for p in stale) and keep.exists()
+    assert any("Removed 2 temporary file(s) left by interrupted checkpoint writes" in m for m in logged), logged
     assert resumed.start_iter == 2
     resumed.train()
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
@@ -275,6 +365,32 @@ def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     assert final["iteration"] == 1 and final["trainer"]["iteration"] == 1
     assert all(torch.equal(final["model"][k], periodic["model"][k]) for k in periodic["model"])
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_a_write_is_flushed_to_disk_before_the_rename_and_a_failed_tag_write_keeps_the_tag(tmp_path, monkeypatch):
+    """Checkpoint and tag writes: the temporary file is fsync'ed, then renamed over the target; a
+    tag write that fails (here the rename) leaves the previous tag and no temporary file."""
+    ck = AtomicCheckpointer(torch.nn.Linear(2, 1), save_dir=str(tmp_path))
+    ck.tag_last_checkpoint("model_0000001.pth")
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.basename(
+        os.readlink(f"/proc/self/fd/{fd}")))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(a),
+                                                                     os.path.basename(b))), real_replace(a, b))[1])
+    ck.save("model_0000002")
+    tmp_pth, tmp_tag = events[0][1], events[2][1]
+    assert re.fullmatch(r"\.model_0000002\.pth\.\w+\.tmp", tmp_pth) and re.fullmatch(r"\.last_checkpoint\.\w+\.tmp", tmp_tag)
+    assert events == [("fsync", tmp_pth), ("replace", tmp_pth, "model_0000002.pth"),
+                      ("fsync", tmp_tag), ("replace", tmp_tag, "last_checkpoint")]
+
+    def no_rename(a, b):
+        raise OSError(5, "Input/output error (simulated)")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="simulated"):
+        ck.tag_last_checkpoint("model_0000003.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000002.pth"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

@@ -15,6 +15,7 @@ through ``weight_dict``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Sequence
 
 import torch
@@ -33,6 +34,8 @@ from .losses import (
 )
 
 __all__ = ["SetCriterion", "mask_classification_weight_dict"]
+
+logger = logging.getLogger(__name__)
 
 
 def mask_classification_weight_dict(class_weight: float, mask_weight: float, dice_weight: float,
@@ -122,11 +125,23 @@ class SetCriterion(nn.Module):
         }
 
     def _losses_for(self, outputs, targets, num_masks, suffix=""):
-        indices = self.matcher(outputs, targets)
+        finite = all(bool(torch.isfinite(outputs[k].detach()).all()) for k in ("pred_logits", "pred_masks"))
+        if finite:
+            indices = self.matcher(outputs, targets)
+        else:
+            # diverged predictions: no matching (its cost would be NaN); every loss term is NaN, so
+            # the trainer's non-finite-loss guard stops the run as for any other NaN loss
+            logger.warning("SetCriterion: the predictions%s hold NaN or infinite values; the mask "
+                           "classification losses are NaN and the matching was skipped",
+                           f" of decoder layer {suffix[1:]}" if suffix else "")
+            empty = torch.zeros(0, dtype=torch.int64)
+            indices = [(empty, empty) for _ in targets]
         losses = {}
         for name in self.losses:
             fn = self.loss_labels if name == "labels" else self.loss_masks
             losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_masks).items()})
+        if not finite:
+            losses = {k: v * float("nan") for k, v in losses.items()}
         return losses
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
