@@ -6,6 +6,7 @@ shape and dtype of the four official ADE20K models; see the README there) with r
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -229,6 +230,16 @@ def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
         assert len(found) == 1 and found[0].rsplit(".", 1)[-1] == k.rsplit(".", 1)[-1], (k, found)
 
 
+def with_sync_bn_counters(spec):
+    """The spec of a file trained with SyncBN (Mask2Former Cityscapes, ADE20K R-101): a
+    ``num_batches_tracked`` counter (int64, no dimensions) beside every BatchNorm's statistics."""
+    out = dict(spec)
+    for key in spec:
+        if key.endswith(".running_mean"):
+            out[key[: -len("running_mean")] + "num_batches_tracked"] = ((), "int64")
+    return out
+
+
 @pytest.mark.parametrize("rel, tsv, res4, classes", [
     ("cityscapes/mask2former_r50.yaml", "mask2former_ade20k_semantic_R50.tsv", 6, 19),
     pytest.param("ade20k/mask2former_r101.yaml", "mask2former_ade20k_semantic_R50.tsv", 23, 150,
@@ -237,13 +248,22 @@ def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
                  marks=pytest.mark.slow),
 ], ids=["m2f_r50_cityscapes", "m2f_r101_ade20k", "maskformer_r101_coco_stuff"])
 def test_r101_and_other_datasets_load_exactly(rel, tsv, res4, classes, tmp_path):
-    official = official_state(read_tsv(tsv, res4_blocks=res4, num_classes=classes), seed=2)
+    spec = read_tsv(tsv, res4_blocks=res4, num_classes=classes)
+    if rel.startswith("cityscapes/"):  # the official Cityscapes Mask2Former trains with SyncBN
+        spec = with_sync_bn_counters(spec)
+    official = official_state(spec, seed=2)
     path = write_official(official, tmp_path / "model_final.pkl")
     model = model_of(rel)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     checkpointer = AtomicCheckpointer(model)
     checkpointer.load(path)
     fit = checkpointer.last_load.fit
     assert fit.missing == [] and fit.unused == [] and fit.at_init == {}
+    counters = {k for k in official if k.endswith(".num_batches_tracked")}
+    assert bool(counters) == rel.startswith("cityscapes/")
+    # the counters are set aside, not loaded: the model's own counters keep their values
+    assert counters <= set(checkpointer.last_load.set_aside)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert len(fit.loaded) == len(_weights(model.state_dict()))
     assert torch.equal(model.state_dict()[PRED + "class_embed.weight"], official[PRED + "class_embed.weight"])
     assert torch.equal(model.state_dict()["backbone.res4.22.conv3.weight" if res4 == 23 else "backbone.res4.5.conv3.weight"],
@@ -298,15 +318,18 @@ def test_sgr_on_a_published_model_starts_as_the_published_model(rel, tmp_path):
 
 
 # ----------------------------------------------------------------------------- conversion
-@pytest.mark.parametrize("tsv, fmt, mid", [(t, ".pkl", ".pth") for t in sorted(OFFICIAL.values())]
-                         + [("mask2former_ade20k_semantic_swin_tiny.tsv", ".pth", ".pkl")])
-def test_official_to_sgr_to_official_is_bit_for_bit(tsv, fmt, mid, tmp_path):
-    official = official_state(read_tsv(tsv), seed=5)
+@pytest.mark.parametrize("tsv, fmt, mid, sync_bn", [(t, ".pkl", ".pth", False) for t in sorted(OFFICIAL.values())]
+                         + [("mask2former_ade20k_semantic_swin_tiny.tsv", ".pth", ".pkl", False),
+                            ("mask2former_ade20k_semantic_R50.tsv", ".pkl", ".pth", True)])
+def test_official_to_sgr_to_official_is_bit_for_bit(tsv, fmt, mid, sync_bn, tmp_path):
+    spec = read_tsv(tsv)
+    official = official_state(with_sync_bn_counters(spec) if sync_bn else spec, seed=5)
     src = write_official(official, tmp_path / f"official{fmt}")
     assert convert_checkpoint.main(["--input", src, "--output", str(tmp_path / f"ours{mid}")]) == 0
     ours, aside = convert_checkpoint.read_checkpoint(str(tmp_path / f"ours{mid}"))
     assert not any(k.startswith(("backbone.layers.", PRED + "transformer_", PD + "adapter_")) for k in ours)
-    assert set(aside) == {k for k in official if k == "criterion.empty_weight" or k.endswith("_index")}
+    assert set(aside) == {k for k in official if k == "criterion.empty_weight"
+                          or k.endswith(("_index", ".num_batches_tracked"))}
     assert convert_checkpoint.main(["--input", str(tmp_path / f"ours{mid}"), "--output", str(tmp_path / f"back{fmt}")]) == 0
     back, _ = convert_checkpoint.read_checkpoint(str(tmp_path / f"back{fmt}"))
     assert list(back) == list(official) or sorted(back) == sorted(official)
@@ -473,30 +496,71 @@ def _d2_torchvision_names(sd):
     return out
 
 
-def test_detectron2_torchvision_r50_pkl_loads_into_the_plain_and_the_dilated_resnet(tmp_path):
+@contextlib.contextmanager
+def _load_log(checkpointer):
+    """The messages ``checkpointer`` logs (INFO and up) while the block runs."""
+    messages, handler, level = [], logging.Handler(), checkpointer.logger.level
+    handler.emit = lambda record: messages.append(record.getMessage())
+    checkpointer.logger.addHandler(handler)
+    checkpointer.logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        checkpointer.logger.removeHandler(handler)
+        checkpointer.logger.setLevel(level)
+
+
+@pytest.mark.parametrize("depth", [50, pytest.param(101, marks=pytest.mark.slow)])
+def test_detectron2_torchvision_pkl_loads_into_the_plain_and_the_dilated_resnet(depth, tmp_path):
+    """detectron2's ImageNetPretrained/torchvision/R-{50,101}.pkl (STRIDE_IN_1X1 False): into the
+    plain ResNet (MaskFormer) and the dilated one, the same features as torchvision; into a full
+    model with SGR, the backbone loads and the head and SGR start from scratch. The classifier of
+    the file is listed as unused, in the log."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(6)
-    tv = _randomize_bn(torchvision.models.resnet50(), 6).eval()
-    with open(tmp_path / "R-50.pkl", "wb") as f:
+    tv = _randomize_bn(getattr(torchvision.models, f"resnet{depth}")(), 6).eval()
+    pkl = tmp_path / f"R-{depth}.pkl"
+    with open(pkl, "wb") as f:
         pickle.dump({"model": _d2_torchvision_names(tv.state_dict()), "__author__": "torchvision",
                      "matching_heuristics": True}, f)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = _torchvision_features(tv, x)
-    for rel, opts in (("ade20k/maskformer_r50.yaml", ()),  # build_resnet_backbone, STRIDE_IN_1X1 False
-                      ("ade20k/dil_fcn_r50.yaml", ("MODEL.RESNETS.OUTPUT_STRIDE", "32")),
-                      ("ade20k/dil_fcn_r50.yaml", ())):  # dilated, output stride 8
+    for rel, opts in ((f"ade20k/maskformer_r{depth}.yaml", ()),  # build_resnet_backbone, STRIDE_IN_1X1 False
+                      (f"ade20k/dil_fcn_r{depth}.yaml", ("MODEL.RESNETS.OUTPUT_STRIDE", "32")),
+                      (f"ade20k/dil_fcn_r{depth}.yaml", ())):  # dilated, output stride 8
         cfg = load_config(os.path.join(REPO, "configs", rel), CPU + ["MODEL.RESNETS.OUT_FEATURES", "['res5']", *opts])
         assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
         backbone = build_backbone(cfg).eval()
         checkpointer = AtomicCheckpointer(backbone)
-        checkpointer.load(str(tmp_path / "R-50.pkl"))
+        with _load_log(checkpointer) as messages:
+            checkpointer.load(str(pkl))
         fit = checkpointer.last_load.fit
         assert fit.missing == [] and sorted(fit.unused) == ["stem.fc.bias", "stem.fc.weight"]
+        assert any(f"{pkl}: 2 tensors of the file are not used by the model: stem.fc" in m for m in messages), messages
         if cfg.MODEL.RESNETS.OUTPUT_STRIDE == 32:
             with torch.no_grad():
                 out = backbone(x)["res5"]
             assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), rel
+    if depth != 50:
+        return
+    # a full model with SGR: the backbone from the file, the head and SGR at their initialisation
+    torch.manual_seed(0)
+    model = build_model(load_config(os.path.join(REPO, "configs", "ade20k", "dil_fcn_r50_sgr.yaml"), CPU))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = AtomicCheckpointer(model)
+    with _load_log(checkpointer) as messages:
+        checkpointer.load(str(pkl))
+    fit = checkpointer.last_load.fit
+    assert fit.kind == "backbone" and fit.missing == [], fit.kind
+    state = model.state_dict()
+    conv1 = [k for k in state if k.endswith("stem.conv1.weight")]
+    assert len(conv1) == 1 and torch.equal(state[conv1[0]], tv.state_dict()["conv1.weight"])
+    assert not any(torch.equal(state[k], init[k]) for k in conv1)
+    rest = [k for k in state if not k.startswith("backbone.backbone.") and "num_batches_tracked" not in k]
+    assert any(k.startswith("sem_seg_head.") for k in rest) and any(k.startswith("backbone.sgr.") for k in rest)
+    assert all(torch.equal(state[k], init[k]) for k in rest), [k for k in rest if not torch.equal(state[k], init[k])]
+    assert any("2 tensors of the file are not used by the model: stem.fc" in m for m in messages), messages
 
 
 def _caffe2_names(backbone):

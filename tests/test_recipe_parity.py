@@ -101,6 +101,17 @@ def test_maskformer_configs_pad_training_images_with_128():
                             pad_size=None, image_pad_value=300)
 
 
+def test_every_dataset_config_trains_with_the_colour_jitter():
+    """The paper's "random color jitter following [MaskFormer]": INPUT.COLOR_AUG is on in every
+    semantic config of the three datasets (a False in one Base-*.yaml would switch it off for
+    all of that dataset's configs)."""
+    paths = sorted(p for d in ("ade20k", "cityscapes", "coco_stuff_10k")
+                   for p in glob.glob(os.path.join(CONFIGS, d, "*.yaml")) if "Base-" not in os.path.basename(p))
+    assert len(paths) >= 3 * 24  # 24 configs per dataset (ADE20K also has a fine-tuning recipe)
+    off = [p for p in paths if load_config(p).INPUT.COLOR_AUG is not True]
+    assert off == []
+
+
 def test_pixel_decoder_level_embedding_decays_as_in_mask2former():
     cfg = tiny_toy_cfg(os.path.join(CONFIGS, "toy", "mask2former_r18.yaml"), "SOLVER.WEIGHT_DECAY", "0.05")
     groups = {g["name"]: g for g in param_groups(cfg, build_model(cfg))}

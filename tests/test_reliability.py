@@ -280,6 +280,24 @@ def test_missing_model_weights_is_a_clear_error(tmp_path):
     _assert_unchanged(out, earlier)
 
 
+@pytest.mark.parametrize("url", ["detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+                                 "https://dl.fbaipublicfiles.com/maskformer/model_final.pkl"])
+def test_model_weights_url_is_refused_not_downloaded(tmp_path, monkeypatch, url):
+    """sgr_d2 never downloads: a URL in MODEL.WEIGHTS is an error that says so, before detectron2's
+    PathManager (which would fetch it) is asked for anything."""
+    from detectron2.utils.file_io import PathManager
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError(f"PathManager was asked for {args}")
+
+    out = tmp_path / "run"
+    trainer = _trainer(_cfg(out, "MODEL.WEIGHTS", url))
+    monkeypatch.setattr(PathManager, "get_local_path", no_fetch)
+    monkeypatch.setattr(PathManager, "open", no_fetch)
+    with pytest.raises(ValueError, match=rf"MODEL.WEIGHTS is a URL \({re.escape(url)}\).*never downloads weights"):
+        trainer.resume_or_load(resume=False)
+
+
 def _weights(state):
     """The tensors the check counts: not pixel_mean/std nor BatchNorm's num_batches_tracked."""
     return {k: v for k, v in state.items()

@@ -91,7 +91,7 @@ def _as_numpy(v):
 
 
 def _as_tensor(v):
-    return v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, order="C"))  # ascontiguousarray would make a 0-d array 1-d
 
 
 def write_checkpoint(path: str, model: Dict[str, object], official_only: Dict[str, object]) -> None:

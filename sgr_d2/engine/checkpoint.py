@@ -176,7 +176,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return removed
 
     def load(self, path: str, *args, **kwargs):
-        if path and "://" not in path and not os.path.isfile(path):
+        if path and "://" in path:
+            raise ValueError(f"MODEL.WEIGHTS is a URL ({path}). {WEIGHTS_HELP} Download the file "
+                             "yourself and give its local path.")
+        if path and not os.path.isfile(path):
             raise FileNotFoundError(f"MODEL.WEIGHTS file {path} does not exist. {WEIGHTS_HELP}")
         self._loading = path
         # Resuming reads the run's own last checkpoint: MODEL.WEIGHTS_NEW_CLASSES is about
