@@ -111,6 +111,26 @@ def test_sgr_criterion_is_float32_whatever_the_autocast_state_and_input_dtype():
     assert ref["loss_sgr_div"] > 0 and ref["loss_sgr_union"] > 0  # the comparison is not 0 == 0
 
 
+def test_per_pixel_cross_entropy_is_float32_with_autocast_off(monkeypatch):
+    """The per-pixel heads' loss under bfloat16 autocast, on bfloat16 logits (what the head's
+    last conv gives there): equal to the float32 loss of the same logits computed without
+    autocast, and autocast is off while it runs (seen from inside F.cross_entropy)."""
+    from torch.nn import functional as F
+
+    from sgr_d2.modeling.heads.fcn_head import per_pixel_loss
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 8, 8, generator=g)).bfloat16()
+    targets = torch.randint(0, 5, (2, 32, 32), generator=g)
+    targets[0, :4] = 255
+    ref = per_pixel_loss(logits.float(), targets, 255, 0.7, 4)["loss_sem_seg"]
+    states, real = [], F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: (states.append(_cpu_autocast_on()), real(*a, **k))[1])
+    with torch.autocast(**BF16):
+        got = per_pixel_loss(logits, targets, 255, 0.7, 4)["loss_sem_seg"]
+    assert states == [False]
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
 def test_maskformer_criterion_and_matcher_are_float32_under_autocast():
     torch.manual_seed(0)
     q, k = 6, 4
@@ -206,6 +226,32 @@ def test_amp_on_the_cpu_trains_the_forward_in_bfloat16_and_the_backward_in_float
     assert seen[-1] == (False, torch.float32, False)
     losses = {k: h.latest() for k, h in trainer.storage.histories().items() if k.startswith("loss")}
     assert len(losses) >= 4 and all(math.isfinite(v) for v in losses.values()), losses
+
+
+def test_amp_picks_detectron2s_amp_trainer_for_a_model_on_cuda(monkeypatch):
+    """No GPU here: a stand-in model whose parameters say "cuda" gets detectron2's AMPTrainer
+    (float16 autocast and GradScaler; replaced by a recorder, since the real one asserts CUDA),
+    a CPU model the bfloat16 CPUAutocastTrainer. This checks the choice only; float16 training
+    itself was not run."""
+    from types import SimpleNamespace
+
+    from sgr_d2.engine import amp
+    made = []
+
+    class _AMPTrainer:
+        def __init__(self, model, data_loader, optimizer, *args, **kwargs):
+            made.append((model, data_loader, optimizer))
+
+    class _OnCuda(torch.nn.Module):
+        def parameters(self, recurse=True):
+            yield SimpleNamespace(device=torch.device("cuda"))
+
+    monkeypatch.setattr(amp, "AMPTrainer", _AMPTrainer)
+    model, loader, opt = _OnCuda(), object(), object()
+    assert isinstance(amp.build_amp_trainer(model, loader, opt), _AMPTrainer) and made == [(model, loader, opt)]
+    cpu = torch.nn.Linear(2, 2)
+    trainer = amp.build_amp_trainer(cpu, [], torch.optim.SGD(cpu.parameters(), lr=0.1))
+    assert type(trainer) is amp.CPUAutocastTrainer and trainer.precision == torch.bfloat16 and len(made) == 1
 
 
 def test_a_failing_forward_leaves_autocast_off():

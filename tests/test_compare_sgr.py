@@ -49,6 +49,8 @@ def _fake_run(path, miou, miou_tta, times, peak, ious, tokens=None):
         json.dump({"peak_rss_mib": peak, "peak_cuda_mib": None}, f)
     with open(os.path.join(path, "results_TTA.json"), "w") as f:
         json.dump({"sem_seg_TTA/mIoU": miou_tta}, f)
+    with open(os.path.join(path, "wall_time.json"), "w") as f:
+        json.dump({"wall_s": 60.0 * miou_tta}, f)  # minutes = the TTA mIoU: a known sum
 
 
 def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
@@ -83,6 +85,13 @@ def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
     assert "| model | " + " | ".join(TOY_CLASSES) + " |" in lines
     assert "| baseline | 90.0 ± 0.0 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 20.0 ± 10.0 |" in out
     assert "| SGR | 60.6 / 62.6 | 61.7 / 63.7 | 61.2 / 63.2 |" in out
+    # pixel accuracy per class (the fake runs' IoU + 1)
+    assert "Per-class pixel accuracy (recall, single-scale):" in out
+    assert "| baseline | 91.0 ± 0.0 | 81.0 ± 0.0 | 71.0 ± 0.0 | 61.0 ± 0.0 | 51.0 ± 0.0 | 21.0 ± 10.0 |" in out
+    assert "| SGR | 92.0 ± 0.0 | 82.0 ± 0.0 | 72.0 ± 0.0 | 62.0 ± 0.0 | 52.0 ± 0.0 | 11.0 ± 5.0 |" in out
+    # wall time: the sum of the six runs' recorded wall times
+    total = sum(base.values()) + 3 + sum(sgr.values()) + 6
+    assert f"Wall time of these 6 runs (training and evaluations, one after the other): {total:.1f} min." in out
     assert "scores at most" not in out  # the shape toy has no local-classifier ceiling
     saved = json.loads((root / "compare.json").read_text())
     assert saved["std"] == "sample (ddof=1)" and saved["seeds"] == [1, 2, 3]

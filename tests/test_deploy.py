@@ -73,6 +73,9 @@ def test_onnxruntime_reproduces_pytorch_for_every_toy_meta_architecture(name, tm
     assert list(reports) == [f"{H}x{W}"]
     session = onnxruntime_session(path)
     assert [o.name for o in session.get_outputs()] == names
+    import onnx
+    graph = onnx.load(path)
+    assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {17}  # docs/deploy.md
     wrapper = SemanticSegmentationExport(model)
     real = _toy_val_image(cfg)  # a 128x128 scene, resized to the export size
     real = torch.nn.functional.interpolate(real, size=(H, W), mode="bilinear")
@@ -153,6 +156,38 @@ def test_dynamic_export_of_a_size_bound_part_is_a_clear_error_naming_it(name, pa
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_dynamic_export_of_upernets_pyramid_pooling_is_a_clear_error_naming_it(tmp_path):
+    """UperNet (configs/ade20k/upernet_swin_t.yaml, the only UperNet configs): its pyramid pooling
+    is exported with pooling matrices for the export size, so --dynamic is refused by name
+    before anything is traced."""
+    cfg = tiny_toy_cfg(os.path.join(REPO, "configs", "ade20k", "upernet_swin_t.yaml"), "MODEL.WEIGHTS", "")
+    model = build_model(cfg).eval()
+    with pytest.raises(ExportError) as err:
+        export_onnx(model, str(tmp_path / "m.onnx"), H, W, dynamic=True)
+    assert "UperNet's PyramidPooling" in str(err.value) and "fixed size" in str(err.value), str(err.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _ShiftedWhenNotTraced(torch.nn.Module):
+    """PyTorch and the traced graph disagree: the eager model adds 3 to the first class's logit."""
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            return x
+        return x + 3 * (torch.arange(x.shape[1]) == 0).to(x).view(1, -1, 1, 1)
+
+
+def test_an_export_that_onnxruntime_does_not_reproduce_is_an_error(tmp_path):
+    _, model = _model("dil_fcn_r18")
+    model.sem_seg_head.predictor = torch.nn.Sequential(model.sem_seg_head.predictor, _ShiftedWhenNotTraced())
+    with pytest.raises(ExportError) as err:
+        export_onnx(model, str(tmp_path / "m.onnx"), H, W)
+    msg = str(err.value)
+    assert f"onnxruntime does not reproduce PyTorch at {H}x{W}" in msg, msg
+    assert "output 'sem_seg' differs by up to" in msg and f"(tolerance {ATOL:g})" in msg, msg
+    assert "the argmax of 'sem_seg' agrees on" in msg, msg
+
+
 class _CumMax(torch.nn.Module):
     """An op the ONNX exporter does not support (aten::cummax)."""
 
@@ -223,6 +258,16 @@ def test_export_tool_loads_the_weights_and_the_demo_runs_the_file(tmp_path, caps
     agree = (onnx_pred["sem_seg"].argmax(0) == torch_pred["sem_seg"].argmax(0)).float().mean()
     assert agree >= MIN_ARGMAX_AGREEMENT
     assert torch.allclose(onnx_pred["sgr_regions"], torch_pred["sgr_regions"], atol=ATOL)
+    # an image of another size than the file's 128x128: resized to it, the scores resized back,
+    # as the model itself does when asked for another output size
+    from detectron2.data import transforms as T
+    small = T.ResizeTransform(128, 128, 96, 160).apply_image(bgr)
+    onnx_small = OnnxSemanticPredictor(cfg, out)(small)
+    x = torch.as_tensor(T.ResizeTransform(96, 160, 128, 128).apply_image(small).astype("float32").transpose(2, 0, 1))
+    with torch.no_grad():
+        ref = model.eval()([{"image": x, "height": 96, "width": 160}])[0]["sem_seg"]
+    assert onnx_small["sem_seg"].shape == ref.shape == (6, 96, 160)
+    assert (onnx_small["sem_seg"] - ref).abs().max().item() <= ATOL
     files = demo_script.main(["--config-file", config, "--onnx", out, "--input", DatasetCatalog.get(
         cfg.DATASETS.TEST[0])[0]["file_name"], "--output", str(tmp_path / "demo")])
     assert sorted(os.path.basename(f) for f in files) == ["0000_regions.png", "0000_seg.png"]

@@ -113,7 +113,7 @@ def run_record(run, seed, classes):
            "wall_s": run["wall_s"]}
     for c in classes:
         rec[f"IoU-{c}"] = m.get(f"sem_seg/IoU-{c}", math.nan)
-        rec[f"ACC-{c}"] = m.get(f"sem_seg/ACC-{c}", math.nan)  # recall of the class (JSON only)
+        rec[f"ACC-{c}"] = m.get(f"sem_seg/ACC-{c}", math.nan)  # the class's pixel accuracy (recall)
     for k in TOKEN_METRICS:
         rec[k] = m.get(f"token_semantics/{k}", math.nan)
     return rec
@@ -149,6 +149,11 @@ def tables(pair, classes, variants):
     for v, data in variants.items():
         s = data["summary"]
         lines.append("| " + " | ".join([LABELS[v]] + [format_mean_std(*s[f"IoU-{c}"], 1) for c in classes]) + " |")
+    lines += ["", "Per-class pixel accuracy (recall, single-scale):", "",
+              "| model | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for v, data in variants.items():
+        s = data["summary"]
+        lines.append("| " + " | ".join([LABELS[v]] + [format_mean_std(*s[f"ACC-{c}"], 1) for c in classes]) + " |")
     seeds = [r["seed"] for r in variants["baseline"]["runs"]]
     lines += ["", "mIoU per seed (single-scale / multi-scale + flip):", "",
               "| model | " + " | ".join(f"SEED {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
@@ -156,6 +161,10 @@ def tables(pair, classes, variants):
         by_seed = {r["seed"]: r for r in data["runs"]}
         lines.append("| " + " | ".join([LABELS[v]] + [f"{by_seed[s]['mIoU']:.1f} / {by_seed[s]['mIoU_TTA']:.1f}"
                                                        for s in seeds]) + " |")
+    walls = [r.get("wall_s") for data in variants.values() for r in data["runs"]]
+    if walls and all(w is not None and not math.isnan(w) for w in walls):
+        lines += ["", f"Wall time of these {len(walls)} runs (training and evaluations, one after the "
+                  f"other): {sum(walls) / 60:.1f} min."]
     return "\n".join(lines)
 
 

@@ -106,7 +106,7 @@ def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *
     ``RuntimeError`` with the end of its log."""
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    for stale in ("metrics.json", "peak_memory.json", "results_TTA.json"):
+    for stale in ("metrics.json", "peak_memory.json", "results_TTA.json", "wall_time.json"):
         if os.path.exists(os.path.join(output_dir, stale)):
             os.remove(os.path.join(output_dir, stale))
     # with --tta the child evaluates multi-scale + flip itself, once, after training
@@ -133,11 +133,17 @@ def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *
             with open(log_path) as f:
                 tail = "; end of " + log_path + ":\n" + "".join(f.readlines()[-30:])
         raise RuntimeError(f"training {config_file} {' '.join(opts)} failed (exit {proc.returncode}){tail}")
+    with open(os.path.join(output_dir, "wall_time.json"), "w") as f:
+        json.dump({"wall_s": wall}, f)
     return read_run(output_dir, tta=tta, wall_s=wall)
 
 
 def read_run(output_dir: str, *, tta: bool = False, wall_s: float = math.nan) -> dict:
-    """What :func:`train_and_evaluate` returns, read from a finished run's folder."""
+    """What :func:`train_and_evaluate` returns, read from a finished run's folder (``wall_s``:
+    the run's recorded wall time, ``wall_time.json``, unless given; NaN for neither)."""
+    wall_file = os.path.join(output_dir, "wall_time.json")
+    if math.isnan(wall_s) and os.path.isfile(wall_file):
+        wall_s = float(json.loads(Path(wall_file).read_text())["wall_s"])
     peak_file = os.path.join(output_dir, "peak_memory.json")
     if not os.path.isfile(peak_file):
         raise FileNotFoundError(f"{peak_file} does not exist: the run did not finish")

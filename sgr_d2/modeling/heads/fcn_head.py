@@ -11,13 +11,20 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ...sgr.precision import autocast_off
+
 __all__ = ["DilatedFCNHead", "PerPixelHead", "per_pixel_loss", "classifier", "conv_norm_relu"]
 
 
 def per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
-    """Per-pixel cross-entropy of ``logits`` upsampled ×``scale`` to the target resolution (in
-    float32, also under mixed precision, as detectron2's ``SemSegFPNHead`` does)."""
-    logits = logits.float()
+    """Per-pixel cross-entropy of ``logits`` upsampled ×``scale`` to the target resolution, in
+    float32 with autocast off (also under mixed precision; detectron2's ``SemSegFPNHead`` upcasts
+    its logits the same way)."""
+    with autocast_off(logits.device):
+        return _per_pixel_loss(logits.float(), targets, ignore_value, loss_weight, scale)
+
+
+def _per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scale: int):
     if scale != 1:
         logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
     if logits.shape[-2:] != targets.shape[-2:]:
