@@ -581,7 +581,8 @@ def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
     assert "sgr_d2-launcher-watch" not in {t.name for t in __import__("threading").enumerate()} - before
     script, pid_file = tmp_path / "launcher.py", tmp_path / "worker.pid"
     script.write_text(_WATCHED_WORKER)
-    launcher = subprocess.Popen([sys.executable, str(script), str(pid_file)], env=_env())
+    env = dict(_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    launcher = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=REPO, env=env)
     worker = None
     try:
         deadline = time.time() + 60
