@@ -77,6 +77,33 @@ def test_the_validation_files_hold_both_worlds_and_the_cue_in_every_image():
     assert np.array_equal(np.concatenate(red_team_pixels), np.concatenate(blue_team_pixels))
 
 
+def test_the_training_files_hold_the_cue_in_every_image_and_both_teams():
+    """The training split (one world per scene): every image has the flag's cloth, whose colour
+    names the one team class present; the two teams are balanced; and each file is its scene's
+    draw, whose other world differs only on the cloth (so the discs look the same whichever team
+    they are)."""
+    dicts = DatasetCatalog.get("sgr_toy_context_sem_seg_train")
+    scenes = tc.split_scenes("train")
+    assert len(dicts) == len(scenes) == 200
+    teams = []
+    for d, (seed, team) in zip(dicts, scenes):
+        img = np.asarray(Image.open(d["file_name"]).convert("RGB"))
+        sem = np.asarray(Image.open(d["sem_seg_file_name"]))
+        flag = img[sem == tc.FLAG].astype(int)
+        red_cloth = (flag[:, 0] > flag[:, 2] + 60).sum()
+        blue_cloth = (flag[:, 2] > flag[:, 0] + 60).sum()
+        assert max(red_cloth, blue_cloth) >= 20 * 12 and min(red_cloth, blue_cloth) == 0, d["file_name"]
+        assert team == (tc.RED_TEAM if red_cloth else tc.BLUE_TEAM), d["file_name"]
+        present = set(np.unique(sem).tolist())
+        assert team in present and (set(tc.TEAMS) - {team}).isdisjoint(present), d["file_name"]
+        drawn, labels, _ = tc.draw_context_scene(seed, team)
+        assert np.array_equal(img, drawn) and np.array_equal(sem, labels), d["file_name"]
+        other = tc.draw_context_scene(seed, tc.BLUE_TEAM if team == tc.RED_TEAM else tc.RED_TEAM)[0]
+        assert (sem[(other != img).any(axis=2)] == tc.FLAG).all(), d["file_name"]
+        teams.append(team)
+    assert teams.count(tc.RED_TEAM) == teams.count(tc.BLUE_TEAM) == 100
+
+
 def test_a_local_classifier_ceiling_is_half_the_team_pixels_up_to_the_gap():
     seeds = range(6000, 6006)
     labelled = team = 0
