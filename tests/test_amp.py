@@ -263,9 +263,10 @@ def test_a_failing_forward_leaves_autocast_off():
     assert not _cpu_autocast_on()
 
 
-def test_maskformer_configs_enable_amp_as_the_official_ones():
-    """MaskFormer / Mask2Former train with AMP in their official configs; the per-pixel baselines
-    (mmseg recipes) and the toy configs (CPU float32) do not."""
+def test_maskformer_and_mask2former_configs_enable_amp():
+    """The MaskFormer / Mask2Former configs train with AMP (the official Mask2Former configs do;
+    ours enable it for MaskFormer too); the per-pixel baselines (mmseg recipes) and the toy
+    configs (CPU float32) do not."""
     checked = 0
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))):
         name = os.path.basename(path)
