@@ -603,6 +603,51 @@ def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _nan_on_one_worker_main(out_dir):
+    """In each of two gloo workers: the tiny toy SGR run, whose region maps turn NaN on worker 1
+    only, at iteration 2. Each worker writes the error it stopped with to rank<r>.txt."""
+    from pathlib import Path
+
+    from detectron2.utils import comm
+
+    torch.set_num_threads(1)
+    cfg = _cfg(out_dir, "SOLVER.MAX_ITER", "5")
+    seed_all_rng(cfg.SEED)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    if comm.get_rank() == 1:
+        _nan_region_maps_at(model, trainer, 2)
+    try:
+        trainer.train()
+        outcome = f"finished at iteration {trainer.iter}"
+    except FloatingPointError as e:
+        outcome = str(e)
+    Path(out_dir, f"rank{comm.get_rank()}.txt").write_text(outcome)
+
+
+@pytest.mark.slow
+def test_non_finite_terms_on_one_worker_stop_every_worker_at_the_same_iteration(tmp_path):
+    """The guard's flag is summed over the workers: worker 0, whose losses are finite, stops at
+    the same iteration as worker 1 (none waits in the next collective), both messages list each
+    worker's terms, and the last good state (iteration 1) is saved once and tagged."""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, compat.launch is detectron2's own launcher (NCCL)")
+    out = tmp_path / "run"
+    compat.launch(_nan_on_one_worker_main, 2, dist_url=f"file://{tmp_path / 'init'}", args=(str(out),),
+                  timeout=timedelta(seconds=90))
+    messages = [(out / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1], messages
+    msg = messages[0]
+    assert "at iteration 2 (non-finite: loss_sgr_cls, loss_sgr_div, loss_sgr_union)" in msg, msg
+    worker0 = re.search(r"worker 0: (.*?); worker 1: ", msg).group(1)
+    worker1 = re.search(r"; worker 1: (.*?)\. The update", msg).group(1)
+    assert "nan" not in worker0 and "loss_sgr_union=" in worker0, worker0
+    assert "loss_sgr_union=nan" in worker1 and "loss_sem_seg=" in worker1, worker1
+    assert (out / "last_checkpoint").read_text() == "model_last_good.pth"
+    assert torch.load(out / "model_last_good.pth", map_location="cpu", weights_only=True)["iteration"] == 1
+
+
 def _all_ignore_worker_main(data_dir, out_dir):
     """In each of two gloo workers: train a tiny SGR model with DDP on two images, one with
     labels and one whose labels are all ignore; with IMS_PER_BATCH 2 each worker gets one image
