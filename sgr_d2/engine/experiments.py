@@ -135,15 +135,14 @@ def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *
         raise RuntimeError(f"training {config_file} {' '.join(opts)} failed (exit {proc.returncode}){tail}")
     with open(os.path.join(output_dir, "wall_time.json"), "w") as f:
         json.dump({"wall_s": wall}, f)
-    return read_run(output_dir, tta=tta, wall_s=wall)
+    return read_run(output_dir, tta=tta)
 
 
-def read_run(output_dir: str, *, tta: bool = False, wall_s: float = math.nan) -> dict:
+def read_run(output_dir: str, *, tta: bool = False) -> dict:
     """What :func:`train_and_evaluate` returns, read from a finished run's folder (``wall_s``:
-    the run's recorded wall time, ``wall_time.json``, unless given; NaN for neither)."""
+    the wall time it recorded in ``wall_time.json``; NaN for a run without one)."""
     wall_file = os.path.join(output_dir, "wall_time.json")
-    if math.isnan(wall_s) and os.path.isfile(wall_file):
-        wall_s = float(json.loads(Path(wall_file).read_text())["wall_s"])
+    wall_s = float(json.loads(Path(wall_file).read_text())["wall_s"]) if os.path.isfile(wall_file) else math.nan
     peak_file = os.path.join(output_dir, "peak_memory.json")
     if not os.path.isfile(peak_file):
         raise FileNotFoundError(f"{peak_file} does not exist: the run did not finish")
