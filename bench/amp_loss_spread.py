@@ -10,7 +10,6 @@ and the largest and the seed-0 fraction of that test's tolerance (``REL_TOL``/``
     python bench/amp_loss_spread.py --batches 20
 """
 import argparse
-import copy
 import os
 import sys
 
@@ -26,7 +25,8 @@ def main():
     args = p.parse_args()
     import torch
     from conftest import tiny_toy_cfg, toy_batch  # (sets a private DETECTRON2_DATASETS if none is set)
-    from test_amp import ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY, _bf16
+    from test_amp import (ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY,
+                          float32_and_bf16_losses)
 
     from detectron2.modeling import build_model
 
@@ -43,13 +43,7 @@ def main():
         model = build_model(cfg).train()
         rows = {k: [] for k in SGR_KEYS}
         for seed in range(args.batches):
-            batch = toy_batch(cfg, seed=seed)
-            ref_model, low_model = copy.deepcopy(model), copy.deepcopy(model)  # BatchNorm statistics move
-            torch.manual_seed(1)
-            ref = ref_model(batch)
-            torch.manual_seed(1)
-            with _bf16():
-                got = low_model(batch)
+            ref, got = float32_and_bf16_losses(model, toy_batch(cfg, seed=seed))
             for k in SGR_KEYS:
                 a, b = ref[k].item(), got[k].item()
                 rows[k].append((abs(a - b) / abs(a), abs(a - b), abs(a - b) / max(REL_TOL * abs(a), ABS_TOL)))

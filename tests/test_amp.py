@@ -168,6 +168,19 @@ def test_maskformer_criterion_and_matcher_are_float32_under_autocast():
 REL_TOL, ABS_TOL = 0.05, 2e-3
 
 
+def float32_and_bf16_losses(model, batch):
+    """The loss dicts of one training forward of ``batch`` in float32 and under bfloat16
+    autocast, each on its own copy of ``model`` (BatchNorm's running statistics move with each
+    forward) with the same random draws (torch seed 1). Also used by bench/amp_loss_spread.py."""
+    ref_model, low_model = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(1)
+    ref = ref_model(batch)
+    torch.manual_seed(1)
+    with _bf16():
+        got = low_model(batch)
+    return ref, got
+
+
 @pytest.mark.parametrize("config", [DIL_FCN_SGR, os.path.join(TOY, "maskformer_r18_sgr.yaml"), MASK2FORMER_SGR],
                          ids=["dil_fcn_sgr", "maskformer_sgr", "mask2former_sgr"])
 def test_sgr_loss_terms_of_one_batch_under_bf16_autocast_equal_float32(config):
@@ -176,13 +189,7 @@ def test_sgr_loss_terms_of_one_batch_under_bf16_autocast_equal_float32(config):
     cfg = tiny_toy_cfg(config)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    batch = toy_batch(cfg)
-    low_model = copy.deepcopy(model)  # BatchNorm's running statistics move with each forward
-    torch.manual_seed(1)
-    ref = model(batch)
-    torch.manual_seed(1)
-    with _bf16():
-        got = low_model(batch)
+    ref, got = float32_and_bf16_losses(model, toy_batch(cfg))
     for key in SGR_KEYS:
         a, b = ref[key].item(), got[key].item()
         assert got[key].dtype == torch.float32 and math.isfinite(b), (key, b)

@@ -177,12 +177,17 @@ class _ShiftedWhenNotTraced(torch.nn.Module):
         return x + 3 * (torch.arange(x.shape[1]) == 0).to(x).view(1, -1, 1, 1)
 
 
-def test_an_export_that_onnxruntime_does_not_reproduce_is_an_error(tmp_path):
+def _export_error_after_the_classifier(part, tmp_path):
+    """The ExportError message of exporting the toy Dilated-FCN with ``part`` after its classifier."""
     _, model = _model("dil_fcn_r18")
-    model.sem_seg_head.predictor = torch.nn.Sequential(model.sem_seg_head.predictor, _ShiftedWhenNotTraced())
+    model.sem_seg_head.predictor = torch.nn.Sequential(model.sem_seg_head.predictor, part)
     with pytest.raises(ExportError) as err:
         export_onnx(model, str(tmp_path / "m.onnx"), H, W)
-    msg = str(err.value)
+    return str(err.value)
+
+
+def test_an_export_that_onnxruntime_does_not_reproduce_is_an_error(tmp_path):
+    msg = _export_error_after_the_classifier(_ShiftedWhenNotTraced(), tmp_path)
     assert f"onnxruntime does not reproduce PyTorch at {H}x{W}" in msg, msg
     assert "output 'sem_seg' differs by up to" in msg and f"(tolerance {ATOL:g})" in msg, msg
     assert "the argmax of 'sem_seg' agrees on" in msg, msg
@@ -196,11 +201,7 @@ class _CumMax(torch.nn.Module):
 
 
 def test_an_unsupported_part_is_named(tmp_path):
-    _, model = _model("dil_fcn_r18")
-    model.sem_seg_head.predictor = torch.nn.Sequential(model.sem_seg_head.predictor, _CumMax())
-    with pytest.raises(ExportError) as err:
-        export_onnx(model, str(tmp_path / "m.onnx"), H, W)
-    msg = str(err.value)
+    msg = _export_error_after_the_classifier(_CumMax(), tmp_path)
     assert "sem_seg_head.predictor.1 (_CumMax)" in msg and "aten::cummax" in msg, msg
 
 

@@ -173,6 +173,20 @@ def _weights(state):
 
 
 # ----------------------------------------------------------------------------- loading
+@contextlib.contextmanager
+def _load_log(checkpointer):
+    """The messages ``checkpointer`` logs (INFO and up) while the block runs."""
+    messages, handler, level = [], logging.Handler(), checkpointer.logger.level
+    handler.emit = lambda record: messages.append(record.getMessage())
+    checkpointer.logger.addHandler(handler)
+    checkpointer.logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        checkpointer.logger.removeHandler(handler)
+        checkpointer.logger.setLevel(level)
+
+
 @pytest.mark.parametrize("fmt", [".pkl", ".pth"])
 @pytest.mark.parametrize("rel", list(OFFICIAL))
 def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
@@ -181,17 +195,8 @@ def test_official_checkpoint_loads_exactly(rel, fmt, tmp_path):
     path = write_official(official, tmp_path / f"model_final{fmt}")
     model = model_of(rel)
     checkpointer = AtomicCheckpointer(model)
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    level = checkpointer.logger.level
-    checkpointer.logger.addHandler(handler)
-    checkpointer.logger.setLevel(logging.INFO)
-    try:
+    with _load_log(checkpointer) as messages:
         checkpointer.load(path)
-    finally:
-        checkpointer.logger.removeHandler(handler)
-        checkpointer.logger.setLevel(level)
     summary = checkpointer.last_load
     fit = summary.fit
     ours = _weights(model.state_dict())
@@ -494,20 +499,6 @@ def _d2_torchvision_names(sd):
         name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         out[name] = v.numpy()
     return out
-
-
-@contextlib.contextmanager
-def _load_log(checkpointer):
-    """The messages ``checkpointer`` logs (INFO and up) while the block runs."""
-    messages, handler, level = [], logging.Handler(), checkpointer.logger.level
-    handler.emit = lambda record: messages.append(record.getMessage())
-    checkpointer.logger.addHandler(handler)
-    checkpointer.logger.setLevel(logging.INFO)
-    try:
-        yield messages
-    finally:
-        checkpointer.logger.removeHandler(handler)
-        checkpointer.logger.setLevel(level)
 
 
 @pytest.mark.parametrize("depth", [50, pytest.param(101, marks=pytest.mark.slow)])
