@@ -214,6 +214,10 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     from detectron2.engine import launch as d2_launch
 
     world_size = num_machines * num_gpus_per_machine
+    if world_size > 1:  # each worker destroys its process groups before exiting (workers.py)
+        from sgr_d2.engine.workers import run_then_release
+
+        main_func = functools.partial(run_then_release, main_func)
     if world_size <= 1 or torch.cuda.is_available() or not _launch_needs_cuda():
         return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                          machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)

@@ -1,6 +1,7 @@
 """Trustworthy long runs (docs/reliability.md): resume after a kill, atomic checkpoints,
 determinism, clear errors for bad inputs that leave earlier outputs alone, NaN/inf losses,
 and several workers (gloo on the CPU)."""
+import atexit
 import json
 import math
 import os
@@ -538,6 +539,22 @@ def _two_workers_main(out_dir):
               "local_size": comm.get_local_size(), "sum": t.item(), "backend": dist.get_backend(),
               "losses": losses, "grad": grad}
     torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    atexit.register(_record_at_exit, os.path.join(out_dir, f"exit{rank}.json"), _threads())
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task")) if sys.platform.startswith("linux") else None
+
+
+def _record_at_exit(path, threads_in_main):
+    """At the start of a worker's interpreter shutdown: is a process group left, and how many
+    threads run, against how many ran in the worker's main function."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    with open(path, "w") as f:
+        json.dump({"initialized": dist.is_initialized(), "local_group": comm._LOCAL_PROCESS_GROUP is not None,
+                   "threads_in_main": threads_in_main, "threads_at_exit": _threads()}, f)
 
 
 @pytest.fixture(scope="module")
@@ -560,6 +577,18 @@ def test_compat_launch_runs_two_gloo_workers_on_the_cpu(two_gloo_workers):
     assert [(d["rank"], d["local_rank"]) for d in reports] == [(0, 0), (1, 1)]
     assert all(d["world_size"] == 2 and d["local_size"] == 2 for d in reports)
     assert all(d["sum"] == 3.0 and d["backend"] == "gloo" for d in reports)  # they communicate
+
+
+def test_compat_launch_workers_release_their_process_groups_before_exit(two_gloo_workers, module_tmp):
+    """Each worker destroys its process groups after its main function returns, before the
+    interpreter shuts down (workers.run_then_release): otherwise a gloo thread may drop a finished
+    collective during the shutdown and the worker dies of SIGABRT after its work is done."""
+    for r in (0, 1):
+        at_exit = json.loads((module_tmp / f"exit{r}.json").read_text())
+        assert at_exit["initialized"] is False and at_exit["local_group"] is False, (r, at_exit)
+        if at_exit["threads_in_main"] is not None:
+            # both groups (world, local), each with two gloo worker threads and a transport loop
+            assert at_exit["threads_at_exit"] <= at_exit["threads_in_main"] - 2 * 3, (r, at_exit)
 
 
 def test_sgr_criterion_split_over_two_gloo_workers_equals_one_process(two_gloo_workers):

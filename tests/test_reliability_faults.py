@@ -603,6 +603,50 @@ def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_release_process_groups_joins_the_gloo_threads_of_every_group(tmp_path):
+    """A worker's process groups, including those only detectron2 still holds (its local group
+    and its cached gloo group) and one held in a garbage reference cycle (as a finished trainer
+    holds its DDP model, which holds its group), are gone after release_process_groups: the
+    threads each gloo group started (its worker threads and its transport loop) have ended, so
+    none of them can drop a finished collective during the interpreter's shutdown (the SIGABRT
+    of a worker whose work was done). That happens once the worker's main function has returned,
+    not when it raised. A second call finds nothing to release."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from sgr_d2.engine.workers import release_process_groups, run_then_release
+
+    assert not dist.is_initialized()
+    baseline = _threads()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", world_size=1, rank=0)
+    try:
+        comm._LOCAL_PROCESS_GROUP = dist.new_group([0])  # as detectron2's launcher sets it
+        assert comm.get_local_size() == 1
+        # what comm.all_gather uses with several workers (with one, it returns before)
+        assert comm._get_global_gloo_group() is not None
+        cycle = {"group": dist.new_group([0])}
+        cycle["self"] = cycle
+        del cycle
+        assert _threads() >= baseline + 3 * 2  # three groups, each with its gloo worker threads
+        with pytest.raises(ZeroDivisionError):  # a failing worker keeps its groups: it exits at once
+            run_then_release(lambda: 1 / 0)
+        assert dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is not None
+        assert run_then_release(lambda x: x + 1, 1) == 2
+        assert not dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None
+        assert _threads() == baseline
+        assert release_process_groups() is False
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        comm._LOCAL_PROCESS_GROUP = None
+        comm._get_global_gloo_group.cache_clear()
+
+
 def _nan_on_one_worker_main(out_dir):
     """In each of two gloo workers: the tiny toy SGR run, whose region maps turn NaN on worker 1
     only, at iteration 2. Each worker writes the error it stopped with to rank<r>.txt."""

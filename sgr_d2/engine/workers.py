@@ -5,17 +5,22 @@
 If the launcher is killed (SIGKILL, an OOM kill, a lost SSH session), nothing tells them, and
 they keep training and writing checkpoints into the same folder. :func:`stop_with_launcher`,
 called first thing in each worker, makes them exit with it.
+
+:func:`run_then_release` is what ``sgr_d2.compat.launch`` runs in each worker: the main function,
+then :func:`release_process_groups`, so that a worker whose main function returned exits cleanly
+instead of aborting in the interpreter's shutdown.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 
-__all__ = ["stop_with_launcher"]
+__all__ = ["release_process_groups", "run_then_release", "stop_with_launcher"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _started = False
@@ -61,3 +66,45 @@ def stop_with_launcher(period_s: float = 1.0) -> bool:
                      name="sgr_d2-launcher-watch").start()
     _started = True
     return True
+
+
+def release_process_groups() -> bool:
+    """Destroy every process group and let their gloo threads end while Python is still alive.
+
+    A gloo process group keeps worker threads, and each of them drops its last finished
+    collective a moment after the collective returns. If the process is already shutting down
+    the interpreter then, dropping the collective's tensors needs the GIL, which a thread can
+    no longer take during shutdown: the worker dies of SIGABRT ("terminate called without an
+    active exception") after its work is done, and the launcher reports it as failed (torch
+    2.14; ``bench/worker_exit.py`` counts how often). ``destroy_process_group`` alone does not
+    end those threads while detectron2 still holds the groups (``comm._LOCAL_PROCESS_GROUP`` and
+    the cached global gloo group) or a reference cycle does (a finished trainer's DDP model), so
+    this drops those handles too and collects garbage: the groups' destructors then join their
+    threads here, with the GIL released. Returns False, doing nothing, when no process group is
+    initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    from detectron2.utils import comm
+
+    comm._LOCAL_PROCESS_GROUP = None
+    for cached in ("_get_global_gloo_group", "create_local_process_group"):
+        clear = getattr(getattr(comm, cached, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+    gc.collect()
+    return True
+
+
+def run_then_release(main_func, *args):
+    """``main_func(*args)``, then, once it has returned, :func:`release_process_groups`.
+
+    Not when it raises: a failing worker may leave a collective in flight (DDP's gradient
+    all-reduce), which joining the group's threads would wait for until the collective timeout,
+    while the launcher should learn of the failure at once; it reports the worker's own error
+    (written before the process exits) even if an abort follows."""
+    result = main_func(*args)
+    release_process_groups()
+    return result
