@@ -543,6 +543,7 @@ def _two_workers_main(out_dir):
 
 
 def _threads():
+    """This process's thread count (None where /proc does not list them)."""
     return len(os.listdir("/proc/self/task")) if sys.platform.startswith("linux") else None
 
 

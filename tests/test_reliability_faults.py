@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPO, TOY_SGR, tiny_toy_cfg
 from PIL import Image
-from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _trainer
+from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _threads, _trainer
 
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
@@ -601,10 +601,6 @@ def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
         for pid in (launcher.pid, worker):
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
