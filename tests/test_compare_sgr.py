@@ -1,6 +1,6 @@
 """tools/compare_sgr.py (``make compare``) and the shared runner sgr_d2/engine/experiments.py:
-the statistics against hand-computed values, the tables and files from known per-seed figures,
-and (slow) one real baseline + SGR pair trained for two iterations."""
+the statistics against hand-computed values, the tables, the learning curve and the files from
+known per-seed figures, and (slow) a real pair with its DeepLabV3 control trained at two budgets."""
 import importlib.util
 import json
 import math
@@ -12,6 +12,8 @@ from PIL import Image
 
 from sgr_d2.data.toy import TOY_CLASSES
 from sgr_d2.engine import experiments
+
+COMPARE_BUDGET = 1500  # make compare's SOLVER.MAX_ITER (docs/evidence.md: where SGR's gap is established)
 
 
 def _tool():
@@ -35,12 +37,14 @@ def test_mean_std_is_the_sample_standard_deviation():
         tool.mean_std([])
 
 
-def _fake_run(path, miou, miou_tta, times, peak, ious, tokens=None):
-    """A finished run's folder as train_and_evaluate leaves it."""
+def _fake_run(path, miou, miou_tta, times, peak, ious, tokens=None, classes=TOY_CLASSES, accs=None):
+    """A finished run's folder as train_and_evaluate leaves it (class accuracies: ``accs``, or
+    each IoU + 1)."""
     os.makedirs(path)
     lines = [{"iteration": 19 + 20 * i, "time": t, "total_loss": 1.0} for i, t in enumerate(times)]
-    ev = {"iteration": 299, "sem_seg/mIoU": miou, **{f"sem_seg/IoU-{c}": v for c, v in zip(TOY_CLASSES, ious)},
-          **{f"sem_seg/ACC-{c}": v + 1 for c, v in zip(TOY_CLASSES, ious)}}
+    accs = accs if accs is not None else [v + 1 for v in ious]
+    ev = {"iteration": 299, "sem_seg/mIoU": miou, **{f"sem_seg/IoU-{c}": v for c, v in zip(classes, ious)},
+          **{f"sem_seg/ACC-{c}": v for c, v in zip(classes, accs)}}
     ev.update({f"token_semantics/{k}": v for k, v in (tokens or {}).items()})
     lines.append(ev)
     with open(os.path.join(path, "metrics.json"), "w") as f:
@@ -62,14 +66,14 @@ def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
     sgr = {1: 60.6, 2: 61.7, 3: 61.2}
     for seed in (1, 2, 3):
         # step times: the median of the logged values, not their mean (1.0 < mean 2.33)
-        _fake_run(str(root / "dil_fcn_r18" / "baseline" / f"seed{seed}"), base[seed], base[seed] + 1,
+        _fake_run(str(root / "dil_fcn_r18" / "it300" / "baseline" / f"seed{seed}"), base[seed], base[seed] + 1,
                   [1.0, 5.0, 0.9 + 0.1 * seed], 1000.0, [90, 80, 70, 60, 50, 10 * seed])
-        _fake_run(str(root / "dil_fcn_r18" / "sgr" / f"seed{seed}"), sgr[seed], sgr[seed] + 2,
+        _fake_run(str(root / "dil_fcn_r18" / "it300" / "sgr" / f"seed{seed}"), sgr[seed], sgr[seed] + 2,
                   [1.2, 0.5, 1.1 + 0.1 * seed], 1100.0 + seed, [91, 81, 71, 61, 51, 5 * seed],
                   {"S_C": 0.5, "D_C": 0.9, "S_I": 0.6, "D_I": 0.7 + 0.1 * seed})
     results = tool.main(["--pairs", "dil_fcn_r18", "--output", str(root), "--skip-existing"])
     out = capsys.readouterr().out
-    summary = results["dil_fcn_r18"]["variants"]
+    summary = results["dil_fcn_r18"]["budgets"]["300"]
     assert summary["baseline"]["summary"]["mIoU"] == pytest.approx((61.7, math.sqrt(1.12)))
     assert summary["sgr"]["summary"]["mIoU"][0] == pytest.approx(183.5 / 3)
     lines = out.splitlines()
@@ -91,13 +95,15 @@ def test_compare_tables_from_known_per_seed_figures(tmp_path, capsys):
     assert "| SGR | 92.0 ± 0.0 | 82.0 ± 0.0 | 72.0 ± 0.0 | 62.0 ± 0.0 | 52.0 ± 0.0 | 11.0 ± 5.0 |" in out
     # wall time: the sum of the six runs' recorded wall times
     total = sum(base.values()) + 3 + sum(sgr.values()) + 6
-    assert f"Wall time of these 6 runs (training and evaluations, one after the other): {total:.1f} min." in out
+    assert f"Wall time of these 6 runs (training and evaluations, summed over the runs): {total:.1f} min." in out
     assert "scores at most" not in out  # the shape toy has no local-classifier ceiling
     saved = json.loads((root / "compare.json").read_text())
     assert saved["std"] == "sample (ddof=1)" and saved["seeds"] == [1, 2, 3]
-    assert saved["pairs"]["dil_fcn_r18"]["variants"]["baseline"]["summary"]["S_C"] == [None, None]
-    assert [r["mIoU"] for r in saved["pairs"]["dil_fcn_r18"]["variants"]["sgr"]["runs"]] == [60.6, 61.7, 61.2]
-    assert saved["pairs"]["dil_fcn_r18"]["variants"]["baseline"]["summary"]["ACC-kite"] == pytest.approx([21.0, 10.0])
+    at300 = saved["pairs"]["dil_fcn_r18"]["budgets"]["300"]
+    assert at300["baseline"]["summary"]["S_C"] == [None, None]
+    assert [r["mIoU"] for r in at300["sgr"]["runs"]] == [60.6, 61.7, 61.2]
+    assert at300["baseline"]["summary"]["ACC-kite"] == pytest.approx([21.0, 10.0])
+    assert not (root / "compare_curve.png").exists()  # one budget: no learning curve
     assert (root / "compare.md").read_text().startswith("`python tools/compare_sgr.py --pairs dil_fcn_r18")
     with Image.open(root / "compare.png") as im:
         assert im.size == (500, 400)  # figsize (5, 4) per pair at dpi 100
@@ -130,62 +136,126 @@ def test_runner_reads_the_last_evaluation_and_the_median_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_trains_a_pair_and_reads_back_both_evaluations(tmp_path, monkeypatch):
-    """One seed, five iterations (the first three are not timed), evaluation at 32 px, the
-    multi-scale test reduced to scale 1 without flip: its mIoU must then equal the single-scale
-    one (the same model, read from results_TTA.json)."""
+def test_compare_trains_a_pair_and_its_control_at_two_budgets(tmp_path):
+    """One seed, budgets of 4 and 5 iterations, the DeepLabV3 control, evaluation at 32 px, the
+    multi-scale test reduced to scale 1 without flip (its mIoU must then equal the single-scale
+    one: the same model, read from results_TTA.json). Each budget is a complete run of its own
+    (its final checkpoint records that budget's last iteration), the control runs DeepLabV3's head,
+    and a run repeated with the same thread count gives the same figures."""
     tool = _tool()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children: no thread contention on a shared CPU
-    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "5", "--output", str(tmp_path),
-                         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
-                         "INPUT.MIN_SIZE_TEST", "32", "TEST.AUG.SCALES", "[1.0]", "TEST.AUG.FLIP", "False",
-                         "SOLVER.CHECKPOINT_PERIOD", "1000"])
-    variants = results["dil_fcn_r18"]["variants"]
-    for v in ("baseline", "sgr"):
-        run = variants[v]["runs"][0]
-        assert 0.0 <= run["mIoU"] <= 100.0
-        assert run["mIoU_TTA"] == pytest.approx(run["mIoU"], abs=1e-6)
-        assert run["step_time_s"] > 0 and run["peak_mib"] > 100
-        assert os.path.isfile(tmp_path / "dil_fcn_r18" / v / "seed1" / "model_final.pth")
-    assert all(math.isnan(variants["baseline"]["runs"][0][k]) for k in ("S_C", "D_I"))
-    assert all(0.0 <= variants["sgr"]["runs"][0][k] <= 1.0 for k in ("S_C", "D_C", "S_I", "D_I"))
-    log = (tmp_path / "dil_fcn_r18" / "sgr" / "seed1" / "train_stdout.log").read_text()
-    assert "SEED 1" in log.splitlines()[0] and "TEST.AUG.ENABLED False" in log.splitlines()[0]
+    opts = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+            "INPUT.MIN_SIZE_TEST", "32", "TEST.AUG.SCALES", "[1.0]", "TEST.AUG.FLIP", "False",
+            "SOLVER.CHECKPOINT_PERIOD", "1000"]
+    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "5", "4", "--control", "--jobs", "2",
+                         "--output", str(tmp_path), *opts])
+    budgets = results["dil_fcn_r18"]["budgets"]
+    assert list(budgets) == ["4", "5"] and list(budgets["4"]) == ["baseline", "sgr", "aspp"]
+    import torch
+
+    for b in (4, 5):
+        for v in ("baseline", "sgr", "aspp"):
+            run_dir = tmp_path / "dil_fcn_r18" / f"it{b}" / v / "seed1"
+            run = budgets[str(b)][v]["runs"][0]
+            assert run["mIoU"] == experiments.read_last_evaluation(str(run_dir))["sem_seg/mIoU"]
+            assert run["mIoU_TTA"] == pytest.approx(run["mIoU"], abs=1e-6)
+            final = torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=True)
+            assert final["iteration"] == b - 1
+            head = (run_dir / "config.yaml").read_text().split("SEM_SEG_HEAD:")[1]
+            assert f"NAME: {'DeepLabV3Head' if v == 'aspp' else 'DilatedFCNHead'}" in head
+            assert any(k.startswith("sem_seg_head.aspp.") for k in final["model"]) == (v == "aspp")
+    sgr = budgets["5"]["sgr"]["runs"][0]
+    assert all(0.0 <= sgr[k] <= 1.0 for k in ("S_C", "D_C", "S_I", "D_I"))
+    assert all(math.isnan(budgets["5"]["aspp"]["runs"][0][k]) for k in ("S_C", "D_I"))
+    log = (tmp_path / "dil_fcn_r18" / "it5" / "aspp" / "seed1" / "train_stdout.log").read_text().splitlines()[0]
+    assert "SEED 1" in log and "SOLVER.MAX_ITER 5" in log and "MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head" in log
+    again = experiments.train_and_evaluate(os.path.join(REPO, "configs", "toy", "dil_fcn_r18_sgr.yaml"),
+                                           ["SEED", "1", "SOLVER.MAX_ITER", "5", "TEST.TOKEN_SEMANTICS", "True", *opts],
+                                           str(tmp_path / "again"), tta=True, cwd=REPO, threads=1)
+    assert again["metrics"]["sem_seg/mIoU"] == sgr["mIoU"] and again["metrics"]["token_semantics/S_C"] == sgr["S_C"]
+    assert (tmp_path / "compare_curve.png").is_file()
 
 
-def test_make_compare_runs_both_toys_dilated_fcn_pairs_over_three_seeds():
+def test_make_compare_runs_both_toys_at_the_chosen_budget_with_the_control():
     """What README / docs/evidence.md say `make compare` does."""
     args = _tool().get_parser().parse_args([])
     assert args.pairs == ["dil_fcn_r18", "dil_fcn_r18_context"] and args.seeds == 3 and not args.ablate
     with open(os.path.join(REPO, "Makefile")) as f:
         make = f.read()
     target = make[make.index("\ncompare: $(STAMP)\n"):].split("\n\n")[0]
-    assert "$(PY) tools/compare_sgr.py --output $(COMPARE_OUT)" in target
-    assert "COMPARE_OUT ?= output/compare" in make
+    assert f"$(PY) tools/compare_sgr.py --iters $(COMPARE_ITERS) --control --output $(COMPARE_OUT)" in target
+    assert "COMPARE_OUT ?= output/compare" in make and f"COMPARE_ITERS ?= {COMPARE_BUDGET}" in make
 
 
-def test_each_ablation_zeroes_its_own_term_of_the_sgr_config():
+def test_each_variant_changes_only_its_own_keys():
     from sgr_d2.engine import load_config
 
     tool = _tool()
-    sgr_config = os.path.join(REPO, "configs", "toy", "dil_fcn_r18_context_sgr.yaml")
+    configs = {k: os.path.join(REPO, "configs", "toy", f"dil_fcn_r18_context{s}.yaml") for k, s in
+               (("baseline", ""), ("sgr", "_sgr"))}
     keys = ("UNION_WEIGHT", "CLASS_WEIGHT", "DIVERSITY_WEIGHT", "LOSS_WEIGHT")
     zeroed = {}
-    for name, (_, opts) in tool.ABLATIONS.items():
-        sgr = load_config(sgr_config, opts).MODEL.SGR  # the overrides must merge (a float key)
+    for name, (_, start, opts) in tool.ABLATIONS.items():
+        assert start == "sgr"
+        sgr = load_config(configs[start], opts).MODEL.SGR  # the overrides must merge (a float key)
         zeroed[name] = [k for k in keys if sgr[k] == 0.0]
         assert all(sgr[k] > 0 for k in keys if k not in zeroed[name])
     assert zeroed == {"no_union": ["UNION_WEIGHT"], "no_class": ["CLASS_WEIGHT"],
                       "no_diversity": ["DIVERSITY_WEIGHT"], "unsupervised": ["LOSS_WEIGHT"]}
+    _, start, opts = tool.CONTROL["aspp"]
+    base, control = load_config(configs["baseline"]), load_config(configs[start], opts)
+    assert start == "baseline" and control.MODEL.SEM_SEG_HEAD.NAME == "DeepLabV3Head"
+    control.defrost()
+    control.MODEL.SEM_SEG_HEAD.NAME = base.MODEL.SEM_SEG_HEAD.NAME
+    assert control == base  # the head is the only difference
 
 
-def test_compare_quotes_the_local_ceiling_of_the_context_toy(tmp_path, capsys):
+def _context_runs(root, budget, figures):
+    """Fake context-toy runs: ``figures`` {variant: [(mIoU, red acc, blue acc) per seed]}."""
+    for v, per_seed in figures.items():
+        for seed, (miou, red, blue) in enumerate(per_seed, 1):
+            _fake_run(str(root / "dil_fcn_r18_context" / f"it{budget}" / v / f"seed{seed}"), miou, miou, [1.0],
+                      900.0, [90, 70, 50, 30, 30], classes=CONTEXT, accs=[99, 80, 60, red, blue])
+
+
+CONTEXT = ["ground", "flag", "rock", "red_team", "blue_team"]
+
+
+def test_learning_curve_tables_and_the_three_sigma_rule(tmp_path, capsys):
+    """At 300 iterations SGR leads by 4.0 with stds 2.0 / 1.0: not beyond 3 sigma (6.0); at
+    1000 it leads by 20.0 with stds 1.0 / 2.0: beyond (6.0). The control's 1000-iteration gap,
+    5.0 with stds 1.0 / 2.0 (threshold 6.0), is not: the larger of the two stds sets the
+    threshold (the smaller, 1.0, would call it)."""
     tool = _tool()
-    for v, miou in (("baseline", 50.0), ("sgr", 60.0)):
-        _fake_run(str(tmp_path / "dil_fcn_r18_context" / v / "seed1"), miou, miou, [1.0], 900.0, [])
-    results = tool.main(["--pairs", "dil_fcn_r18_context", "--seeds", "1", "--output", str(tmp_path),
-                         "--skip-existing"])
+    _context_runs(tmp_path, 300, {"baseline": [(50, 40, 60), (52, 41, 61), (54, 42, 62)],
+                                  "sgr": [(55, 50, 50), (56, 51, 51), (57, 52, 52)],
+                                  "aspp": [(50, 45, 55), (51, 45, 55), (52, 45, 55)]})
+    _context_runs(tmp_path, 1000, {"baseline": [(54, 45, 55), (55, 45, 55), (56, 45, 55)],
+                                   "sgr": [(73, 90, 91), (75, 92, 93), (77, 94, 95)],
+                                   "aspp": [(58, 60, 40), (60, 61, 41), (62, 62, 42)]})
+    results = tool.main(["--pairs", "dil_fcn_r18_context", "--iters", "1000", "300", "--control",
+                         "--output", str(tmp_path), "--skip-existing"])
     out = capsys.readouterr().out
-    assert ("scores at most 73.3 mIoU on `sgr_toy_context_sem_seg_val`" in out
-            and "| SGR | 60.0 ± – | 60.0 ± – |" in out)
-    assert results["dil_fcn_r18_context"]["classes"] == ["ground", "flag", "rock", "red_team", "blue_team"]
+    assert "| iterations | baseline | SGR | DeepLabV3 head, no SGR | SGR − baseline | DeepLabV3 head, no SGR − baseline |" in out
+    assert "| 300 | 52.0 ± 2.0 | 56.0 ± 1.0 | 51.0 ± 1.0 | +4.0 | -1.0 |" in out
+    assert "| 1000 | 55.0 ± 1.0 | 75.0 ± 2.0 | 60.0 ± 2.0 | +20.0 (> 3σ) | +5.0 |" in out
+    assert "- SGR − baseline exceeds three standard deviations from 1000 iterations on." in out
+    assert "- DeepLabV3 head, no SGR − baseline exceeds three standard deviations at no budget." in out
+    assert "Pixel accuracy of red_team / blue_team (single-scale, mean ± std):" in out
+    assert "| 1000 | 45.0 ± 0.0 / 55.0 ± 0.0 | 92.0 ± 2.0 / 93.0 ± 2.0 | 61.0 ± 1.0 / 41.0 ± 1.0 |" in out
+    assert ("scores at most 73.3 mIoU on `sgr_toy_context_sem_seg_val`, and 50.0% on the pixels of red_team "
+            "and blue_team") in out
+    assert "#### `dil_fcn_r18_context` vs `dil_fcn_r18_context_sgr`, 300 iterations" in out
+    assert results["dil_fcn_r18_context"]["accuracy_ceiling"] == 50.0
+    with Image.open(tmp_path / "compare_curve.png") as im:
+        assert im.size == (1500, 400)  # mIoU and the two teams' accuracies, (5, 4) each at dpi 100
+    with Image.open(tmp_path / "compare.png") as im:
+        assert im.size == (500, 400)
+    assert json.loads((tmp_path / "compare.json").read_text())["budgets"] == [300, 1000]
+
+
+def test_compare_refuses_what_it_cannot_run(tmp_path):
+    tool = _tool()
+    with pytest.raises(ValueError, match="--control replaces the baseline's Dilated-FCN head.*'maskformer_r18'"):
+        tool.main(["--pairs", "maskformer_r18", "--control", "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--iters is \[300, 0\]"):
+        tool.main(["--pairs", "dil_fcn_r18", "--iters", "300", "0", "--output", str(tmp_path)])

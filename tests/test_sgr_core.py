@@ -306,7 +306,7 @@ def test_criterion_hand_computed_with_unequal_weights_and_counts(target_kind):
 
     for i, (lab, classes) in enumerate(zip(CRIT_LABELS, CRIT_CLASSES)):
         soft, weight = downsample_component_labels(torch.as_tensor(lab), len(classes), (2, 3))
-        tok, comp = crit.match(regions[i].flatten(1), soft, weight)
+        tok, comp = match_tokens(pairwise_cost(regions[i].flatten(1), soft, weight), 4, crit.matching)
         assert list(zip(tok.tolist(), comp.tolist())) == CRIT_MATCH[i]
     got = crit({"region_maps": regions, "token_logits": token_logits}, targets)
     expected = _expected_criterion(regions, token_logits, CRIT_WEIGHTS)

@@ -79,6 +79,9 @@ HEIGHT, WIDTH = 32, 512
 FLAG_ZONE = 40  # flag pixels lie in columns [0, FLAG_ZONE) (before the mirror)
 TEAM_START = 384  # team pixels lie in columns [TEAM_START, WIDTH) (before the mirror)
 CONTEXT_VERSION = 2
+# The pixel accuracy a local classifier reaches at most on the team pixels when its window
+# misses the flag (every radius <= 344): right in exactly one of the two worlds of each scene.
+TEAM_LOCAL_ACCURACY_CEILING = 0.5
 _FLAG_RGB = {RED_TEAM: (215, 45, 45), BLUE_TEAM: (45, 65, 215)}
 
 
@@ -169,7 +172,8 @@ def _load(split: str):
 def register_toy_context():
     register_generated("sgr_toy_context_sem_seg", CONTEXT_SPLITS, _load, context_root(),
                        stuff_classes=list(CONTEXT_CLASSES), stuff_colors=[list(c) for c in CONTEXT_COLORS],
-                       thing_classes=["rock", "red_team", "blue_team"], local_miou_ceiling=local_miou_ceiling())
+                       thing_classes=["rock", "red_team", "blue_team"], local_miou_ceiling=local_miou_ceiling(),
+                       context_classes=[CONTEXT_CLASSES[t] for t in TEAMS], local_context_accuracy_ceiling=100.0 * TEAM_LOCAL_ACCURACY_CEILING)
 
 
 def _square_dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -97,12 +97,13 @@ def median_step_time(output_dir: str) -> float:
 
 def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *, tta: bool = False,
                        num_gpus: int = 1, log_file: Optional[str] = "train_stdout.log",
-                       cwd: Optional[str] = None) -> dict:
+                       cwd: Optional[str] = None, threads: Optional[int] = None) -> dict:
     """Train ``config_file`` with ``opts`` into ``output_dir`` in a child process (a fresh run:
     an earlier ``metrics.json`` there is removed) and return ``{"metrics": last evaluation,
     "metrics_TTA": multi-scale + flip evaluation or None, "step_time_s", "peak_rss_mib",
     "peak_cuda_mib" (None on the CPU), "wall_s"}`` (peak memory None with several GPUs). The child's output goes to
-    ``<output_dir>/<log_file>`` (``None``: this process's terminal). A failed run raises
+    ``<output_dir>/<log_file>`` (``None``: this process's terminal). ``threads``: the child's
+    intra-op thread count (``OMP_NUM_THREADS``; None: inherited). A failed run raises
     ``RuntimeError`` with the end of its log."""
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -116,6 +117,8 @@ def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[2])  # so that the child imports this sgr_d2
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(int(threads))
     start = time.time()
     if log_file is None:
         proc = subprocess.run(cmd, cwd=cwd, env=env)

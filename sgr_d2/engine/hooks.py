@@ -109,10 +109,14 @@ class NonFiniteLossGuard:
         if not terms:
             return
         values = torch.stack([v.detach().float().sum() for v in terms.values()])
-        bad = (~torch.isfinite(values)).any().to(torch.int32).reshape(1)
+        # The one host sync of the guard: it must decide before this step's backward and update.
+        bad = not bool(torch.isfinite(values).all())
         if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(bad)
-        if int(bad.item()) == 0:
+            # every worker learns whether any worker must stop (an object collective on
+            # detectron2's gloo group: host-side code never puts a tensor on the default group,
+            # which is NCCL on a cluster and refuses CPU tensors)
+            bad = any(comm.all_gather(bad))
+        if not bad:
             return
         self._stop({k: float(v) for k, v in zip(terms, values.tolist())})
 
@@ -254,7 +258,6 @@ class UnlabelledImagesMonitor:
         self.window = window
         self.ignore = trainer.cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         self.images = self.unlabelled = self.iterations = 0
-        self.files = set()
         self.unlabelled_files = set()
         self.warned = False
         self.done = False
@@ -272,7 +275,6 @@ class UnlabelledImagesMonitor:
             return
         for x in batch:
             name = x.get("file_name", id(x))
-            self.files.add(name)
             self.images += 1
             if not bool((x["sem_seg"] != self.ignore).any()):
                 self.unlabelled += 1
@@ -285,11 +287,13 @@ class UnlabelledImagesMonitor:
             self._decide()
 
     def _decide(self) -> None:
-        counts = torch.tensor([self.images, self.unlabelled, len(self.files), len(self.unlabelled_files)],
-                              dtype=torch.int64)
+        # host-side counts: an object collective (detectron2's gloo group), never a tensor one
+        counts = [(self.images, self.unlabelled, self.unlabelled_files)]
         if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(counts)
-        images, unlabelled, files, unlabelled_files = (int(v) for v in counts)
+            counts = comm.all_gather(counts[0])
+        images = sum(c[0] for c in counts)
+        unlabelled = sum(c[1] for c in counts)
+        unlabelled_files = len(set().union(*(c[2] for c in counts)))
         if images and unlabelled == images and comm.is_main_process():
             self.warned = True
             logger.warning(

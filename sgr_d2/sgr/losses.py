@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .matching import MATCHING_MODES, match_tokens, pairwise_cost
+from .matching import MATCHING_MODES, assign, pairwise_cost
 from .precision import autocast_off
 
 __all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
@@ -54,7 +55,10 @@ def downsample_component_labels(labels: torch.Tensor, num: int, size: Sequence[i
     dev = labels.device
     cell = torch.arange(h, device=dev).view(h, 1, 1, 1) * w + torch.arange(w, device=dev).view(1, 1, w, 1)
     key = (labels.long() + 1).reshape(h, fy, w, fx) * (h * w) + cell
-    counts = torch.bincount(key.reshape(-1), minlength=(num + 1) * h * w)[h * w:].view(num, h * w).float()
+    # scatter_add, not bincount: CUDA's bincount reads the largest key back to the host (a sync)
+    key = key.reshape(-1)
+    counts = torch.zeros((num + 1) * h * w, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[h * w:].view(num, h * w).float()
     return _normalise(counts / (fy * fx), eps)
 
 
@@ -77,13 +81,19 @@ def weighted_dice(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return 1 - (2 * inter + 1) / ((pred * weight).sum(-1) + (target * weight).sum(-1) + 1)
 
 
-def world_mean_count(count: float, device) -> float:
-    """Average a count over distributed workers (as MaskFormer averages its mask count)."""
-    t = torch.as_tensor([float(count)], device=device)
+def world_mean_count(counts: Sequence[float], device) -> torch.Tensor:
+    """The mean over distributed workers of each of ``counts`` (host numbers), at least 1, as a
+    tensor on ``device``: loss normalisers, as MaskFormer averages its mask count.
+
+    A tensor collective on the default process group (NCCL on a cluster): its tensor is created
+    on ``device``, the device of the losses it normalises, i.e. the model's device, never the
+    CPU of a GPU run. Every worker must call it the same number of times. No ``.item()``: the
+    losses are divided by the tensor, so the normaliser adds no host sync to the step."""
+    t = torch.as_tensor([float(c) for c in counts], dtype=torch.float32, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
         t = t / torch.distributed.get_world_size()
-    return max(float(t.item()), 1.0)
+    return t.clamp(min=1.0)
 
 
 class SGRCriterion(nn.Module):
@@ -130,11 +140,6 @@ class SGRCriterion(nn.Module):
         self.loss_weight = loss_weight
         self.eps = eps
 
-    @torch.no_grad()
-    def match(self, regions: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
-        cost = pairwise_cost(regions, targets, weight, self.cost_dice_weight, self.eps)
-        return match_tokens(cost, min(self.num_matched, regions.shape[0]), self.matching)
-
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
         # In float32 with autocast off (AMP): the matching cost, the assignment and the losses.
         outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
@@ -145,32 +150,50 @@ class SGRCriterion(nn.Module):
         regions = outputs["region_maps"]
         token_logits: Optional[torch.Tensor] = outputs.get("token_logits")
         b, k, h, w = regions.shape
+        dev = regions.device
         if len(targets) != b:
             raise ValueError(f"SGRCriterion: {b} images but {len(targets)} component targets")
         zero = regions.sum() * 0.0  # keeps the graph connected when nothing is supervised
         cls_zero = zero if token_logits is None else token_logits.sum() * 0.0
-        if not bool(torch.isfinite(regions.detach()).all()):
-            # the counts below are all-reduced: every worker must still take part
-            world_mean_count(0, regions.device)
-            world_mean_count(0, regions.device)
+        # Each image's components at the maps' resolution and its cost matrix, on the device.
+        images = []
+        for i, tgt in enumerate(targets):
+            classes = tgt["classes"].to(dev)
+            if classes.numel() == 0:
+                continue
+            if "labels" in tgt:
+                soft, weight = downsample_component_labels(tgt["labels"].to(dev), len(classes), (h, w), self.eps)
+            else:
+                soft, weight = downsample_components(tgt["masks"].to(dev), (h, w), self.eps)
+            p = regions[i].flatten(1)  # (K, hw)
+            with torch.no_grad():
+                cost = pairwise_cost(p.detach(), soft, weight, self.cost_dice_weight, self.eps)
+            images.append((i, classes, soft, weight, p, cost))
+        # The one host sync of the SGR loss: every cost matrix of the batch and whether the region
+        # maps are finite, in one transfer; the matching runs on the host (scipy).
+        finite = torch.isfinite(regions.detach()).all().float().view(1)
+        host = torch.cat([finite] + [c.flatten() for *_, c in images]).cpu().numpy()
+        if host[0] != 1.0:
+            world_mean_count([0, 0], dev)  # the normalisers are all-reduced: every worker takes part
             logger.warning("SGRCriterion: the region maps hold NaN or infinite values; the SGR loss "
                            "terms are NaN and the token matching was skipped")
             nan = (zero + cls_zero) * float("nan")
             return {"loss_sgr_union": nan, "loss_sgr_cls": nan, "loss_sgr_div": nan}
+        matches, offset = [], 1
+        for *_, cost in images:
+            c = host[offset:offset + cost.numel()].reshape(cost.shape)
+            offset += cost.numel()
+            tok, comp = assign(c, min(self.num_matched, k), self.matching)
+            pairs = np.nonzero(np.triu(comp[:, None] != comp[None, :], k=1))  # tokens of different components
+            matches.append((tok, comp, np.unique(comp), pairs[0].astype(np.int64), pairs[1].astype(np.int64)))
+        # Every index array to the device in one copy (the queue is empty after the sync above).
+        arrays = [a for m in matches for a in m]
+        pieces = torch.split(torch.as_tensor(np.concatenate(arrays or [np.zeros(0, np.int64)])).to(dev),
+                             [len(a) for a in arrays])
         union_sum, cls_sum, div_sum = zero, cls_zero, zero
         n_comp = n_tok = n_pairs = 0
-        for i, tgt in enumerate(targets):
-            classes = tgt["classes"].to(regions.device)
-            if classes.numel() == 0:
-                continue
-            if "labels" in tgt:
-                soft, weight = downsample_component_labels(tgt["labels"].to(regions.device), len(classes),
-                                                           (h, w), self.eps)
-            else:
-                soft, weight = downsample_components(tgt["masks"].to(regions.device), (h, w), self.eps)
-            p = regions[i].flatten(1)  # (K, hw)
-            tok, comp = self.match(p.detach().float(), soft, weight)
-            matched = torch.unique(comp)
+        for j, (i, classes, soft, weight, p, _) in enumerate(images):
+            tok, comp, matched, rows, cols = pieces[5 * j:5 * j + 5]
             union = p.new_zeros((soft.shape[0], p.shape[1])).index_add(0, comp, p[tok])
             union = union[matched].clamp(max=1.0)
             t = soft[matched]
@@ -182,15 +205,11 @@ class SGRCriterion(nn.Module):
             if token_logits is not None:
                 cls_sum = cls_sum + F.cross_entropy(token_logits[i, tok], classes[comp], reduction="sum")
                 n_tok += len(tok)
-            if len(tok) > 1:
+            if len(rows):
                 pm = F.normalize(p[tok], dim=1, eps=self.eps)
-                cos = pm @ pm.T
-                diff = (comp[:, None] != comp[None, :]).triu(diagonal=1)
-                if diff.any():
-                    div_sum = div_sum + F.relu(cos[diff]).sum()
-                    n_pairs += int(diff.sum())
-        n_comp = world_mean_count(n_comp, regions.device)
-        n_tok = world_mean_count(n_tok, regions.device)
+                div_sum = div_sum + F.relu((pm @ pm.T)[rows, cols]).sum()
+                n_pairs += len(rows)
+        n_comp, n_tok = world_mean_count([n_comp, n_tok], dev)
         beta = self.loss_weight
         return {
             "loss_sgr_union": beta * self.union_weight * union_sum / n_comp,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["MATCHING_MODES", "pairwise_cost", "match_tokens"]
+__all__ = ["MATCHING_MODES", "assign", "pairwise_cost", "match_tokens"]
 
 MATCHING_MODES = ("hybrid", "greedy", "hungarian")
 
@@ -46,8 +46,8 @@ def pairwise_cost(
     return bce + dice_weight * dice
 
 
-def match_tokens(cost: torch.Tensor, num_matched: int, mode: str = "hybrid") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Match tokens (rows of ``cost``) to components (columns).
+def assign(cost: np.ndarray, num_matched: int, mode: str = "hybrid") -> Tuple[np.ndarray, np.ndarray]:
+    """Match tokens (rows of the host array ``cost``) to components (columns).
 
     Modes:
       * ``"hungarian"``: a one-to-one assignment minimising the total cost, of
@@ -55,30 +55,26 @@ def match_tokens(cost: torch.Tensor, num_matched: int, mode: str = "hybrid") -> 
         ``num_matched``, its cheapest ``num_matched`` pairs are kept);
       * ``"greedy"``: the ``num_matched`` tokens with the lowest ``min_j cost[k, j]``, each to
         its ``argmin_j``;
-      * ``"hybrid"`` (default, SGR_SPEC §2): the hungarian pairs, then the remaining tokens with
+      * ``"hybrid"`` (default, [method](../../docs/method.md#matching)): the hungarian pairs, then the remaining tokens with
         the lowest ``min_j cost[k, j]`` each to its ``argmin_j`` until ``num_matched`` tokens are
         matched. With ``num_matched >= N`` every component gets at least one token.
 
-    Returns:
-        (token_idx, component_idx): int64 tensors of equal length, on ``cost``'s device.
+    Returns (token indices, component indices): int64 arrays of equal length.
     """
     if mode not in MATCHING_MODES:
         raise ValueError(f"match_tokens: mode must be one of {MATCHING_MODES}, got {mode!r}")
-    if cost.dim() != 2:
+    if cost.ndim != 2:
         raise ValueError(f"match_tokens: cost must be (K, N), got shape {tuple(cost.shape)}")
     k, n = cost.shape
     if num_matched > k:
         raise ValueError(f"match_tokens: num_matched ({num_matched}) > number of tokens ({k})")
-    device = cost.device
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    if n == 0 or num_matched <= 0:
-        return empty, empty.clone()
-    c = cost.detach().float().cpu().numpy()
-    if not np.isfinite(c).all():
-        raise ValueError("match_tokens: the cost matrix has NaN or infinite entries")
-
     rows = np.zeros(0, dtype=np.int64)
     cols = np.zeros(0, dtype=np.int64)
+    if n == 0 or num_matched <= 0:
+        return rows, cols
+    c = np.asarray(cost, dtype=np.float32)
+    if not np.isfinite(c).all():
+        raise ValueError("match_tokens: the cost matrix has NaN or infinite entries")
     if mode in ("hungarian", "hybrid"):
         rows, cols = linear_sum_assignment(c)
         if len(rows) > num_matched:
@@ -87,11 +83,18 @@ def match_tokens(cost: torch.Tensor, num_matched: int, mode: str = "hybrid") -> 
     if mode in ("greedy", "hybrid"):
         need = num_matched - len(rows)
         free = np.setdiff1d(np.arange(k), rows)
-        best = c[free].min(axis=1)
-        order = np.argsort(best, kind="stable")[:need]
+        order = np.argsort(c[free].min(axis=1), kind="stable")[:need]
         extra = free[order]
         rows = np.concatenate([rows, extra])
         cols = np.concatenate([cols, c[extra].argmin(axis=1)])
-    token_idx = torch.as_tensor(rows, dtype=torch.int64, device=device)
-    comp_idx = torch.as_tensor(cols, dtype=torch.int64, device=device)
-    return token_idx, comp_idx
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def match_tokens(cost: torch.Tensor, num_matched: int, mode: str = "hybrid") -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`assign` on a (K, N) cost tensor: (token_idx, component_idx), int64 tensors on
+    ``cost``'s device."""
+    if cost.dim() != 2:
+        raise ValueError(f"match_tokens: cost must be (K, N), got shape {tuple(cost.shape)}")
+    rows, cols = assign(cost.detach().float().cpu().numpy(), num_matched, mode)
+    return (torch.as_tensor(rows, dtype=torch.int64, device=cost.device),
+            torch.as_tensor(cols, dtype=torch.int64, device=cost.device))

@@ -29,9 +29,10 @@ def _per_pixel_loss(logits, targets, ignore_value: int, loss_weight: float, scal
         logits = F.interpolate(logits, scale_factor=scale, mode="bilinear", align_corners=False)
     if logits.shape[-2:] != targets.shape[-2:]:
         logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=ignore_value)
-    if not (targets != ignore_value).any():
-        loss = logits.sum() * 0.0  # an all-ignore batch trains with a zero loss, not NaN
+    # the mean over the labelled pixels, written as sum / count so that an all-ignore batch trains
+    # with a zero loss (not NaN) without reading the count back to the host
+    count = (targets != ignore_value).sum().clamp(min=1)
+    loss = F.cross_entropy(logits, targets, reduction="sum", ignore_index=ignore_value) / count
     return {"loss_sem_seg": loss * loss_weight}
 
 

@@ -125,16 +125,15 @@ class SetCriterion(nn.Module):
         }
 
     def _losses_for(self, outputs, targets, num_masks, suffix=""):
-        finite = all(bool(torch.isfinite(outputs[k].detach()).all()) for k in ("pred_logits", "pred_masks"))
-        if finite:
-            indices = self.matcher(outputs, targets)
-        else:
+        indices = self.matcher(outputs, targets)
+        finite = indices is not None
+        if not finite:
             # diverged predictions: no matching (its cost would be NaN); every loss term is NaN, so
             # the trainer's non-finite-loss guard stops the run as for any other NaN loss
             logger.warning("SetCriterion: the predictions%s hold NaN or infinite values; the mask "
                            "classification losses are NaN and the matching was skipped",
                            f" of decoder layer {suffix[1:]}" if suffix else "")
-            empty = torch.zeros(0, dtype=torch.int64)
+            empty = torch.zeros(0, dtype=torch.int64, device=outputs["pred_logits"].device)
             indices = [(empty, empty) for _ in targets]
         losses = {}
         for name in self.losses:
@@ -154,7 +153,7 @@ class SetCriterion(nn.Module):
 
     def _forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
-        num_masks = world_mean_count(sum(len(t["labels"]) for t in targets), device)
+        (num_masks,) = world_mean_count([sum(len(t["labels"]) for t in targets)], device)
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses = self._losses_for(main, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", []) or []):

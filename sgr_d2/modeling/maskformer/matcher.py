@@ -1,7 +1,7 @@
 """Hungarian matching of predicted (class, mask) pairs to the ground-truth segments of an image."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,25 +74,35 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
-                ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                ) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """``outputs``: ``pred_logits`` (B, Q, K+1), ``pred_masks`` (B, Q, h, w); ``targets``: per
         image ``labels`` (N,) and ``masks`` (N, H, W). Returns per image (query indices, target
-        indices), int64 tensors of length min(Q, N), sorted by query index."""
+        indices), int64 tensors of length min(Q, N) on the predictions' device, sorted by query
+        index; None when the predictions hold NaN or infinite values (no assignment is possible).
+
+        One host sync for the whole batch: every image's cost matrix, and whether the predictions
+        are finite, reach the host in one transfer (scipy assigns there); the indices go back in
+        one copy, while the device has nothing queued."""
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"HungarianMatcher: {logits.shape[0]} images but {len(targets)} targets")
-        indices = []
-        for b, tgt in enumerate(targets):
-            n = len(tgt["labels"])
-            if n == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
+        costs = [self.cost_matrix(logits[b], masks[b], t["labels"], t["masks"]) if len(t["labels"]) else None
+                 for b, t in enumerate(targets)]
+        finite = (torch.isfinite(logits).all() & torch.isfinite(masks).all()).float().view(1)
+        host = torch.cat([finite] + [c.flatten().float() for c in costs if c is not None]).cpu().numpy()
+        if host[0] != 1.0:
+            return None
+        assigned, offset = [], 1
+        for cost in costs:
+            if cost is None:
+                assigned += [np.zeros(0, np.int64)] * 2
                 continue
-            cost = self.cost_matrix(logits[b], masks[b], tgt["labels"], tgt["masks"])
-            cost = cost.cpu().numpy()
-            if not np.isfinite(cost).all():
-                raise FloatingPointError("HungarianMatcher: the cost matrix holds NaN or inf "
-                                         "(diverged predictions?)")
-            rows, cols = linear_sum_assignment(cost)
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+            c = host[offset:offset + cost.numel()].reshape(cost.shape)
+            offset += cost.numel()
+            if not np.isfinite(c).all():
+                raise FloatingPointError("HungarianMatcher: the cost matrix holds NaN or inf")
+            rows, cols = linear_sum_assignment(c)
+            assigned += [rows.astype(np.int64), cols.astype(np.int64)]
+        pieces = torch.split(torch.as_tensor(np.concatenate(assigned)).to(logits.device),
+                             [len(a) for a in assigned])
+        return [(pieces[2 * b], pieces[2 * b + 1]) for b in range(len(targets))]

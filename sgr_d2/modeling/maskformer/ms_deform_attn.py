@@ -12,7 +12,7 @@ are expressed in pixels of each level. No custom CUDA op is used.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -21,14 +21,16 @@ from torch.nn import functional as F
 __all__ = ["ms_deform_attn", "MSDeformAttn"]
 
 
-def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: Union[torch.Tensor, Sequence[Tuple[int, int]]],
+                   sampling_locations: torch.Tensor,
                    attention_weights: torch.Tensor) -> torch.Tensor:
     """The sampling and weighting core.
 
     Args:
         value: (B, S, n_heads, head_dim), the levels' pixels concatenated (level by level,
             row-major), S = Σ_l H_l W_l.
-        spatial_shapes: (n_levels, 2) int64, (H_l, W_l) of each level.
+        spatial_shapes: (H_l, W_l) of each level: host ints (what the pixel decoder passes; a
+            tensor is read back to the host, a sync when it lives on a GPU).
         sampling_locations: (B, Lq, n_heads, n_levels, n_points, 2), (x, y) in [0, 1].
         attention_weights: (B, Lq, n_heads, n_levels, n_points).
     Returns:
@@ -36,11 +38,13 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_l
     """
     b, s, n_heads, head_dim = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     sizes = [h * w for h, w in shapes]
     if sum(sizes) != s:
         raise ValueError(f"ms_deform_attn: value has {s} positions but the spatial shapes "
-                         f"{spatial_shapes.tolist()} hold {sum(sizes)}")
+                         f"{shapes} hold {sum(sizes)}")
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled: List[torch.Tensor] = []
     for lvl, v in enumerate(value.split(sizes, dim=1)):
@@ -61,7 +65,9 @@ class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention module.
 
     ``forward(query (B, Lq, C), reference_points (B, Lq, n_levels, 2), input_flatten (B, S, C),
-    spatial_shapes (n_levels, 2), padding_mask (B, S) or None) -> (B, Lq, C)``.
+    spatial_shapes (n_levels, 2) on the input's device, padding_mask (B, S) or None,
+    level_shapes) -> (B, Lq, C)``; ``level_shapes``: the same (H_l, W_l) as host ints, so that
+    no shape is read back from the device (default: read from ``spatial_shapes``).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
@@ -96,7 +102,8 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                spatial_shapes: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                spatial_shapes: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                level_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
         b, lq, _ = query.shape
         s = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
@@ -112,4 +119,5 @@ class MSDeformAttn(nn.Module):
         normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets)  # (W, H)
         locations = (reference_points[:, :, None, :, None, :]
                      + offsets / normalizer[None, None, None, :, None, :])
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+        shapes = spatial_shapes if level_shapes is None else level_shapes
+        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))

@@ -183,9 +183,9 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask=None):
+    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask=None, level_shapes=None):
         src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                                                            padding_mask)))
+                                                            padding_mask, level_shapes)))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
 
@@ -228,7 +228,7 @@ class MSDeformAttnEncoder(nn.Module):
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         ref = self.reference_points(shapes, len(srcs), src.device).expand(src.shape[0], -1, -1, -1)
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes)
+            src = layer(src, pos, ref, spatial_shapes, level_shapes=shapes)
         return src, shapes
 
 
