@@ -40,7 +40,7 @@ def main():
     import torch
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     torch.set_num_threads(args.threads)
     configs = sorted(c for c in glob.glob(str(REPO / "configs" / args.dataset / "*.yaml"))

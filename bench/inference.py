@@ -49,7 +49,7 @@ def _build(config, size=128):
     import torch
     from detectron2.modeling import build_model
 
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])

@@ -92,7 +92,8 @@ def _build(config, opts, device):
     import torch
     from detectron2.modeling import build_model
 
-    from sgr_d2.engine import build_optimizer, load_config
+    from sgr_d2.engine import build_optimizer
+    from sgr_d2.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(config, opts + ["MODEL.DEVICE", device, "MODEL.WEIGHTS", ""])

@@ -34,7 +34,7 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from predictor import VisualizationDemo  # noqa: E402
-from sgr_d2.engine import load_config  # noqa: E402
+from sgr_d2.config import load_config  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

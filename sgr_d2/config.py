@@ -1,12 +1,40 @@
-"""sgr_d2's config keys: one ``add_sgr_config`` adds them all to a detectron2 config."""
-from detectron2.config import CfgNode as CN
+"""sgr_d2's configuration: every key it adds to detectron2's, their checks, and loading a config.
 
-__all__ = ["add_sgr_config", "validate_sgr_config"]
+* :func:`add_sgr_config` adds every key sgr_d2 reads (SGR, the dilated ResNet, Swin, the heads,
+  MaskFormer / Mask2Former, GloRe, solver, input, test) with its default;
+* :func:`validate_config` raises a ``ValueError`` naming the key and value of settings that
+  cannot work together;
+* :func:`load_config` builds a config from a file and ``KEY VALUE`` overrides, with errors that
+  name the file and key;
+* :func:`setup_cfg` is what ``train_net.py`` does with its arguments: the loaded config, adapted
+  to the machine (device, synchronised BatchNorm), frozen. It writes nothing; the run's files
+  are the engine's (``sgr_d2.engine.run_files``).
+
+This module imports nothing from the rest of sgr_d2 but the framework-agnostic core.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .sgr.matching import check_matching
+
+__all__ = ["MASK_LOSS_TYPES", "add_sgr_config", "validate_config", "load_config", "setup_cfg", "is_detection"]
+
+MASK_LOSS_TYPES = ("sigmoid_ce", "focal")
+# Meta-architectures trained as detectors (Mask R-CNN, docs/transfer.md): detectron2's data path
+# and evaluators.
+DETECTION_META_ARCHS = ("GeneralizedRCNN",)
 
 
 def add_sgr_config(cfg):
     """Add every key sgr_d2 reads to ``cfg`` (a detectron2 ``CfgNode``), with its default."""
-    # ---------------------------------------------------------------- SGR (SGR_SPEC §1–§2)
+    # ---------------------------------------------------------------- SGR (docs/method.md)
     cfg.MODEL.SGR = CN()
     # The backbone wrapped by build_sgr_backbone, and the stage after which SGR is inserted.
     cfg.MODEL.SGR.BACKBONE_NAME = "build_dilated_resnet_backbone"
@@ -28,14 +56,99 @@ def add_sgr_config(cfg):
     cfg.MODEL.SGR.DIVERSITY_WEIGHT = 1.0
     cfg.MODEL.SGR.LOSS_WEIGHT = 0.25  # β
 
-    # ---------------------------------------------------------------- dilated ResNet (§4)
+    # ---------------------------------------------------------------- GloRe (the comparison unit)
+    cfg.MODEL.GLORE = CN()
+    cfg.MODEL.GLORE.BACKBONE_NAME = "build_dilated_resnet_backbone"
+    cfg.MODEL.GLORE.IN_FEATURE = "res5"
+    # N nodes of C' channels; the defaults match SGR's K = 128 tokens of width C = 256, so the two
+    # reasoning units compare at the same graph size.
+    cfg.MODEL.GLORE.NUM_NODES = 128
+    cfg.MODEL.GLORE.NUM_STATE = 256
+    cfg.MODEL.GLORE.NORM = "BN"  # the norm after the output 1x1 conv (zero-initialised weight)
+    # Divide the projected node features by the number of pixels, so the node features do not
+    # grow with the input resolution (segmentation crops -> detection images).
+    cfg.MODEL.GLORE.NORMALIZE = True
+
+    # ---------------------------------------------------------------- dilated ResNet
     cfg.MODEL.RESNETS.OUTPUT_STRIDE = 8  # 8, 16 or 32
     cfg.MODEL.RESNETS.MULTI_GRID = [1, 2, 4]  # res5 block dilation multipliers
 
-    # ---------------------------------------------------------------- heads
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2  # Dilated-FCN
-    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
-    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURE = "res5"  # single-input heads (Dilated-FCN)
+    # ---------------------------------------------------------------- Swin (Swin-T's values)
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.DROP_RATE = 0.0  # dropout after the attention / MLP projections
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3  # stochastic depth (0.3 in the Swin-T + UperNet recipe)
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing inside each stage
+
+    # ---------------------------------------------------------------- per-pixel heads
+    sh = cfg.MODEL.SEM_SEG_HEAD
+    sh.NUM_CONVS = 2  # Dilated-FCN
+    sh.DROPOUT = 0.1
+    sh.IN_FEATURE = "res5"  # single-input heads (Dilated-FCN, DeepLabV3)
+    # DeepLabV3: atrous rates of the three 3×3 branches (12/24/36 at output stride 8, 6/12/18 at
+    # 16) and the dropout after the ASPP projection
+    sh.ASPP_DILATIONS = [12, 24, 36]
+    sh.ASPP_DROPOUT = 0.1
+    sh.POOL_SCALES = [1, 2, 3, 6]  # UperNet: output sizes of the pyramid pooling module
+
+    # ---------------------------------------------------------------- MaskFormer / Mask2Former
+    # The defaults are MaskFormer's (ADE20K, R-50), with the original code bases' key names;
+    # Mask2Former configs override the decoder, the pixel decoder and the loss weights.
+    cfg.MODEL.MASK_FORMER = CN()
+    mf = cfg.MODEL.MASK_FORMER
+    mf.DEEP_SUPERVISION = True  # a loss on the prediction of every decoder layer
+    mf.NO_OBJECT_WEIGHT = 0.1  # weight of the "no object" class in the classification loss
+    mf.CLASS_WEIGHT = 1.0
+    mf.DICE_WEIGHT = 1.0
+    mf.MASK_WEIGHT = 20.0
+    # Binary mask loss: "focal" (MaskFormer: sigmoid focal loss, α=0.25, γ=2) or "sigmoid_ce"
+    # (Mask2Former: binary cross-entropy). The matcher's mask cost uses the same function.
+    mf.MASK_LOSS_TYPE = "focal"
+    # Point-sampled losses (Mask2Former). 0: losses on the full masks, the predictions upsampled
+    # to the target resolution (MaskFormer). >0: the matcher uses TRAIN_NUM_POINTS uniformly
+    # random points, the losses TRAIN_NUM_POINTS importance-sampled points: of
+    # TRAIN_NUM_POINTS × OVERSAMPLE_RATIO random points the IMPORTANCE_SAMPLE_RATIO most uncertain
+    # are kept, the rest drawn uniformly.
+    mf.TRAIN_NUM_POINTS = 0
+    mf.OVERSAMPLE_RATIO = 3.0
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75
+    mf.TRANSFORMER_DECODER_NAME = "StandardTransformerDecoder"  # | "MultiScaleMaskedTransformerDecoder"
+    # "res5" (or any backbone feature), "transformer_encoder", "pixel_embedding" (MaskFormer's
+    # standard decoder), "multi_scale_pixel_decoder" (Mask2Former's masked-attention decoder).
+    mf.TRANSFORMER_IN_FEATURE = "res5"
+    mf.NHEADS = 8
+    mf.DROPOUT = 0.1
+    mf.DIM_FEEDFORWARD = 2048
+    mf.ENC_LAYERS = 0  # encoder layers of the standard (DETR) transformer
+    # Decoder layers. StandardTransformerDecoder: the number of layers. MultiScaleMaskedTransformer-
+    # Decoder: layers + 1 (as in Mask2Former: 10 = 9 layers + the prediction from the queries).
+    mf.DEC_LAYERS = 6
+    mf.PRE_NORM = False
+    mf.HIDDEN_DIM = 256
+    mf.NUM_OBJECT_QUERIES = 100
+    mf.ENFORCE_INPUT_PROJ = False
+    mf.SIZE_DIVISIBILITY = 32  # pad the batch to a multiple; -1: the backbone's size_divisibility
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True  # semantic inference is the only one implemented
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # pixel decoder (MODEL.SEM_SEG_HEAD.{IN_FEATURES, CONVS_DIM, NORM, COMMON_STRIDE, NUM_CLASSES,
+    # IGNORE_VALUE, LOSS_WEIGHT} are detectron2's own keys)
+    sh.MASK_DIM = 256
+    sh.PIXEL_DECODER_NAME = "BasePixelDecoder"  # | "TransformerEncoderPixelDecoder" | "MSDeformAttnPixelDecoder"
+    sh.TRANSFORMER_ENC_LAYERS = 0  # encoder layers of the transformer / deformable pixel decoders
+    sh.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    sh.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    sh.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    sh.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024
+    sh.DEFORMABLE_TRANSFORMER_ENCODER_DROPOUT = 0.0
 
     # ---------------------------------------------------------------- weights
     # True: the class-specific output layers of MODEL.WEIGHTS (class_embed, the per-pixel
@@ -47,7 +160,7 @@ def add_sgr_config(cfg):
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
     cfg.SOLVER.POLY_LR_POWER = 0.9
-    # LR multiplier of the SGR component and the head (×10 with ResNet backbones, §4).
+    # LR multiplier of the SGR component and the head (×10 with ResNet backbones).
     cfg.SOLVER.HEAD_LR_MULTIPLIER = 1.0
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
 
@@ -63,18 +176,20 @@ def add_sgr_config(cfg):
     # ---------------------------------------------------------------- test
     cfg.TEST.AUG.SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # relative to the test size
     cfg.TEST.TOKEN_SEMANTICS = False
-    from .modeling.backbone.swin import add_swin_config  # lazy: sgr_d2.modeling imports this module
-    from .modeling.heads import add_head_config
-    add_swin_config(cfg)
-    add_head_config(cfg)
-    from .modeling.maskformer.config import add_maskformer_config  # lazy, as above
-    add_maskformer_config(cfg)
-    from .modeling.backbone.glore import add_glore_config  # lazy, as above
-    add_glore_config(cfg)
     return cfg
 
 
-def validate_sgr_config(cfg):
+def is_detection(cfg) -> bool:
+    """True for Mask R-CNN and the like: the task is picked from MODEL.META_ARCHITECTURE."""
+    return cfg.MODEL.META_ARCHITECTURE in DETECTION_META_ARCHS
+
+
+def _positive(name: str, value) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} is {value}; expected a positive number")
+
+
+def validate_config(cfg) -> None:
     """Raise ValueError naming the key and value for settings that cannot work together."""
     sgr = cfg.MODEL.SGR
     if sgr.NUM_MATCHED < 1:
@@ -87,10 +202,7 @@ def validate_sgr_config(cfg):
             f"MODEL.SGR.NUM_MATCHED ({sgr.NUM_MATCHED}) must not exceed MODEL.SGR.NUM_TOKENS "
             f"({sgr.NUM_TOKENS}): L tokens are matched out of K"
         )
-    if sgr.MATCHING not in ("hybrid", "greedy", "hungarian"):
-        raise ValueError(
-            f"MODEL.SGR.MATCHING is {sgr.MATCHING!r}; expected 'hybrid', 'greedy' or 'hungarian'"
-        )
+    check_matching(sgr.MATCHING, "MODEL.SGR.MATCHING")
     if sgr.TOKEN_DIM % sgr.NUM_HEADS:
         raise ValueError(
             f"MODEL.SGR.TOKEN_DIM ({sgr.TOKEN_DIM}) must be divisible by MODEL.SGR.NUM_HEADS "
@@ -102,3 +214,122 @@ def validate_sgr_config(cfg):
         )
     if cfg.SOLVER.OPTIMIZER.upper() not in ("SGD", "ADAMW"):
         raise ValueError(f"SOLVER.OPTIMIZER is {cfg.SOLVER.OPTIMIZER!r}; expected 'SGD' or 'ADAMW'")
+    if "MaskFormer" in cfg.MODEL.META_ARCHITECTURE or "Mask2Former" in cfg.MODEL.META_ARCHITECTURE:
+        _validate_maskformer(cfg)
+
+
+def _validate_maskformer(cfg) -> None:
+    mf = cfg.MODEL.MASK_FORMER
+    sh = cfg.MODEL.SEM_SEG_HEAD
+    _positive("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", mf.NUM_OBJECT_QUERIES)
+    _positive("MODEL.MASK_FORMER.HIDDEN_DIM", mf.HIDDEN_DIM)
+    _positive("MODEL.MASK_FORMER.NHEADS", mf.NHEADS)
+    _positive("MODEL.SEM_SEG_HEAD.MASK_DIM", sh.MASK_DIM)
+    _positive("MODEL.SEM_SEG_HEAD.CONVS_DIM", sh.CONVS_DIM)
+    _positive("MODEL.SEM_SEG_HEAD.NUM_CLASSES", sh.NUM_CLASSES)
+    if mf.HIDDEN_DIM % mf.NHEADS:
+        raise ValueError(f"MODEL.MASK_FORMER.HIDDEN_DIM ({mf.HIDDEN_DIM}) must be divisible by "
+                         f"MODEL.MASK_FORMER.NHEADS ({mf.NHEADS})")
+    if mf.HIDDEN_DIM % 2:
+        raise ValueError(f"MODEL.MASK_FORMER.HIDDEN_DIM is {mf.HIDDEN_DIM}; expected an even number "
+                         "(half of it encodes x, half y in the sine position encoding)")
+    if mf.DEC_LAYERS < 1:
+        raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS is {mf.DEC_LAYERS}; expected >= 1")
+    if mf.ENC_LAYERS < 0 or sh.TRANSFORMER_ENC_LAYERS < 0:
+        raise ValueError(f"MODEL.MASK_FORMER.ENC_LAYERS ({mf.ENC_LAYERS}) and MODEL.SEM_SEG_HEAD."
+                         f"TRANSFORMER_ENC_LAYERS ({sh.TRANSFORMER_ENC_LAYERS}) must be >= 0")
+    if not 0.0 <= mf.NO_OBJECT_WEIGHT:
+        raise ValueError(f"MODEL.MASK_FORMER.NO_OBJECT_WEIGHT is {mf.NO_OBJECT_WEIGHT}; expected >= 0")
+    if mf.MASK_LOSS_TYPE not in MASK_LOSS_TYPES:
+        raise ValueError(f"MODEL.MASK_FORMER.MASK_LOSS_TYPE is {mf.MASK_LOSS_TYPE!r}; expected one of "
+                         f"{list(MASK_LOSS_TYPES)}")
+    if mf.TRAIN_NUM_POINTS < 0:
+        raise ValueError(f"MODEL.MASK_FORMER.TRAIN_NUM_POINTS is {mf.TRAIN_NUM_POINTS}; expected >= 0 "
+                         "(0: losses on the full masks)")
+    if mf.OVERSAMPLE_RATIO < 1:
+        raise ValueError(f"MODEL.MASK_FORMER.OVERSAMPLE_RATIO is {mf.OVERSAMPLE_RATIO}; expected >= 1")
+    if not 0.0 <= mf.IMPORTANCE_SAMPLE_RATIO <= 1.0:
+        raise ValueError(f"MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO is {mf.IMPORTANCE_SAMPLE_RATIO}; "
+                         "expected a value in [0, 1]")
+    if not mf.TEST.SEMANTIC_ON:
+        raise ValueError("MODEL.MASK_FORMER.TEST.SEMANTIC_ON is False, but semantic inference is the "
+                         "only inference sgr_d2's MaskFormer implements; set it to True")
+    if sh.NORM == "GN" and sh.CONVS_DIM % 32:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.CONVS_DIM ({sh.CONVS_DIM}) must be a multiple of 32 with "
+                         "MODEL.SEM_SEG_HEAD.NORM 'GN' (GroupNorm with 32 groups)")
+    if sh.COMMON_STRIDE <= 0 or sh.COMMON_STRIDE & (sh.COMMON_STRIDE - 1):
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.COMMON_STRIDE is {sh.COMMON_STRIDE}; expected a power of 2")
+
+
+_NOT_A_KEY = "(not a key of detectron2 or sgr_d2; see sgr_d2/config.py)"
+
+
+def load_config(config_file: str, opts=()):
+    """A detectron2 config with sgr_d2's keys, merged from ``config_file`` and ``opts``, checked.
+
+    An unknown key, a missing file or a bad value is an error naming the file and key.
+    """
+    cfg = get_cfg()
+    add_sgr_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise ValueError(f"config file {config_file}: {e.args[0] if e.args else e} {_NOT_A_KEY}") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        msg = str(e.args[0] if e.args else e)
+        if msg.startswith("Non-existent"):  # yacs: "Non-existent key: A.B"
+            msg += " " + _NOT_A_KEY
+        raise ValueError(f"command-line override: {msg}") from e
+    validate_config(cfg)
+    return cfg
+
+
+def _check_eval_weights(cfg, args) -> None:
+    """--eval-only needs weights: MODEL.WEIGHTS, or --resume with a checkpoint in OUTPUT_DIR."""
+    if not getattr(args, "eval_only", False) or cfg.MODEL.WEIGHTS or getattr(args, "allow_random_weights", False):
+        return
+    if getattr(args, "resume", False) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise ValueError(
+        "--eval-only with an empty MODEL.WEIGHTS would evaluate a randomly initialised model. Give "
+        "the weights to evaluate (MODEL.WEIGHTS <file.pth> among the KEY VALUE overrides), or "
+        f"--resume to evaluate the checkpoint that {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} "
+        "names, or pass --allow-random-weights to evaluate a random model on purpose."
+    )
+
+
+def pick_device(cfg) -> None:
+    """A config asking for CUDA on a machine without it runs on the CPU, with a warning."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("sgr_d2").warning("MODEL.DEVICE is %s but CUDA is not available: using cpu",
+                                            cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+
+
+def sync_norms(cfg, world_size: int) -> None:
+    """With several workers, BatchNorm becomes detectron2's synchronised BatchNorm: ``SyncBN``
+    (torch's ``SyncBatchNorm``, NCCL, CUDA) on GPUs, ``naiveSyncBN`` (its all-reduce runs on any
+    backend) on the CPU."""
+    if world_size <= 1:
+        return
+    sync = "SyncBN" if torch.cuda.is_available() else "naiveSyncBN"
+    for node in (cfg.MODEL.RESNETS, cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.SGR, cfg.MODEL.GLORE, cfg.MODEL.FPN):
+        if node.NORM == "BN":
+            node.NORM = sync
+
+
+def setup_cfg(args):
+    """The frozen config of a ``train_net.py`` run: :func:`load_config` of ``--config-file`` and
+    the overrides, refused up front when ``--eval-only`` would evaluate random weights, moved to
+    the CPU when CUDA is missing, with synchronised BatchNorm across several workers."""
+    cfg = load_config(args.config_file, args.opts)
+    _check_eval_weights(cfg, args)
+    pick_device(cfg)
+    sync_norms(cfg, args.num_gpus * args.num_machines)
+    cfg.freeze()
+    return cfg

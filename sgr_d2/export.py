@@ -73,7 +73,7 @@ def check_exportable(model: nn.Module, dynamic: bool = False) -> None:
     from being exported for any input size)."""
     from .modeling.heads import PyramidPooling
     from .modeling.maskformer import MSDeformAttnPixelDecoder
-    from .modeling.sgr_backbone import find_sgr_backbone
+    from .modeling.backbone.sgr_backbone import find_sgr_backbone
 
     archs = _semantic_meta_archs()
     if not isinstance(model, archs):
@@ -100,7 +100,7 @@ def check_exportable(model: nn.Module, dynamic: bool = False) -> None:
     if stride is not None and stride < divisibility:
         raise ExportError(
             f"--dynamic: the SGR region maps (output 'sgr_regions') are cropped to the image by "
-            f"sgr_d2.modeling.sgr_backbone.attach_sgr_regions with Python arithmetic on the sizes; with "
+            f"sgr_d2.modeling.sgr_outputs.attach_sgr_regions with Python arithmetic on the sizes; with "
             f"a region stride ({stride}) below the size divisibility ({divisibility}) the crop depends on "
             "the input size" + fixed)
 
@@ -112,7 +112,7 @@ class SemanticSegmentationExport(nn.Module):
         super().__init__()
         check_exportable(model)
         self.model = model.eval()
-        from .modeling.sgr_backbone import find_sgr_backbone
+        from .modeling.backbone.sgr_backbone import find_sgr_backbone
 
         self.has_sgr = find_sgr_backbone(model) is not None
         self.output_names = ["sem_seg", "sgr_regions"] if self.has_sgr else ["sem_seg"]

@@ -65,7 +65,7 @@ def _unsafe(path: str, what: str) -> UnsafeWeightsError:
         f"and numbers from weights files. If you trust this file, list it in {TRUST_VARIABLE} "
         f"(e.g. `{TRUST_VARIABLE}={path} python train_net.py ...`) to read it with the full unpickler, "
         "or convert it once to a plain state dict: "
-        f"`{TRUST_VARIABLE}={path} python tools/convert_checkpoint.py --input {path} --output <file.pth> --to same`."
+        f"`{TRUST_VARIABLE}={path} python tools/convert_checkpoint.py --input {path} --output <file.pth>`."
     )
 
 

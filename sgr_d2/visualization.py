@@ -233,7 +233,8 @@ def build_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
     The config is read with :func:`sgr_d2.engine.load_config`; a config asking for CUDA on a
     machine without it runs on the CPU. A missing checkpoint is a FileNotFoundError naming it.
     """
-    from .engine import build_predictor as _build, load_config
+    from .engine import build_predictor as _build
+    from .config import load_config
 
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"checkpoint {weights!r} does not exist")

@@ -1,4 +1,6 @@
 """Shared test set-up: sgr_d2 first (compat shims), a private DETECTRON2_DATASETS, small configs."""
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -23,7 +25,7 @@ TOY_BASE = os.path.join(REPO, "configs", "toy", "dil_fcn_r18.yaml")
 
 def tiny_toy_cfg(config_file=TOY_SGR, *opts):
     """The toy config shrunk further for unit tests (CPU, 2 images, no workers)."""
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     cfg = load_config(config_file, ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
                                     "SOLVER.IMS_PER_BATCH", "2", *opts])
@@ -85,6 +87,28 @@ def register():
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@contextlib.contextmanager
+def log_records(name):
+    """The messages logged to logger ``name`` (detectron2's setup_logger may stop propagation to
+    the root logger, where pytest's caplog listens)."""
+    got = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    handler = _Handler(level=logging.DEBUG)
+    log = logging.getLogger(name)
+    old = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield got
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
 
 
 def load_reporting_incompatible(model, path):

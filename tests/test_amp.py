@@ -15,12 +15,14 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_toy_cfg, toy_batch
+from conftest import REPO, log_records, tiny_toy_cfg, toy_batch
 
 from detectron2.data import DatasetCatalog
+from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 
-from sgr_d2.engine import Trainer, load_config
+from sgr_d2.engine import Trainer
+from sgr_d2.config import load_config
 from sgr_d2.engine.amp import CPUAutocastTrainer
 from sgr_d2.modeling.maskformer import HungarianMatcher, SetCriterion, mask_classification_weight_dict
 from sgr_d2.sgr import SGRCriterion, SGRModule, autocast_off
@@ -254,11 +256,20 @@ def test_amp_picks_detectron2s_amp_trainer_for_a_model_on_cuda(monkeypatch):
             yield SimpleNamespace(device=torch.device("cuda"))
 
     monkeypatch.setattr(amp, "AMPTrainer", _AMPTrainer)
+    cfg = SimpleNamespace(SOLVER=SimpleNamespace(AMP=SimpleNamespace(ENABLED=True)))
     model, loader, opt = _OnCuda(), object(), object()
-    assert isinstance(amp.build_amp_trainer(model, loader, opt), _AMPTrainer) and made == [(model, loader, opt)]
-    cpu = torch.nn.Linear(2, 2)
-    trainer = amp.build_amp_trainer(cpu, [], torch.optim.SGD(cpu.parameters(), lr=0.1))
-    assert type(trainer) is amp.CPUAutocastTrainer and trainer.precision == torch.bfloat16 and len(made) == 1
+    with log_records("sgr_d2.engine.amp") as logged:
+        assert isinstance(amp.build_step_trainer(cfg, model, loader, opt), _AMPTrainer)
+        assert made == [(model, loader, opt)]
+        cpu = torch.nn.Linear(2, 2)
+        trainer = amp.build_step_trainer(cfg, cpu, [], torch.optim.SGD(cpu.parameters(), lr=0.1))
+        assert type(trainer) is amp.CPUAutocastTrainer and trainer.precision == torch.bfloat16 and len(made) == 1
+        cfg.SOLVER.AMP.ENABLED = False
+        assert type(amp.build_step_trainer(cfg, cpu, [], torch.optim.SGD(cpu.parameters(), lr=0.1))) is SimpleTrainer
+    assert len(logged) == 3
+    assert logged[0].startswith("Training on cuda in mixed precision") and "float16 autocast with gradient scaling (detectron2's AMPTrainer)" in logged[0]
+    assert logged[1].startswith("Training on cpu in mixed precision") and "bfloat16 autocast without gradient scaling" in logged[1]
+    assert logged[2] == "Training on cpu in float32 (detectron2's SimpleTrainer)"
 
 
 def test_a_failing_forward_leaves_autocast_off():

@@ -187,7 +187,7 @@ def test_make_compare_runs_both_toys_at_the_chosen_budget_with_the_control():
 
 
 def test_each_variant_changes_only_its_own_keys():
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     tool = _tool()
     configs = {k: os.path.join(REPO, "configs", "toy", f"dil_fcn_r18_context{s}.yaml") for k, s in

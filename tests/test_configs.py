@@ -22,7 +22,8 @@ import sgr_d2  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from sgr_d2.engine import build_optimizer, load_config
+from sgr_d2.engine import build_optimizer
+from sgr_d2.config import load_config
 from sgr_d2.sgr import component_label_map
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,11 +17,12 @@ from conftest import load_reporting_incompatible
 from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
 from detectron2.modeling import build_backbone, build_model, build_sem_seg_head
 
-from sgr_d2.engine import build_optimizer, load_config
-from sgr_d2.engine.trainer import _sync_norms
-from sgr_d2.modeling.backbone.swin import SwinBackbone, SwinStage
+from sgr_d2.engine import build_optimizer
+from sgr_d2.config import load_config
+from sgr_d2.config import sync_norms
+from sgr_d2.modeling.backbone.swin import SwinBackbone
 from sgr_d2.modeling.heads import DeepLabV3Head, UperNetHead
-from sgr_d2.modeling.sgr_backbone import SGRBackbone, sgr_module_from_config
+from sgr_d2.modeling.backbone.sgr_backbone import SGR_OUTPUTS, SGRBackbone, sgr_module_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -91,15 +92,13 @@ def load_converted(model: nn.Module, pkl: str):
 def test_swin_outputs_strides_and_stage_modules(swin_upernet_sgr):
     wrapped = swin_upernet_sgr[1].backbone.eval()
     assert isinstance(wrapped, SGRBackbone) and isinstance(wrapped.backbone, SwinBackbone)
-    assert wrapped.sgr.in_channels == 768 and len(wrapped.backbone.res5._forward_hooks) == 1
+    assert wrapped.sgr.in_channels == 768
     assert wrapped.output_shape() == wrapped.backbone.output_shape() and wrapped.size_divisibility == 32
     backbone = wrapped.backbone
     assert backbone.size_divisibility == 32
     shapes = backbone.output_shape()
     assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
         "res2": (96, 4), "res3": (192, 8), "res4": (384, 16), "res5": (768, 32)}
-    for name in ("res2", "res3", "res4", "res5"):
-        assert isinstance(getattr(backbone, name), SwinStage)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         feats = backbone(x)
@@ -127,9 +126,10 @@ def test_sgr_after_swin_res5_adds_only_its_residual():
     wrapped = SGRBackbone(inner, "res5", sgr).eval()
     with torch.no_grad():
         same = wrapped(x)
+    assert tuple(same.pop(SGR_OUTPUTS)["region_maps"].shape) == (2, 16, 2, 2)
+    assert same.keys() == base.keys()
     for name in base:  # zero-initialised last norm: identical output at initialisation
         assert torch.equal(same[name], base[name]), name
-    assert tuple(wrapped.sgr_outputs["region_maps"].shape) == (2, 16, 2, 2)
     with torch.no_grad():
         sgr.out_norm.weight.normal_()
         sgr.out_norm.bias.normal_()
@@ -365,7 +365,7 @@ def test_swin_windows_pad_before_the_shift_as_the_official_code():
     torch.manual_seed(5)
     backbone = SwinBackbone(embed_dim=32, depths=(2, 1, 1, 1), num_heads=(2, 2, 4, 8),
                             drop_path_rate=0.0).eval()
-    shifted = backbone.res2.stage.blocks[1]
+    shifted = backbone.layers[0].blocks[1]
     assert tuple(shifted.shift_size) == (3, 3) and tuple(shifted.window_size) == (7, 7)
     x = torch.randn(1, 16, 16, 32)
     far = x.clone()
@@ -428,7 +428,7 @@ def test_swin_upernet_optimizer_is_adamw_with_one_lr(swin_upernet_sgr):
     assert norms and all(groups[n]["weight_decay"] == 0.0 for n in norms)
     tables = [n for n in groups if n.endswith("relative_position_bias_table")]
     assert len(tables) == 12 and all(groups[n]["weight_decay"] == 0.0 for n in tables)
-    assert groups["backbone.backbone.res2.stage.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.01
+    assert groups["backbone.backbone.layers.0.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.01
     assert groups["sem_seg_head.predictor.weight"]["weight_decay"] == 0.01
 
 
@@ -449,9 +449,9 @@ def test_resnet_optimizer_is_sgd_with_x10_for_head_and_sgr(r50_dilfcn_sgr):
 def test_sync_norms_converts_batchnorm_for_several_workers():
     cfg = cfg_of("toy/dil_fcn_r18_sgr.yaml", *SMALL_SGR)
     single = cfg.clone()
-    _sync_norms(single, 1)
+    sync_norms(single, 1)
     assert single == cfg
-    _sync_norms(cfg, 2)
+    sync_norms(cfg, 2)
     # detectron2's get_norm names: "SyncBN" (NCCL) or "naiveSyncBN" (gloo, CPU workers)
     sync = "SyncBN" if torch.cuda.is_available() else "naiveSyncBN"
     assert (cfg.MODEL.RESNETS.NORM, cfg.MODEL.SEM_SEG_HEAD.NORM, cfg.MODEL.SGR.NORM) == (sync,) * 3
@@ -461,7 +461,7 @@ def test_sync_norms_converts_batchnorm_for_several_workers():
     if sync == "naiveSyncBN":
         assert sum(isinstance(m, NaiveSyncBatchNorm) for m in model.modules()) > 10
     fpn = cfg_of("ade20k/sem_fpn_r50_sgr.yaml", "MODEL.FPN.NORM", "BN")
-    _sync_norms(fpn, 8)
+    sync_norms(fpn, 8)
     assert fpn.MODEL.FPN.NORM == sync and fpn.MODEL.SEM_SEG_HEAD.NORM == "GN"
 
 

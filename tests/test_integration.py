@@ -10,10 +10,12 @@ from PIL import Image
 from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.structures import ImageList
 
 from sgr_d2.data import SemSegDatasetMapper
-from sgr_d2.engine import build_optimizer, build_poly_lr_scheduler, load_config
-from sgr_d2.modeling import SGRBackbone, SemanticSegmentorWithTTA
+from sgr_d2.engine import build_optimizer, build_poly_lr_scheduler
+from sgr_d2.config import load_config
+from sgr_d2.modeling import SGR_OUTPUTS, SGRBackbone, SemanticSegmentorWithTTA
 from sgr_d2.sgr import connected_components
 
 
@@ -46,9 +48,10 @@ def test_sgr_backbone_keeps_the_wrapped_output_shapes(stride):
     x = torch.randn(1, 3, 64, 64)
     inner.eval(), wrapped.eval()
     a, b = inner(x), wrapped(x)
+    outputs = b.pop(SGR_OUTPUTS)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert b["res5"].shape[-1] == 64 // stride
-    assert wrapped.sgr_outputs["region_maps"].shape[-2:] == b["res5"].shape[-2:]
+    assert outputs["region_maps"].shape[-2:] == b["res5"].shape[-2:]
 
 
 def test_sgr_after_an_inner_stage_feeds_the_later_stages():
@@ -168,12 +171,15 @@ def test_inference_gives_probabilities_and_region_maps():
     assert torch.allclose(out["sem_seg"].sum(0), torch.ones(100, 90), atol=1e-5)
     assert out["sgr_regions"].shape == (cfg.MODEL.SGR.NUM_TOKENS, 8, 8)
     # in a batch with a larger image, a smaller one's region maps are cropped to its own pixels
-    from sgr_d2.modeling.sgr_backbone import crop_region_maps
+    from sgr_d2.modeling.sgr_outputs import crop_region_maps
 
     small = _batch(1, size=40, seed=1)[0]
     with torch.no_grad():
         outs = model([x, small])
-    regions = model.backbone.sgr_outputs["region_maps"]  # (2, K, 8, 8) over the padded 64x64 batch
+        # the region maps over the padded 64x64 batch: (2, K, 8, 8)
+        images = ImageList.from_tensors([(b["image"] - model.pixel_mean) / model.pixel_std for b in (x, small)],
+                                        model.size_divisibility)
+        regions = model.backbone(images.tensor)[SGR_OUTPUTS]["region_maps"]
     assert outs[1]["sgr_regions"].shape == (cfg.MODEL.SGR.NUM_TOKENS, 5, 5)  # ceil(40 * 8 / 64)
     assert torch.equal(outs[1]["sgr_regions"], crop_region_maps(regions[1], (40, 40), (64, 64)))
     assert torch.equal(outs[0]["sgr_regions"], regions[0])
@@ -187,17 +193,15 @@ def test_region_maps_of_a_padded_image_are_cropped_exactly():
     cells stretched over the image: ~19 px off at the right edge)."""
     from torch.nn import functional as F
 
-    from sgr_d2.modeling.sgr_backbone import attach_sgr_regions
+    from sgr_d2.modeling.sgr_outputs import attach_sgr_regions
 
     fh, fw, (h, w), padded = 16, 22, (512, 683), (512, 704)
     v, u = torch.meshgrid(torch.arange(fh, dtype=torch.float64), torch.arange(fw, dtype=torch.float64),
                           indexing="ij")
     ramps = torch.stack([0.1 + 0.01 * u, 0.1 + 0.02 * v, 0.8 - 0.01 * u - 0.02 * v])  # (3, fh, fw), Σ = 1
-    backbone = SGRBackbone.__new__(SGRBackbone)  # only its sgr_outputs are read
-    torch.nn.Module.__init__(backbone)
-    backbone.sgr_outputs = {"region_maps": torch.stack([ramps, ramps.flip(-1)]).float()}
-    (out, other) = attach_sgr_regions([{}, {}], backbone, [(h, w), padded], padded)
-    assert torch.equal(other["sgr_regions"], backbone.sgr_outputs["region_maps"][1])  # no padding: as is
+    sgr_outputs = {"region_maps": torch.stack([ramps, ramps.flip(-1)]).float()}
+    (out, other) = attach_sgr_regions([{}, {}], sgr_outputs, [(h, w), padded], padded)
+    assert torch.equal(other["sgr_regions"], sgr_outputs["region_maps"][1])  # no padding: as is
     regions = out["sgr_regions"]
     assert regions.shape == (3, 16, 22)  # ceil(683 * 22 / 704) = 22 cells, each 683/22 px wide
     assert torch.allclose(regions.sum(0), torch.ones(16, 22), atol=1e-5)  # Σ_k P_k kept

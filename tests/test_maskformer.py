@@ -23,7 +23,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 
-from sgr_d2.engine import Trainer, load_config
+from sgr_d2.engine import Trainer
+from sgr_d2.config import load_config
 from sgr_d2.modeling.maskformer import (
     HungarianMatcher,
     MultiScaleMaskedTransformerDecoder,
@@ -440,9 +441,8 @@ def test_pixel_decoders_and_transformer_inputs(decoder, in_feature, strides):
      ["DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "res1"]),
 ])
 def test_bad_config_values_are_clear_errors(override, words):
-    cfg = load_config(MASK2FORMER_SGR, ["MODEL.DEVICE", "cpu", *override])
     with pytest.raises((ValueError, KeyError)) as err:
-        build_model(cfg)
+        build_model(load_config(MASK2FORMER_SGR, ["MODEL.DEVICE", "cpu", *override]))
     for w in words:
         assert w in str(err.value), (w, str(err.value))
 

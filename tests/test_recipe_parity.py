@@ -14,7 +14,8 @@ from detectron2.modeling import build_model
 
 from sgr_d2.data import SemSegDatasetMapper, build_train_augmentations
 from sgr_d2.data.augmentation import PhotometricDistortion, PhotometricDistortionTransform
-from sgr_d2.engine import load_config, param_groups
+from sgr_d2.engine import param_groups
+from sgr_d2.config import load_config
 
 CONFIGS = os.path.join(REPO, "configs")
 

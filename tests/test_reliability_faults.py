@@ -18,7 +18,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOY_SGR, tiny_toy_cfg
+from conftest import REPO, TOY_SGR, log_records, tiny_toy_cfg
 from PIL import Image
 from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _threads, _trainer
 
@@ -28,7 +28,8 @@ from detectron2.utils.env import seed_all_rng
 from sgr_d2 import compat
 from sgr_d2.engine.checkpoint import AtomicCheckpointer, atomic_torch_save
 from sgr_d2.engine.hooks import MAX_NORM_GROWTH
-from sgr_d2.engine.trainer import Trainer, argument_parser, run, setup_cfg
+from sgr_d2.engine.trainer import Trainer, argument_parser, run
+from sgr_d2.config import setup_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,27 +47,6 @@ class _KillBefore(HookBase):
     def before_step(self):
         if self.trainer.iter == self.iteration:
             raise _Killed(self.iteration)
-
-
-@contextmanager
-def _records(name):
-    """Log records of logger ``name`` (detectron2's setup_logger may stop propagation to root)."""
-    got = []
-
-    class _H(logging.Handler):
-        def emit(self, record):
-            got.append(record.getMessage())
-
-    h = _H(level=logging.DEBUG)
-    log = logging.getLogger(name)
-    old = log.level
-    log.addHandler(h)
-    log.setLevel(logging.DEBUG)
-    try:
-        yield got
-    finally:
-        log.removeHandler(h)
-        log.setLevel(old)
 
 
 def _history(trainer, keys=LOSSES):
@@ -154,7 +134,7 @@ def test_a_checkpoint_of_an_earlier_sgr_d2_still_resumes(tmp_path):
     for key in ("_trainer", "data", "rng"):
         del ckpt["trainer"][key]
     torch.save(ckpt, out / "model_final.pth")
-    with _records("sgr_d2") as logged:
+    with log_records("sgr_d2") as logged:
         again = _trainer(_cfg(out, "SOLVER.MAX_ITER", "2"))
         again.resume_or_load(resume=True)
     assert again.start_iter == 1 and again.optimizer.state_dict()["state"] == {}
@@ -270,7 +250,7 @@ def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp
     # --resume with SOLVER.BASE_LR 0.001 (the recipe's is 0.01), and momentum and weight decay
     # changed too (0.9 and 1e-4 in the recipe)
     new_opts = ("SOLVER.BASE_LR", "0.001", "SOLVER.MOMENTUM", "0.8", "SOLVER.WEIGHT_DECAY", "0.0003")
-    with _records("sgr_d2.engine.resume") as logged:
+    with log_records("sgr_d2.engine.resume") as logged:
         again = _trainer(_cfg(out, *opts, *new_opts))
         again.resume_or_load(resume=True)
     assert again.start_iter == 3
@@ -353,7 +333,7 @@ def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     stale[1].write_text("model_fi")
     keep = out / ".notes.tmp"  # not a name a checkpoint write makes
     keep.write_text("x")
-    with _records("sgr_d2") as logged:
+    with log_records("sgr_d2") as logged:
         resumed = _trainer(_cfg(out, *opts))
         resumed.resume_or_load(resume=True)
     assert not any(p.exists() for p in stale) and keep.exists()
@@ -430,7 +410,7 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, fault):
         newest.write_bytes(b"not a checkpoint")
     (tmp_path / "notes.pth").write_bytes(b"\x80 not a checkpoint either")
     model = torch.nn.Linear(3, 2)
-    with _records("sgr_d2.engine.checkpoint") as logged:
+    with log_records("sgr_d2.engine.checkpoint") as logged:
         extra = AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
     # the newest readable one: 5 when the tag names a missing file, else 3
     named, it = ("model_0000007.pth", 5) if fault == "missing" else ("model_0000005.pth", 3)
@@ -478,7 +458,7 @@ def test_a_training_set_without_labelled_pixels_is_reported(tmp_path, register):
     data = tmp_path / "data"
     data.mkdir()
     blank = register([_unlabelled_pair(data, "a"), _unlabelled_pair(data, "b")])
-    with _records("sgr_d2.engine.hooks") as logged:
+    with log_records("sgr_d2.engine.hooks") as logged:
         trainer = _trainer(_cfg(tmp_path / "run", "DATASETS.TRAIN", f"('{blank}',)", "SOLVER.MAX_ITER", "3"))
         trainer.train()
     assert all(v == 0 for k in LOSSES for v in _history(trainer)[k])  # what the warning is about
@@ -486,7 +466,7 @@ def test_a_training_set_without_labelled_pixels_is_reported(tmp_path, register):
     assert len(warnings) == 1 and "all 6 images (2 files) of the first 3 iteration(s)" in warnings[0], logged
     # one labelled image among them: no warning
     mixed = register([_unlabelled_pair(data, "c"), _pair(data, "d")])
-    with _records("sgr_d2.engine.hooks") as logged:
+    with log_records("sgr_d2.engine.hooks") as logged:
         _trainer(_cfg(tmp_path / "run2", "DATASETS.TRAIN", f"('{mixed}',)", "SOLVER.MAX_ITER", "2")).train()
     assert not [m for m in logged if "labelled pixel" in m]
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from sgr_d2.data import toy_context as tc
-from sgr_d2.engine import load_config
+from sgr_d2.config import load_config
 from sgr_d2.modeling.backbone.resnet import receptive_field
 
 BASELINE = f"{REPO}/configs/toy/dil_fcn_r18_context.yaml"

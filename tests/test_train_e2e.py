@@ -8,7 +8,8 @@ from conftest import REPO, TOY_SGR
 
 from detectron2.modeling import build_model
 
-from sgr_d2.engine import AtomicCheckpointer, Trainer, load_config
+from sgr_d2.engine import AtomicCheckpointer, Trainer
+from sgr_d2.config import load_config
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from sgr_d2 import compat
-from sgr_d2.engine import Trainer, load_config
+from sgr_d2.engine import Trainer
+from sgr_d2.config import load_config
 from sgr_d2.modeling.backbone.glore import GloReBackbone, GloReUnit
 
 TOY = os.path.join(REPO, "configs", "toy")
@@ -320,7 +321,7 @@ def test_coco_evaluation_of_the_ground_truth_is_perfect(tmp_path):
 def test_trainer_picks_the_task_from_the_meta_architecture(tmp_path):
     det = load_config(TOY_FPN, CPU + ["OUTPUT_DIR", str(tmp_path)])
     seg = load_config(TOY_BASE, CPU + ["OUTPUT_DIR", str(tmp_path)])
-    from sgr_d2.engine.trainer import is_detection
+    from sgr_d2.config import is_detection
 
     assert is_detection(det) and not is_detection(seg)
     assert isinstance(Trainer.build_evaluator(seg, "sgr_toy_sem_seg_val"), SemSegEvaluator)

@@ -123,7 +123,7 @@ def resolve_pair(name):
     """(baseline config, SGR config, test dataset, class names) of pair ``name``."""
     from detectron2.data import MetadataCatalog
 
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     paths = [os.path.join(REPO, "configs", "toy", f"{name}{s}.yaml") for s in ("", "_sgr")]
     for path in paths:

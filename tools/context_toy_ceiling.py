@@ -29,7 +29,7 @@ def main(argv=None):
     import sgr_d2  # noqa: F401
     from sgr_d2.data.toy_context import (FLAG_ZONE, TEAM_START, dilated_fcn_reach, local_accuracy_ceiling,
                                          local_miou_ceiling, split_scenes, team_iou_ceiling)
-    from sgr_d2.engine import load_config
+    from sgr_d2.config import load_config
 
     seeds = sorted({seed for seed, _ in split_scenes(args.split)})
     print(f"sgr_toy_context {args.split}: {len(seeds)} scenes, each drawn with a red and a blue flag; "

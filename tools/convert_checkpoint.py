@@ -1,89 +1,88 @@
 #!/usr/bin/env python
-"""Convert a MaskFormer / Mask2Former checkpoint between the official layout and sgr_d2's.
+"""Write a checkpoint's weights in another file format, or for the official MaskFormer / Mask2Former code.
 
-    # a published model -> sgr_d2's names (MODEL.WEIGHTS also takes the official file as it is)
+    # a published model as a torch file (MODEL.WEIGHTS also takes the .pkl as it is)
     python tools/convert_checkpoint.py --input model_final_500878.pkl --output m2f_r50_ade20k.pth
-    # a baseline trained here (no SGR) -> the official layout, for the official code
+    # a baseline trained here (no SGR) for the official code
     python tools/convert_checkpoint.py --input output/ade20k/mask2former_r50/model_final.pth \\
-        --output mask2former_r50_official.pkl
+        --output mask2former_r50_official.pkl --official
 
-The direction is read from the names (``--to`` forces it): a file with official names
-(``sem_seg_head.predictor.transformer_self_attention_layers.*``, ``backbone.layers.*`` of the
-official Swin, ...) becomes sgr_d2's, any other file becomes official. The renaming rules are
-those of ``MODEL.WEIGHTS`` loading, in one place: ``sgr_d2/engine/official_layout.py``.
+sgr_d2's MaskFormer, Mask2Former and Swin modules carry the official names, so no tensor is
+renamed: the tool copies the model state of ``--input`` (``.pkl``: ``{"model": {name: array},
+...}`` as the model zoos publish; a torch file such as ``model_final.pth``, whose optimiser and
+other training state are dropped) into ``--output`` (``.pkl``: ``{"model": {name: numpy array},
+"__author__": ...}``; ``.pth``: ``{"model": {name: tensor}, "__author__": ...}``), values bit for
+bit. The input is read as every weights file is (``sgr_d2/files.py``): a file that needs more
+than tensors and plain values is refused unless listed in ``SGR_D2_TRUSTED_WEIGHTS``; the output
+is then a plain state dict that needs no trust.
 
-Inputs: ``.pkl`` (a pickle ``{"model": {name: array}, ...}``, as the model zoos publish) or a
-torch file (``{"model": {name: tensor}, ...}``, e.g. ``model_final.pth``; the optimiser and other
-training state are dropped). Outputs: ``.pkl`` (``{"model": {name: numpy array}, "__author__":
-...}``) or ``.pth`` (``{"model": {name: tensor}, "__author__": ...}``). Values are copied bit for
-bit: official -> sgr_d2 -> official returns the original tensors. The official-only tensors
-(``criterion.empty_weight``, Swin's ``relative_position_index``, ``num_batches_tracked``) are
-kept aside in the sgr_d2 file under ``"official_only"`` and put back on the way out; a model
-trained here gets them recomputed (``--no-object-weight``, 0.1 in every official config).
-A model with SGR has no official counterpart and is refused.
+``--official``: the state of a MaskFormer / Mask2Former model without SGR or GloRe (which the
+official code does not have), completed with the official-only tensors it lacks:
+``criterion.empty_weight`` (ones, the last entry ``--no-object-weight``, 0.1 in every official
+config) and Swin's ``relative_position_index``; BatchNorm counters (``num_batches_tracked``),
+which the official FrozenBN ResNets do not have, are left out.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sgr_d2.engine.checkpoint import atomic_torch_save  # noqa: E402
-from sgr_d2.engine.official_layout import official_to_sgr, recognise, sgr_to_official  # noqa: E402
+from sgr_d2.engine.checkpoint import read_checkpoint_file  # noqa: E402
+from sgr_d2.files import atomic_torch_save, atomic_write  # noqa: E402
 
-__all__ = ["read_checkpoint", "convert", "convert_file", "main", "AUTHOR"]
+__all__ = ["read_state", "to_official", "convert_file", "main", "AUTHOR"]
 
 AUTHOR = "sgr_d2 convert_checkpoint"
+CLASS_EMBED = "sem_seg_head.predictor.class_embed.weight"
 
 
-def read_checkpoint(path: str) -> Tuple[Dict[str, object], Dict[str, object]]:
-    """``(model state, official_only)`` of a ``.pkl`` or torch checkpoint (arrays and tensors as stored)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input file {path} does not exist")
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            try:
-                data = pickle.load(f, encoding="latin1")
-            except Exception as e:
-                raise ValueError(f"cannot read {path} as a pickle: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            data = torch.load(path, map_location="cpu", weights_only=False)  # a training checkpoint
-        except Exception as e:
-            raise ValueError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}; expected a dict with a 'model' state dict")
-    model = data.get("model", data)
+def read_state(path: str) -> Dict[str, object]:
+    """The model state of a weights file (arrays and tensors as stored)."""
+    model = read_checkpoint_file(path)["model"]
     if not isinstance(model, dict) or not model or not all(hasattr(v, "shape") for v in model.values()):
         raise ValueError(f"{path}: 'model' is not a state dict of tensors or arrays")
-    return dict(model), dict(data.get("official_only", {}) or {})
+    return dict(model)
 
 
-def convert(model: Dict[str, object], official_only: Dict[str, object], to: Optional[str] = None, *,
-            no_object_weight: float = 0.1) -> Tuple[str, Dict[str, object], Dict[str, object]]:
-    """``(direction, converted state, official_only to store)``; ``to`` None: from the names."""
-    if to is None:
-        to = "sgr_d2" if recognise(model.keys()) is not None else "official"
-    if to == "sgr_d2":
-        renamed, aside, recognised, _ = official_to_sgr(model)
-        if recognised is None:
-            raise ValueError("--to sgr_d2: the file has no official MaskFormer / Mask2Former / Swin names")
-        aside.update({k: v for k, v in official_only.items() if k not in aside})
-        return to, renamed, aside
-    if to == "official":
-        if recognise(model.keys()) is not None:
-            raise ValueError("--to official: the file already has official names")
-        return to, sgr_to_official(model, no_object_weight=no_object_weight, set_aside=official_only or None), {}
-    raise ValueError(f"--to is {to!r}; expected 'sgr_d2' or 'official'")
+def _relative_position_index(table, key: str):
+    """Swin's index into a (2w-1)^2-row bias table for a w x w window (timm's formula, the
+    official code's)."""
+    from timm.models.swin_transformer import get_relative_position_index
+
+    rows = table.shape[0]
+    w = (math.isqrt(rows) + 1) // 2
+    if (2 * w - 1) ** 2 != rows:
+        raise ValueError(f"{key} has {rows} rows; expected (2w-1)^2 for a w x w window")
+    index = get_relative_position_index(w, w)
+    return index if isinstance(table, torch.Tensor) else np.asarray(index.numpy())
+
+
+def to_official(state: Dict[str, object], no_object_weight: float = 0.1) -> Dict[str, object]:
+    """``state`` completed for the official code (see the module docstring)."""
+    bad = [k for k in state if k.startswith(("backbone.sgr.", "backbone.glore.", "backbone.backbone."))]
+    if bad:
+        raise ValueError(f"the checkpoint has an SGR / GloRe component ({bad[0]}, ...): the official "
+                         "MaskFormer / Mask2Former code has none")
+    if CLASS_EMBED not in state:
+        raise ValueError(f"the checkpoint has no {CLASS_EMBED}: not a MaskFormer / Mask2Former model")
+    out = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+    if "criterion.empty_weight" not in out:
+        weight = torch.ones(state[CLASS_EMBED].shape[0], dtype=torch.float32)
+        weight[-1] = no_object_weight
+        out["criterion.empty_weight"] = weight if isinstance(state[CLASS_EMBED], torch.Tensor) else weight.numpy()
+    for key in [k for k in out if k.endswith(".attn.relative_position_bias_table")]:
+        index_key = key[: -len("relative_position_bias_table")] + "relative_position_index"
+        out.setdefault(index_key, _relative_position_index(out[key], key))
+    return out
 
 
 def _as_numpy(v):
@@ -91,53 +90,44 @@ def _as_numpy(v):
 
 
 def _as_tensor(v):
-    return v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, order="C"))  # ascontiguousarray would make a 0-d array 1-d
+    # np.asarray, not ascontiguousarray, which would make a 0-d array 1-d
+    return v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, order="C"))
 
 
-def write_checkpoint(path: str, model: Dict[str, object], official_only: Dict[str, object]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+def write_state(path: str, state: Dict[str, object]) -> None:
     if path.endswith(".pkl"):
-        data = {"model": {k: _as_numpy(v) for k, v in model.items()}, "__author__": AUTHOR}
-        if official_only:
-            data["official_only"] = {k: _as_numpy(v) for k, v in official_only.items()}
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(data, f)
-        os.replace(tmp, path)
+        data = {"model": {k: _as_numpy(v) for k, v in state.items()}, "__author__": AUTHOR}
+        atomic_write(path, lambda f: pickle.dump(data, f))
     else:
-        data = {"model": {k: _as_tensor(v) for k, v in model.items()}, "__author__": AUTHOR}
-        if official_only:
-            data["official_only"] = {k: _as_tensor(v) for k, v in official_only.items()}
-        atomic_torch_save(data, path)
+        atomic_torch_save({"model": {k: _as_tensor(v) for k, v in state.items()}, "__author__": AUTHOR}, path)
 
 
-def convert_file(input_path: str, output_path: str, to: Optional[str] = None, *,
-                 no_object_weight: float = 0.1) -> Tuple[str, Dict[str, object]]:
+def convert_file(input_path: str, output_path: str, *, official: bool = False,
+                 no_object_weight: float = 0.1) -> Dict[str, object]:
     if not output_path.endswith((".pkl", ".pth")):
         raise ValueError(f"--output {output_path} must end with .pkl or .pth")
-    model, official_only = read_checkpoint(input_path)
-    direction, converted, aside = convert(model, official_only, to, no_object_weight=no_object_weight)
-    write_checkpoint(output_path, converted, aside)
-    return direction, converted
+    state = read_state(input_path)
+    if official:
+        state = to_official(state, no_object_weight)
+    write_state(output_path, state)
+    return state
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="official model-zoo file or sgr_d2 checkpoint (.pkl / .pth)")
     parser.add_argument("--output", required=True, help="file to write (.pkl or .pth)")
-    parser.add_argument("--to", choices=("sgr_d2", "official"), default=None,
-                        help="default: official names -> sgr_d2, anything else -> official")
+    parser.add_argument("--official", action="store_true",
+                        help="for the official code: add the official-only tensors a model trained here lacks")
     parser.add_argument("--no-object-weight", type=float, default=0.1,
-                        help="criterion.empty_weight's last entry when it is recomputed (official configs: 0.1)")
+                        help="criterion.empty_weight's last entry when it is added (official configs: 0.1)")
     args = parser.parse_args(argv)
     try:
-        direction, converted = convert_file(args.input, args.output, args.to,
-                                            no_object_weight=args.no_object_weight)
+        state = convert_file(args.input, args.output, official=args.official, no_object_weight=args.no_object_weight)
     except (FileNotFoundError, ValueError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output}: {len(converted)} tensors in the {direction} layout")
+    print(f"wrote {args.output}: {len(state)} tensors")
     return 0
 
 

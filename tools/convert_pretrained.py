@@ -10,8 +10,9 @@ Inputs (the kind is detected from the parameter names):
   in its 3×3 conv: use these weights with ``MODEL.RESNETS.STRIDE_IN_1X1 False``.
 * a timm Swin Transformer (``swin_tiny_patch4_window7_224`` ...), or an official Microsoft Swin
   checkpoint (patch merging at the end of each stage; timm's own converter rewrites it)
-  -> ``build_swin_backbone``'s names (``patch_embed.*``, ``res{2..5}.stage.*``). The per-output
-  LayerNorms ``res{2..5}.norm`` of the segmentation backbone are not part of an ImageNet model:
+  -> ``build_swin_backbone``'s names, the official segmentation ones (``patch_embed.*``,
+  ``layers.{i}.*``, ``norm{i}``). The per-output LayerNorms ``norm{0..3}`` of the segmentation
+  backbone are not part of an ImageNet model:
   the file holds LayerNorm's initial values for them (weight 1, bias 0), where the official Swin
   segmentation code (MaskFormer / Mask2Former, Swin + UperNet) starts them; the classifier's final
   ``norm`` is dropped with the classifier, as that code does.
@@ -110,44 +111,31 @@ def convert_resnet(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _official_to_timm(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official Microsoft Swin layout (patch merging at the end of a stage, ``head.*``) -> timm's
-    (merging at the start of the next stage, ``head.fc.*``), as timm's ``checkpoint_filter_fn`` does."""
-    if "layers.0.downsample.reduction.weight" not in sd:
-        return sd
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k)
-        if k.startswith("head."):
-            k = "head.fc." + k[len("head."):]
-        out[k] = v
-    return out
-
-
 def convert_swin(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """timm (or official) Swin names -> ``build_swin_backbone`` names (classifier and its final
-    norm dropped; the output norms ``res{2..5}.norm`` at LayerNorm's initial values)."""
-    sd = _official_to_timm(sd)
+    """timm (or official Microsoft) Swin names -> ``build_swin_backbone``'s, which are the official
+    segmentation names: the patch merging at the end of a stage (timm keeps it at the start of the
+    next, ``layers.{i+1}.downsample``), the output norms ``norm{i}`` at LayerNorm's initial values;
+    the classifier and its final norm dropped."""
+    if "patch_embed.proj.weight" not in sd:
+        raise ValueError("the Swin Transformer state dict has no patch_embed.proj.weight")
+    timm_layout = "layers.0.downsample.reduction.weight" not in sd
     out = {}
     stages = set()
     for k, v in sd.items():
         if k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask")):
             continue  # classifier and its norm; buffers the model rebuilds
-        if k.startswith("patch_embed."):
-            name = k
-        elif m := re.match(r"^layers\.(\d)\.(.+)$", k):
-            name = f"res{int(m[1]) + 2}.stage.{m[2]}"
+        m = re.match(r"^layers\.(\d)\.(.+)$", k)
+        if m and timm_layout and m[2].startswith("downsample."):
+            k = f"layers.{int(m[1]) - 1}.{m[2]}"
+        elif m:
             stages.add(int(m[1]))
-        else:
+        elif not k.startswith("patch_embed."):
             raise ValueError(f"unexpected key {k!r} in a Swin Transformer state dict")
-        out[name] = v
-    if "patch_embed.proj.weight" not in sd:
-        raise ValueError("the Swin Transformer state dict has no patch_embed.proj.weight")
+        out[k] = v
     embed_dim = sd["patch_embed.proj.weight"].shape[0]
     for i in sorted(stages):
-        channels = embed_dim * 2**i
-        out[f"res{i + 2}.norm.weight"] = torch.ones(channels)
-        out[f"res{i + 2}.norm.bias"] = torch.zeros(channels)
+        out[f"norm{i}.weight"] = torch.ones(embed_dim * 2**i)
+        out[f"norm{i}.bias"] = torch.zeros(embed_dim * 2**i)
     return out
 
 

@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from sgr_d2.engine import load_config, load_weights  # noqa: E402
+from sgr_d2.engine import load_weights
+from sgr_d2.config import load_config  # noqa: E402
 from sgr_d2.engine.experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 

@@ -70,9 +70,9 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet  # noqa: E402
 
 from sgr_d2.engine.checkpoint import atomic_torch_save  # noqa: E402
-from sgr_d2.engine.trainer import is_detection, load_config  # noqa: E402
+from sgr_d2.config import is_detection, load_config  # noqa: E402
 from sgr_d2.modeling.backbone.glore import GloReBackbone  # noqa: E402
-from sgr_d2.modeling.sgr_backbone import SGRBackbone  # noqa: E402
+from sgr_d2.modeling.backbone.sgr_backbone import SGRBackbone  # noqa: E402
 
 __all__ = ["ExportError", "export_backbone", "main", "AUTHOR"]
 

@@ -43,7 +43,8 @@ def export(config_file, weights, output, height=None, width=None, dynamic=False,
     """Build the model, load ``weights``, export; returns ``(output names, {"HxW": report})``."""
     from detectron2.modeling import build_model
 
-    from sgr_d2.engine import load_config, load_weights
+    from sgr_d2.engine import load_weights
+    from sgr_d2.config import load_config
     from sgr_d2.export import ATOL, OPSET, check_exportable, export_onnx
 
     if not os.path.isfile(weights):

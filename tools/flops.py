@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from sgr_d2.engine import load_config  # noqa: E402
+from sgr_d2.config import load_config  # noqa: E402
 from sgr_d2.modeling import find_sgr_backbone  # noqa: E402
 
 __all__ = ["sdpa_flop_jit", "native_mha_flop_jit", "encoder_layer_flop_jit", "count_flops", "main"]

@@ -53,7 +53,8 @@ def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
     from detectron2.evaluation import inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
-    from sgr_d2.engine import Trainer, load_config, load_weights
+    from sgr_d2.engine import Trainer, load_weights
+    from sgr_d2.config import load_config
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"checkpoint {weights} does not exist")

@@ -1,3 +1,4 @@
-from .checkpoint import AtomicCheckpointer, atomic_torch_save, build_checkpointer, build_predictor, load_weights  # noqa: F401
+"""Training and evaluation: the trainer, its hooks, checkpoints, resume, the solver, mixed precision."""
+from .checkpoint import AtomicCheckpointer, build_checkpointer, build_predictor, load_weights  # noqa: F401
 from .solver import build_optimizer, build_poly_lr_scheduler, param_groups  # noqa: F401
-from .trainer import Trainer, load_config, run, setup_cfg  # noqa: F401
+from .trainer import Trainer, argument_parser, run  # noqa: F401

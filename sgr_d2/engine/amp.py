@@ -2,7 +2,7 @@
 
 detectron2's ``DefaultTrainer`` builds its ``AMPTrainer`` when AMP is enabled; that trainer
 asserts CUDA (v0.6 and upstream main alike) and its autocast is CUDA's, which leaves CPU tensors
-alone. :func:`build_amp_trainer` is what sgr_d2's ``Trainer`` builds instead: detectron2's
+alone. :func:`build_step_trainer` is what sgr_d2's ``Trainer`` builds instead: detectron2's
 ``AMPTrainer`` for a model on CUDA, :class:`CPUAutocastTrainer` for a model on the CPU.
 
 The parts that must not run in low precision (SGR's region softmax, token average, matching and
@@ -11,11 +11,15 @@ losses; the MaskFormer criterion; the per-pixel cross-entropy) switch autocast o
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAutocastTrainer", "build_amp_trainer"]
+__all__ = ["CPUAutocastTrainer", "build_step_trainer"]
+
+logger = logging.getLogger(__name__)
 
 
 class CPUAutocastTrainer(SimpleTrainer):
@@ -56,10 +60,22 @@ class CPUAutocastTrainer(SimpleTrainer):
             self._leave_autocast()  # when the forward pass raised
 
 
-def build_amp_trainer(model, data_loader, optimizer, *args, **kwargs):
-    """The trainer for ``SOLVER.AMP.ENABLED``: detectron2's ``AMPTrainer`` (float16 autocast and a
-    ``GradScaler``) when the model is on CUDA, :class:`CPUAutocastTrainer` (bfloat16) otherwise."""
+def build_step_trainer(cfg, model, data_loader, optimizer):
+    """The trainer of one step that ``Trainer`` composes, logged once: detectron2's
+    ``SimpleTrainer`` (float32), or with ``SOLVER.AMP.ENABLED`` detectron2's ``AMPTrainer``
+    (float16 autocast and a ``GradScaler``) for a model on CUDA and :class:`CPUAutocastTrainer`
+    (bfloat16 autocast, no scaling) for a model on the CPU."""
     param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cuda":
-        return AMPTrainer(model, data_loader, optimizer, *args, **kwargs)
-    return CPUAutocastTrainer(model, data_loader, optimizer, *args, **kwargs)
+    device = param.device if param is not None else torch.device("cpu")
+    if not cfg.SOLVER.AMP.ENABLED:
+        trainer, what = SimpleTrainer(model, data_loader, optimizer), "float32 (detectron2's SimpleTrainer)"
+    elif device.type == "cuda":
+        trainer = AMPTrainer(model, data_loader, optimizer)
+        what = ("mixed precision, SOLVER.AMP.ENABLED: float16 autocast with gradient scaling "
+                "(detectron2's AMPTrainer); SGR's region softmax, matching and losses in float32")
+    else:
+        trainer = CPUAutocastTrainer(model, data_loader, optimizer)
+        what = ("mixed precision, SOLVER.AMP.ENABLED: bfloat16 autocast without gradient scaling "
+                "(sgr_d2's CPUAutocastTrainer); SGR's region softmax, matching and losses in float32")
+    logger.info("Training on %s in %s", device, what)
+    return trainer

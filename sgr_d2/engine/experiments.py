@@ -175,7 +175,8 @@ def _child(argv=None):
     from detectron2.modeling import build_model
 
     from .checkpoint import load_weights
-    from .trainer import Trainer, _pick_device, argument_parser, load_config, run
+    from .trainer import Trainer, argument_parser, run
+    from ..config import load_config, pick_device
 
     parser = argument_parser()  # train_net.py's
     parser.add_argument("--tta", action="store_true", help="then evaluate with multi-scale + flip")
@@ -194,7 +195,7 @@ def _child(argv=None):
                 "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20
                                   if torch.cuda.is_available() and torch.cuda.is_initialized() else None)}
     cfg = load_config(args.config_file, args.opts)
-    _pick_device(cfg)
+    pick_device(cfg)
     if args.tta:
         model = build_model(cfg)
         load_weights(cfg, model, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .checkpoint import read_checkpoint
+from ..files import read_weights
 
 __all__ = ["NonFiniteLossGuard", "FinalCheckpoint", "UnlabelledImagesMonitor", "state_problem",
            "MAX_NORM_GROWTH"]
@@ -164,12 +164,7 @@ class NonFiniteLossGuard:
         reference = self.reference_norm or 0.0
         problem = state_problem(self._module.state_dict(), self._param_names, reference)
         if problem is None:
-            # The trainer's state_dict records trainer.iter as the iteration that *finished*.
-            trainer.iter = iteration - 1
-            try:
-                checkpointer.save(self.filename, iteration=iteration - 1)
-            finally:
-                trainer.iter = iteration
+            trainer.save_checkpoint(self.filename, iteration - 1)
             return (f"the state after iteration {iteration - 1} (weights, BatchNorm statistics, "
                     f"optimizer, LR schedule, data position) passed the sanity check (finite, "
                     f"parameter norm within {MAX_NORM_GROWTH:g}x the start's) and was saved to "
@@ -197,7 +192,7 @@ class NonFiniteLossGuard:
             if os.path.dirname(os.path.abspath(path)) != os.path.abspath(checkpointer.save_dir):
                 continue  # last_checkpoint can only name a file of save_dir
             try:
-                ckpt = read_checkpoint(path)
+                ckpt = read_weights(path, mmap=True)
                 it = int(ckpt.get("iteration", -1))
                 if it >= iteration:
                     continue
@@ -224,8 +219,7 @@ class FinalCheckpoint(HookBase):
     ``MAX_ITER``, runs no iteration and would never write ``model_final.pth``.
     """
 
-    def __init__(self, checkpointer, name: str = "model_final"):
-        self.checkpointer = checkpointer
+    def __init__(self, name: str = "model_final"):
         self.name = name
 
     def after_train(self):
@@ -233,14 +227,8 @@ class FinalCheckpoint(HookBase):
         # Only when no iteration ran (start_iter == max_iter), and the loop ended without an
         # exception (after_train runs then too): TrainerBase.train sets iter = start_iter and adds
         # 1 after an empty loop.
-        if t.start_iter != t.max_iter or t.iter != t.max_iter + 1:
-            return
-        done = t.iter
-        t.iter = t.max_iter - 1  # the state_dict records the iteration that finished
-        try:
-            self.checkpointer.save(self.name, iteration=t.max_iter - 1)
-        finally:
-            t.iter = done
+        if t.start_iter == t.max_iter and t.iter == t.max_iter + 1:
+            t.save_checkpoint(self.name, t.max_iter - 1)
 
 
 class UnlabelledImagesMonitor:

@@ -1,4 +1,4 @@
-"""The detectron2 ``DefaultTrainer`` for sgr_d2 models, and config set-up with clear errors."""
+"""The detectron2 ``DefaultTrainer`` for sgr_d2 models, and the body of ``train_net.py``."""
 from __future__ import annotations
 
 import contextlib
@@ -8,12 +8,9 @@ import re
 import weakref
 from collections import OrderedDict
 
-import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
-from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
+from detectron2.engine import DefaultTrainer, create_ddp_model, default_argument_parser, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import (
     CityscapesSemSegEvaluator,
@@ -25,76 +22,20 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
-from ..config import add_sgr_config, validate_sgr_config
+from ..config import is_detection, setup_cfg
 from ..data import SemSegDatasetMapper
 from ..evaluation import SGRSemSegEvaluator
 from ..modeling import SemanticSegmentorWithTTA
-from .amp import build_amp_trainer
+from .amp import build_step_trainer
 from .checkpoint import build_checkpointer
 from .hooks import FinalCheckpoint, NonFiniteLossGuard, UnlabelledImagesMonitor
 from .resume import (apply_config_hyperparameters, configured_hyperparameters, restart_data_loader,
                      resumable_train_loader, rng_state, set_rng_state)
+from .run_files import DeferredWriters, RunFiles
 from .solver import build_optimizer, build_poly_lr_scheduler
 from .workers import stop_with_launcher
 
-__all__ = ["Trainer", "setup_cfg", "load_config", "is_detection", "argument_parser"]
-
-# Meta-architectures trained as detectors (SGR_SPEC §5): detectron2's data path and evaluators.
-DETECTION_META_ARCHS = ("GeneralizedRCNN",)
-
-
-def is_detection(cfg) -> bool:
-    """True for Mask R-CNN and the like: the task is picked from MODEL.META_ARCHITECTURE."""
-    return cfg.MODEL.META_ARCHITECTURE in DETECTION_META_ARCHS
-
-
-def load_config(config_file: str, opts=()):
-    """A detectron2 config with sgr_d2's keys, merged from ``config_file`` and ``opts``.
-
-    An unknown key, a missing file or a bad value is a ``ValueError`` naming the file and key.
-    """
-    cfg = get_cfg()
-    add_sgr_config(cfg)
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file} does not exist")
-        try:
-            cfg.merge_from_file(config_file)
-        except KeyError as e:
-            raise ValueError(f"config file {config_file}: {e.args[0] if e.args else e} "
-                             "(not a key of detectron2 or sgr_d2; see sgr_d2/config.py)") from e
-    try:
-        cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        msg = str(e.args[0] if e.args else e)
-        if msg.startswith("Non-existent"):  # yacs: "Non-existent key: A.B"
-            msg += " (not a key of detectron2 or sgr_d2; see sgr_d2/config.py)"
-        raise ValueError(f"command-line override: {msg}") from e
-    validate_sgr_config(cfg)
-    return cfg
-
-
-def _sync_norms(cfg, world_size: int):
-    """With several workers, BatchNorm becomes detectron2's synchronised BatchNorm."""
-    if world_size <= 1:
-        return
-    sync = "SyncBN" if torch.cuda.is_available() else "naiveSyncBN"  # naiveSyncBN runs on gloo
-    nodes = [(cfg.MODEL.RESNETS, "NORM"), (cfg.MODEL.SEM_SEG_HEAD, "NORM"), (cfg.MODEL.SGR, "NORM")]
-    if hasattr(cfg.MODEL, "GLORE"):
-        nodes.append((cfg.MODEL.GLORE, "NORM"))
-    for node, key in nodes:
-        if node[key] == "BN":
-            node[key] = sync
-    if hasattr(cfg.MODEL, "FPN") and cfg.MODEL.FPN.NORM == "BN":
-        cfg.MODEL.FPN.NORM = sync
-
-
-def _pick_device(cfg):
-    """A config asking for CUDA on a machine without it runs on the CPU, with a warning."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("sgr_d2").warning("MODEL.DEVICE is %s but CUDA is not available: using cpu",
-                                            cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+__all__ = ["Trainer", "argument_parser", "run"]
 
 
 def argument_parser():
@@ -104,45 +45,6 @@ def argument_parser():
                         help="with --eval-only: evaluate even though MODEL.WEIGHTS is empty, i.e. a "
                              "randomly initialised model (otherwise an error)")
     return parser
-
-
-def _check_eval_weights(cfg, args):
-    """--eval-only needs weights: MODEL.WEIGHTS, or --resume with a checkpoint in OUTPUT_DIR."""
-    if not getattr(args, "eval_only", False) or cfg.MODEL.WEIGHTS or getattr(args, "allow_random_weights", False):
-        return
-    if getattr(args, "resume", False) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
-        return
-    raise ValueError(
-        "--eval-only with an empty MODEL.WEIGHTS would evaluate a randomly initialised model. Give "
-        "the weights to evaluate (MODEL.WEIGHTS <file.pth> among the KEY VALUE overrides), or "
-        f"--resume to evaluate the checkpoint that {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} "
-        "names, or pass --allow-random-weights to evaluate a random model on purpose."
-    )
-
-
-def setup_cfg(args):
-    cfg = load_config(args.config_file, args.opts)
-    _check_eval_weights(cfg, args)
-    _pick_device(cfg)
-    _sync_norms(cfg, args.num_gpus * args.num_machines)
-    cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=_rank(), name="sgr_d2")
-    return cfg
-
-
-def _rank():
-    from detectron2.utils import comm
-
-    return comm.get_rank()
-
-
-def _create_ddp_model(model, **kwargs):
-    """detectron2's ``create_ddp_model``, but a CPU model (gloo workers) gets ``device_ids=None``:
-    detectron2 always passes ``[local_rank]``, which DistributedDataParallel refuses on the CPU."""
-    if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
-        kwargs["device_ids"] = None
-    return _d2_create_ddp_model(model, **kwargs)
 
 
 @contextlib.contextmanager
@@ -163,67 +65,95 @@ def _clear_dataset_errors(key: str, names):
         ) from e
 
 
+class _CommitRunFiles(hooks.HookBase):
+    """Writes the run's files (:class:`RunFiles`) once its first iteration has finished."""
+
+    def __init__(self, run_files: RunFiles):
+        self.run_files = run_files
+
+    def after_step(self):
+        self.run_files.commit()
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints.
 
-    Also (docs/reliability.md): a NaN/inf loss stops training before its update, after saving
-    ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an empty
-    training dataset is a clear error; several CPU workers (gloo) train with DDP;
-    ``SOLVER.AMP.ENABLED`` trains in float16 on CUDA and in bfloat16 on the CPU (``engine/amp.py``).
+    ``__init__`` composes what ``DefaultTrainer.__init__`` composes, with sgr_d2's pieces:
+    :meth:`build_ddp_model` (DDP on the CPU too), ``engine/amp.py``'s step trainer
+    (``SOLVER.AMP.ENABLED`` in float16 on CUDA, bfloat16 on the CPU) and the checked
+    checkpointer. Also (docs/reliability.md): a NaN/inf loss stops training before its update,
+    after saving ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an
+    empty training dataset is a clear error; with ``run_files`` (``train_net.py``), nothing is
+    written into ``OUTPUT_DIR`` before the first iteration has finished.
     """
 
-    def __init__(self, cfg):
-        from detectron2.engine import defaults
-
-        # DefaultTrainer.__init__ calls the module-level create_ddp_model of detectron2.engine.defaults,
-        # and its AMPTrainer when SOLVER.AMP.ENABLED (CUDA only; build_amp_trainer adds the CPU).
-        original = defaults.create_ddp_model, defaults.AMPTrainer
-        defaults.create_ddp_model, defaults.AMPTrainer = _create_ddp_model, build_amp_trainer
-        try:
-            with _clear_dataset_errors("DATASETS.TRAIN", cfg.DATASETS.TRAIN):
-                super().__init__(cfg)
-        finally:
-            defaults.create_ddp_model, defaults.AMPTrainer = original
+    def __init__(self, cfg, run_files: RunFiles = None):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        with _clear_dataset_errors("DATASETS.TRAIN", cfg.DATASETS.TRAIN):
+            data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = build_checkpointer(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.run_files = run_files
+        # the training sampler's stream position: restored on resume (docs/reliability.md)
+        self._data_stream = getattr(data_loader, "resumable_sampler", None)
+        self._data_start = 0
+        self.register_hooks(self.build_hooks())
         self.loss_guard = NonFiniteLossGuard(self)
         self.label_monitor = UnlabelledImagesMonitor(self)
-        # the training sampler's stream position: restored on resume (docs/reliability.md §1)
-        self._data_stream = getattr(self._trainer.data_loader, "resumable_sampler", None)
-        self._data_start = 0
-        self._resumed_state = None
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
-            if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
-                # the training mapper's checked reads, with detectron2's test-time resize
-                return build_detection_test_loader(cfg, dataset_name,
-                                                   mapper=SemSegDatasetMapper(cfg, False, dataset_name))
-            return super().build_test_loader(cfg, dataset_name)
+    def build_ddp_model(cls, cfg, model):
+        """detectron2's ``create_ddp_model`` (the model itself in a one-process run); a CPU model
+        (gloo workers) gets ``device_ids=None``, where detectron2 passes ``[local_rank]``, which
+        DistributedDataParallel refuses on the CPU."""
+        kwargs = {"device_ids": None} if all(p.device.type == "cpu" for p in model.parameters()) else {}
+        return create_ddp_model(model, broadcast_buffers=False, **kwargs)
 
     def build_hooks(self):
-        # Replace DefaultTrainer's checkpointer before the hooks capture it.
-        self.checkpointer = build_checkpointer(
-            self.cfg, self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        hooks = super().build_hooks()
-        from detectron2.engine.hooks import PeriodicCheckpointer
-
-        for i, h in enumerate(hooks):  # the main process's (the others do not save)
-            if isinstance(h, PeriodicCheckpointer):
-                hooks.insert(i + 1, FinalCheckpoint(self.checkpointer))
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):  # the main process's (the others do not save)
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                ret.insert(i + 1, FinalCheckpoint())
                 break
-        return hooks
+        if self.run_files is not None:
+            ret.insert(0, _CommitRunFiles(self.run_files))
+        return ret
+
+    def build_writers(self):
+        writers = super().build_writers
+        if self.run_files is None:
+            return writers()
+        return [DeferredWriters(writers, self.run_files)]
+
+    def save_checkpoint(self, name: str, iteration: int) -> None:
+        """Save ``<name>.pth`` recording ``iteration`` as the one that finished (what the NaN
+        guard and ``FinalCheckpoint`` write; detectron2's ``PeriodicCheckpointer`` saves the
+        iteration that just finished itself)."""
+        self.checkpointer.save(name, iteration=iteration, trainer=self.state_dict(iteration))
 
     # ------------------------------------------------------------------ resume (resume.py)
-    def state_dict(self):
-        # TrainerBase's (iteration, hooks: the LR scheduler), then the optimizer under the key
-        # upstream main's DefaultTrainer uses; v0.6's DefaultTrainer saves no optimizer.
+    def state_dict(self, iteration: int = None):
+        """TrainerBase's (iteration, hooks: the LR scheduler), the optimizer under the key upstream
+        main's DefaultTrainer uses (v0.6's saves none), the data position and (one process) the
+        random states; ``iteration``: the one that finished (default ``self.iter``)."""
+        iteration = self.iter if iteration is None else iteration
         ret = TrainerBase.state_dict(self)
+        ret["iteration"] = iteration
         inner = self._trainer.state_dict()
-        inner["iteration"] = self.iter
+        inner["iteration"] = iteration
         ret["_trainer"] = inner
         if self._data_stream is not None:
-            position = self._data_start + (self.iter + 1 - self.start_iter) * self.cfg.SOLVER.IMS_PER_BATCH
+            position = self._data_start + (iteration + 1 - self.start_iter) * self.cfg.SOLVER.IMS_PER_BATCH
             ret["data"] = {"seed": self._data_stream.seed, "position": int(position)}
         if comm.get_world_size() == 1:
             ret["rng"] = rng_state()
@@ -239,18 +169,15 @@ class Trainer(DefaultTrainer):
                 "resume: the checkpoint holds no optimizer state (written by an earlier sgr_d2): the "
                 "optimizer starts afresh (no momentum or Adam moments) at iteration %d", self.iter + 1)
         apply_config_hyperparameters(self.optimizer, self.scheduler, configured, self.iter + 1)
-        self._resumed_state = {"data": state_dict.get("data"), "rng": state_dict.get("rng")}
+        self._restore_stream(state_dict.get("data"), state_dict.get("rng"))
 
     def resume_or_load(self, resume=True):
         self.checkpointer.remove_stale_temporaries()
-        self._resumed_state = None
         super().resume_or_load(resume=resume)
-        if self._resumed_state is not None:
-            self._restore_stream(**self._resumed_state)
-            self._resumed_state = None
 
     def _restore_stream(self, data, rng):
-        """The sampler's seed and position, then (one process) the random states."""
+        """The sampler's seed and position, then (one process) the random states: the last thing a
+        resume does (nothing draws random numbers after the checkpoint's trainer state is loaded)."""
         log = logging.getLogger("sgr_d2")
         stream = self._data_stream
         if stream is not None:
@@ -281,6 +208,15 @@ class Trainer(DefaultTrainer):
         if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
             mapper = SemSegDatasetMapper(cfg, True)
         return resumable_train_loader(cfg, mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
+            if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
+                # the training mapper's checked reads, with detectron2's test-time resize
+                return build_detection_test_loader(cfg, dataset_name,
+                                                   mapper=SemSegDatasetMapper(cfg, False, dataset_name))
+            return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -349,21 +285,19 @@ def run(args):
     """The body of ``train_net.py`` (one worker)."""
     stop_with_launcher()
     cfg = setup_cfg(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        build_checkpointer(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
+    with RunFiles(cfg, args) as run_files:
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            build_checkpointer(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            res = Trainer.test(cfg, model)
+            if cfg.TEST.AUG.ENABLED:
+                res.update(Trainer.test_with_TTA(cfg, model))
+            run_files.commit()
+            if comm.is_main_process():
+                verify_results(cfg, res)
+            return res
+        trainer = Trainer(cfg, run_files)
+        trainer.resume_or_load(resume=args.resume)
         if cfg.TEST.AUG.ENABLED:
-            res.update(Trainer.test_with_TTA(cfg, model))
-        from detectron2.utils import comm
-
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    if cfg.TEST.AUG.ENABLED:
-        from detectron2.engine import hooks
-
-        trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
-    return trainer.train()
+            trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
+        return trainer.train()

@@ -92,7 +92,7 @@ class ModelParts:
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    from ..modeling.sgr_backbone import StageHookBackbone
+    from ..modeling.backbone.stage_hook import StageHookBackbone
 
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if is_weight(k)}
     components: Dict[str, str] = {}
@@ -192,24 +192,25 @@ def group_names(keys) -> List[Tuple[str, int]]:
     return list(counts.items())
 
 
-def format_groups(keys, limit: int = 12, official: Optional[Dict[str, str]] = None) -> str:
+def format_groups(keys, limit: int = 12) -> str:
+    """``group (n tensors), ...`` of :func:`group_names`, at most ``limit`` groups. (fvcore's
+    ``get_missing_parameters_message`` colours its lines for a terminal, one per group; this
+    fits an error message.)"""
     groups = group_names(keys)
     shown = []
     for name, n in groups[:limit]:
-        extra = f"; official name {official[name]}" if official and official.get(name, name) != name else ""
-        shown.append(f"{name} ({n} tensor{'s' if n != 1 else ''}{extra})")
+        shown.append(f"{name} ({n} tensor{'s' if n != 1 else ''})")
     more = f", ... and {len(groups) - limit} more groups" if len(groups) > limit else ""
     return ", ".join(shown) + more if shown else "none"
 
 
-def mismatch_message(report: FitReport, path: str, model_name: str, *, new_classes: bool,
-                     official: Optional[Dict[str, str]] = None, help_text: str = "") -> str:
+def mismatch_message(report: FitReport, path: str, model_name: str, *, new_classes: bool) -> str:
     """The refusal: the missing groups first, then what else was found."""
     lines = [
         f"weights file {path} does not fit the {model_name} model: it is a {report.kind} checkpoint "
         f"that leaves {len(report.missing)} of the model's {len(report.missing) + len(report.loaded)} "
         f"required tensors without a value.",
-        f"  missing groups: {format_groups(report.missing, official=official)}",
+        f"  missing groups: {format_groups(report.missing)}",
     ]
     if report.wrong_shape:
         shown = [f"{k} {list(a)} (model: {list(b)})" for k, a, b in report.wrong_shape[:6]]
@@ -229,7 +230,5 @@ def mismatch_message(report: FitReport, path: str, model_name: str, *, new_class
     else:
         lines.append("  A full-model checkpoint must give every tensor of the model a value; it looks like "
                      "a checkpoint of another architecture or config (head, backbone, depth, width).")
-    if help_text:
-        lines.append(help_text)
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .matching import MATCHING_MODES, assign, pairwise_cost
+from .matching import assign, check_matching, pairwise_cost
 from .precision import autocast_off
 
 __all__ = ["SGRCriterion", "downsample_components", "downsample_component_labels", "weighted_bce",
@@ -128,8 +128,7 @@ class SGRCriterion(nn.Module):
         eps: float = 1e-6,
     ):
         super().__init__()
-        if matching not in MATCHING_MODES:
-            raise ValueError(f"SGRCriterion: matching must be one of {MATCHING_MODES}, got {matching!r}")
+        check_matching(matching, "SGRCriterion: matching")
         self.num_matched = num_matched
         self.matching = matching
         self.cost_dice_weight = cost_dice_weight

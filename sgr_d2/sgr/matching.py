@@ -7,9 +7,15 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["MATCHING_MODES", "assign", "pairwise_cost", "match_tokens"]
+__all__ = ["MATCHING_MODES", "assign", "check_matching", "pairwise_cost", "match_tokens"]
 
 MATCHING_MODES = ("hybrid", "greedy", "hungarian")
+
+
+def check_matching(mode: str, name: str = "matching") -> None:
+    """Raise ValueError naming ``name`` unless ``mode`` is one of :data:`MATCHING_MODES`."""
+    if mode not in MATCHING_MODES:
+        raise ValueError(f"{name} is {mode!r}; expected 'hybrid', 'greedy' or 'hungarian'")
 
 
 def pairwise_cost(
@@ -61,8 +67,7 @@ def assign(cost: np.ndarray, num_matched: int, mode: str = "hybrid") -> Tuple[np
 
     Returns (token indices, component indices): int64 arrays of equal length.
     """
-    if mode not in MATCHING_MODES:
-        raise ValueError(f"match_tokens: mode must be one of {MATCHING_MODES}, got {mode!r}")
+    check_matching(mode, "match_tokens: mode")
     if cost.ndim != 2:
         raise ValueError(f"match_tokens: cost must be (K, N), got shape {tuple(cost.shape)}")
     k, n = cost.shape

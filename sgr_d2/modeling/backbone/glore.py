@@ -2,7 +2,7 @@
 
 SGR_SPEC §5 compares SGR with GloRe in its place. ``build_glore_backbone`` wraps any registered
 backbone (``MODEL.GLORE.BACKBONE_NAME``) and inserts a :class:`GloReUnit` after the stage
-``MODEL.GLORE.IN_FEATURE``, found the way :class:`~sgr_d2.modeling.sgr_backbone.SGRBackbone`
+``MODEL.GLORE.IN_FEATURE``, found the way :class:`~sgr_d2.modeling.backbone.sgr_backbone.SGRBackbone`
 finds it (a sub-module of that name, inside ``bottom_up`` for an FPN). State-dict keys are
 ``backbone.backbone.*`` (the wrapped backbone) and ``backbone.glore.*``, as with SGR. It works
 under segmentation heads and under Mask R-CNN alike; it has no loss of its own.
@@ -12,29 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ..sgr_backbone import StageHookBackbone, stage_channels
+from .stage_hook import StageHookBackbone, stage_channels
 
-__all__ = ["GloReUnit", "GloReBackbone", "add_glore_config", "build_glore_backbone", "glore_num_params"]
-
-
-def add_glore_config(cfg):
-    """``MODEL.GLORE.*`` (called at the end of ``add_sgr_config``)."""
-    cfg.MODEL.GLORE = CN()
-    cfg.MODEL.GLORE.BACKBONE_NAME = "build_dilated_resnet_backbone"
-    cfg.MODEL.GLORE.IN_FEATURE = "res5"
-    # N nodes of C' channels. Defaults match SGR's K = 128 tokens of width C = 256, so the two
-    # reasoning units compare at the same graph size.
-    cfg.MODEL.GLORE.NUM_NODES = 128
-    cfg.MODEL.GLORE.NUM_STATE = 256
-    cfg.MODEL.GLORE.NORM = "BN"  # the norm after the output 1x1 conv (zero-initialised weight)
-    # Divide the projected node features by the number of pixels, so the node features do not
-    # grow with the input resolution (segmentation crops -> detection images).
-    cfg.MODEL.GLORE.NORMALIZE = True
-    return cfg
+__all__ = ["GloReUnit", "GloReBackbone", "build_glore_backbone", "glore_num_params"]
 
 
 def glore_num_params(in_channels: int, num_state: int, num_nodes: int) -> int:
@@ -121,7 +104,7 @@ class GloReBackbone(StageHookBackbone):
         self.glore = glore
 
     def block_forward(self, x):
-        return self.glore(x)
+        return self.glore(x), {}
 
 
 @BACKBONE_REGISTRY.register()

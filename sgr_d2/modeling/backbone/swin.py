@@ -4,12 +4,15 @@ The backbone computes what the official Swin segmentation backbones compute (the
 ``D2SwinTransformer`` of MaskFormer / Mask2Former, and the UperNet code of the Swin authors), with
 timm's modules and weights layout:
 
-* **Output norms.** Every output ``resN`` goes through its own LayerNorm (``resN.norm``; the
-  official ``norm0``..``norm3``); the next stage continues from the stage output *before* that
-  norm, as in the official code. ``build_sgr_backbone`` hooks a stage module ``resN``, whose
-  output is the normed feature: SGR after ``res5`` (SGR_SPEC §1) sees what the official head
-  sees. (SGR after an earlier Swin stage changes that stage's feature only; the next stage reads
-  the un-normed stage output.)
+* **Names and output norms.** The modules carry the official names, so an official checkpoint
+  loads as it is: ``patch_embed``, ``layers.{i}.blocks`` (timm's blocks of stage i),
+  ``layers.{i}.downsample`` (the patch merging at the *end* of stage i, as in the official code;
+  timm keeps it at the start of stage i + 1) and ``norm{i}``, the LayerNorm of output ``res{i+2}``.
+  The next stage continues from the stage output *before* that norm, as in the official code.
+  ``build_sgr_backbone`` hooks ``norm{i}`` for ``res{i+2}`` (:attr:`SwinBackbone.hook_points`),
+  whose output is the normed NCHW feature: SGR after ``res5`` sees what the official head sees.
+  (SGR after an earlier Swin stage changes that stage's feature only; the next stage reads the
+  un-normed stage output.)
 * **Windows.** Windows are always ``MODEL.SWIN.WINDOW_SIZE`` and every second block is shifted, at
   any input size (timm's ``always_partition=True``, ``strict_img_size=False``; timm's
   classification default would shrink the window and drop the shift on a stage whose map is not
@@ -35,54 +38,48 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-__all__ = ["SwinStage", "SwinBackbone", "build_swin_backbone", "add_swin_config", "SWIN_STAGE_NAMES"]
+__all__ = ["OutputNorm", "SwinLayer", "SwinBackbone", "build_swin_backbone", "SWIN_STAGE_NAMES"]
 
 SWIN_STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
-def add_swin_config(cfg):
-    """``MODEL.SWIN.*``: the Swin backbone's keys, with Swin-T's values as defaults."""
-    cfg.MODEL.SWIN = CN()
-    cfg.MODEL.SWIN.PATCH_SIZE = 4
-    cfg.MODEL.SWIN.EMBED_DIM = 96
-    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
-    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
-    cfg.MODEL.SWIN.WINDOW_SIZE = 7
-    cfg.MODEL.SWIN.MLP_RATIO = 4.0
-    cfg.MODEL.SWIN.QKV_BIAS = True
-    cfg.MODEL.SWIN.DROP_RATE = 0.0  # dropout after the attention / MLP projections
-    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
-    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3  # stochastic depth (0.3 in the Swin-T + UperNet recipe)
-    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing inside each stage
-    return cfg
+class SwinLayer(nn.Module):
+    """Stage i of the official layout: ``blocks`` (timm's), then ``downsample`` (the patch
+    merging timm runs at the start of stage i + 1; None after the last built stage). NHWC."""
 
-
-class SwinStage(nn.Module):
-    """One timm Swin stage (``stage``: patch merging + blocks, NHWC) and the LayerNorm of its
-    output (``norm``; absent for a stage that is not an output).
-
-    ``SwinBackbone`` runs ``stage`` itself and calls this module on the stage output (NHWC):
-    ``forward`` returns the normed output as NCHW, the stage's feature (the module output that
-    ``build_sgr_backbone`` hooks).
-    """
-
-    def __init__(self, stage: nn.Module, out_channels: int, stride: int, norm: bool = True):
+    def __init__(self, blocks: nn.Module, downsample, use_checkpoint: bool = False):
         super().__init__()
-        self.stage = stage
-        if norm:
-            self.norm = nn.LayerNorm(out_channels)
-        self.out_channels = out_channels
-        self.stride = stride
+        self.blocks = blocks
+        self.downsample = downsample
+        self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = getattr(self, "norm", None)
-        if norm is not None:
-            x = norm(x)
+        """The stage output before the downsampling (the feature the output norm reads)."""
+        if self.use_checkpoint and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint_seq
+
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class OutputNorm(nn.LayerNorm):
+    """The LayerNorm of a stage output (official ``norm{i}``): (B, H, W, C) in, (B, C, H, W) out.
+    Without ``channels`` (a stage that is not an output) it only transposes, so that every stage
+    has a module ``build_sgr_backbone`` can hook; it then has no parameters."""
+
+    def __init__(self, channels: int = 0):
+        if channels:
+            super().__init__(channels)
+        else:
+            nn.Module.__init__(self)
+        self.normalize = bool(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            x = super().forward(x)
         return x.permute(0, 3, 1, 2).contiguous()
 
 
@@ -190,15 +187,16 @@ class SwinBackbone(Backbone):
         self._out_feature_strides, self._out_feature_channels = {}, {}
         last = max(SWIN_STAGE_NAMES.index(f) for f in out_features)
         block_class = _official_order_block_class()
-        self.stage_names: List[str] = []
+        self.layers = nn.ModuleList()
+        self.hook_points = {}  # stage feature -> the module whose output it is
         for i, name in enumerate(SWIN_STAGE_NAMES[: last + 1]):
-            stage = timm_swin.layers[i]
-            stage.grad_checkpointing = use_checkpoint
-            for block in stage.blocks:
+            for block in timm_swin.layers[i].blocks:
                 block.__class__ = block_class  # same module, official window order
+            downsample = timm_swin.layers[i + 1].downsample if i < last else None
+            self.layers.append(SwinLayer(timm_swin.layers[i].blocks, downsample, use_checkpoint))
             channels, stride = embed_dim * 2**i, patch_size * 2**i
-            self.add_module(name, SwinStage(stage, channels, stride, norm=name in out_features))
-            self.stage_names.append(name)
+            self.add_module(f"norm{i}", OutputNorm(channels if name in out_features else 0))
+            self.hook_points[name] = f"norm{i}"
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = channels
         del timm_swin
@@ -218,12 +216,13 @@ class SwinBackbone(Backbone):
             )
         x = self.patch_embed(x)  # NHWC
         outputs = {}
-        for name in self.stage_names:
-            stage = getattr(self, name)
-            x = stage.stage(x)  # the next stage continues from here, before the output norm
-            feature = stage(x)  # normed, NCHW (a forward hook may replace it)
+        for i, (name, layer) in enumerate(zip(SWIN_STAGE_NAMES, self.layers)):
+            x = layer(x)  # the next stage continues from here, before the output norm
+            feature = getattr(self, f"norm{i}")(x)  # normed, NCHW (a forward hook may replace it)
             if name in self._out_features:
                 outputs[name] = feature
+            if layer.downsample is not None:
+                x = layer.downsample(x)
         return outputs
 
     def output_shape(self):

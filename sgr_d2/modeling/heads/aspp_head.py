@@ -13,15 +13,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .fcn_head import PerPixelHead, classifier, conv_norm_relu
 
-__all__ = ["ASPP", "DeepLabV3Head", "add_aspp_config"]
-
-
-def add_aspp_config(cfg):
-    """``MODEL.SEM_SEG_HEAD.ASPP_*``: the DeepLabV3 head's keys."""
-    # atrous rates of the three 3×3 branches; 12/24/36 for output stride 8 (6/12/18 at OS 16)
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS = [12, 24, 36]
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.1  # after the ASPP projection
-    return cfg
+__all__ = ["ASPP", "DeepLabV3Head"]
 
 
 class ASPP(nn.Module):

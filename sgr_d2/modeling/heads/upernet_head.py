@@ -14,13 +14,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .fcn_head import PerPixelHead, classifier, conv_norm_relu
 
-__all__ = ["PyramidPooling", "UperNetHead", "add_upernet_config"]
-
-
-def add_upernet_config(cfg):
-    """``MODEL.SEM_SEG_HEAD.POOL_SCALES``: the output sizes of the pyramid pooling module."""
-    cfg.MODEL.SEM_SEG_HEAD.POOL_SCALES = [1, 2, 3, 6]
-    return cfg
+__all__ = ["PyramidPooling", "UperNetHead"]
 
 
 def _resize(x, size):

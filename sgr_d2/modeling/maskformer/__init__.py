@@ -4,9 +4,8 @@ Importing registers: meta-architectures ``MaskFormer`` and ``Mask2Former`` (META
 ``MaskFormerHead`` (SEM_SEG_HEADS_REGISTRY), the pixel decoders ``BasePixelDecoder``,
 ``TransformerEncoderPixelDecoder``, ``MSDeformAttnPixelDecoder`` and the transformer decoders
 ``StandardTransformerDecoder``, ``MultiScaleMaskedTransformerDecoder``. Config keys:
-:func:`add_maskformer_config`.
+``MODEL.MASK_FORMER.*`` in ``sgr_d2/config.py``.
 """
-from .config import add_maskformer_config, validate_maskformer_config
 from .criterion import SetCriterion, mask_classification_weight_dict
 from .head import MaskFormerHead
 from .losses import (
@@ -36,8 +35,6 @@ from .transformer_decoder import (
 )
 
 __all__ = [
-    "add_maskformer_config",
-    "validate_maskformer_config",
     "MaskFormer",
     "Mask2Former",
     "MaskFormerHead",

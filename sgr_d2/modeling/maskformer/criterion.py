@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from ...sgr.losses import world_mean_count
 from ...sgr.precision import autocast_off
-from .config import MASK_LOSS_TYPES
+from ...config import MASK_LOSS_TYPES
 from .losses import (
     dice_loss,
     point_sample,

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...sgr.precision import autocast_off
-from .config import MASK_LOSS_TYPES
+from ...config import MASK_LOSS_TYPES
 from .losses import pairwise_dice, pairwise_sigmoid_ce, pairwise_sigmoid_focal, point_sample
 
 __all__ = ["HungarianMatcher"]

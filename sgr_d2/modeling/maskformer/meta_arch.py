@@ -26,10 +26,10 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ...config import validate_config
 from ...sgr import SGRCriterion
-from ..meta_arch.sgr_semantic_seg import build_sgr_criterion, sgr_losses
-from ..sgr_backbone import SGRBackbone, attach_sgr_regions
-from .config import validate_maskformer_config
+from ..backbone.sgr_backbone import SGR_OUTPUTS, SGRBackbone
+from ..sgr_outputs import attach_sgr_regions, build_sgr_criterion, pad_component_targets, sgr_losses
 from .criterion import SetCriterion, mask_classification_weight_dict
 from .matcher import HungarianMatcher
 
@@ -92,7 +92,7 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        validate_maskformer_config(cfg)
+        validate_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
@@ -119,18 +119,23 @@ class MaskFormer(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess(batched_inputs)
         padded_hw = tuple(images.tensor.shape[-2:])
+        if self.training:  # the targets reach the device before the forward pass is queued
+            targets = self.prepare_targets(batched_inputs, padded_hw)
+            components = (pad_component_targets(batched_inputs, padded_hw, self.device)
+                          if self.sgr_criterion is not None else None)
         features = self.backbone(images.tensor)
+        sgr_outputs = features.pop(SGR_OUTPUTS, None)
         outputs = self.sem_seg_head(features)
         if self.training:
-            targets = self.prepare_targets(batched_inputs, padded_hw)
             losses = self.criterion(outputs, targets)
             for k in list(losses):
                 if k not in self.criterion.weight_dict:
                     raise KeyError(f"loss {k} has no weight in the criterion's weight_dict")
                 losses[k] = losses[k] * self.criterion.weight_dict[k]
-            losses.update(sgr_losses(self.backbone, self.sgr_criterion, batched_inputs, padded_hw, self.device))
+            losses.update(sgr_losses(self.sgr_criterion, sgr_outputs, components))
             return losses
-        return self.inference(outputs, batched_inputs, images)
+        return attach_sgr_regions(self.inference(outputs, batched_inputs, images), sgr_outputs,
+                                  images.image_sizes, padded_hw)
 
     def prepare_targets(self, batched_inputs: List[Dict], padded_hw) -> List[Dict[str, torch.Tensor]]:
         """Per image ``labels`` (N,) and ``masks`` (N, H_pad, W_pad) float, from ``instances``."""
@@ -167,7 +172,7 @@ class MaskFormer(nn.Module):
             else:
                 r = sem_seg_postprocess(semantic_inference(cls_i, mask_i), image_size, height, width)
             results.append({"sem_seg": r})
-        return attach_sgr_regions(results, self.backbone, images.image_sizes, images.tensor.shape[-2:])
+        return results
 
 
 @META_ARCH_REGISTRY.register()

@@ -75,19 +75,22 @@ class BasePixelDecoder(nn.Module):
             raise ValueError("BasePixelDecoder: no input features (MODEL.SEM_SEG_HEAD.IN_FEATURES is empty)")
         self.in_features = [k for k, _ in items]
         use_bias = norm == ""
-        # Both lists run coarsest first, the order of the top-down pass; the coarsest level has
-        # an output conv but no lateral conv.
-        self.lateral_convs = nn.ModuleList()
-        self.output_convs = nn.ModuleList()
+        # The official names: adapter_k (the lateral 1x1 conv) and layer_k (the 3x3 output conv)
+        # of the k-th finest level; the coarsest level has an output conv but no lateral one. The
+        # lists hold them coarsest first, the order of the top-down pass (they are not modules).
+        self.lateral_convs, self.output_convs = [], []
         for idx, (_, shape) in enumerate(items[::-1]):
+            k = len(items) - idx
             in_ch = shape.channels if idx == 0 else conv_dim
             output = Conv2d(in_ch, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim),
                             activation=F.relu)
             weight_init.c2_xavier_fill(output)
+            self.add_module(f"layer_{k}", output)
             self.output_convs.append(output)
             if idx > 0:
                 lateral = Conv2d(shape.channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
                 weight_init.c2_xavier_fill(lateral)
+                self.add_module(f"adapter_{k}", lateral)
                 self.lateral_convs.append(lateral)
         self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, 3, padding=1)
@@ -134,15 +137,17 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         coarsest = sorted(input_shape.items(), key=lambda kv: kv[1].stride)[-1][1]
         self.input_proj = Conv2d(coarsest.channels, conv_dim, 1)
         weight_init.c2_xavier_fill(self.input_proj)
-        self.transformer = DetrEncoder(conv_dim, transformer_nheads, transformer_enc_layers,
-                                       transformer_dim_feedforward, transformer_dropout,
-                                       normalize_before=transformer_pre_norm)
+        self.transformer = nn.Module()  # the official TransformerEncoderOnly: its encoder
+        self.transformer.encoder = DetrEncoder(conv_dim, transformer_nheads, transformer_enc_layers,
+                                               transformer_dim_feedforward, transformer_dropout,
+                                               normalize_before=transformer_pre_norm)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         # the coarsest level's output conv now reads the encoder output (conv_dim channels)
         use_bias = norm == ""
         out = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim),
                      activation=F.relu)
         weight_init.c2_xavier_fill(out)
+        self.add_module(f"layer_{len(self.in_features)}", out)
         self.output_convs[0] = out
 
     @classmethod
@@ -159,7 +164,7 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         x = self.input_proj(features[self.in_features[-1]])
         b, c, h, w = x.shape
         pos = self.pe_layer(x).flatten(2).permute(2, 0, 1)
-        enc = self.transformer(x.flatten(2).permute(2, 0, 1), pos=pos).permute(1, 2, 0).view(b, c, h, w)
+        enc = self.transformer.encoder(x.flatten(2).permute(2, 0, 1), pos=pos).permute(1, 2, 0).view(b, c, h, w)
         y, multi_scale = self._top_down(features, y=enc)
         return self.mask_features(y), enc, multi_scale
 
@@ -198,13 +203,14 @@ class MSDeformAttnEncoder(nn.Module):
                  num_feature_levels=3, enc_n_points=4):
         super().__init__()
         self.d_model = d_model
-        self.layers = nn.ModuleList(
+        self.encoder = nn.Module()  # the official MSDeformAttnTransformerEncoder: its layers
+        self.encoder.layers = nn.ModuleList(
             MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
             for _ in range(num_encoder_layers)
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         nn.init.normal_(self.level_embed)
-        for layer in self.layers:
+        for layer in self.encoder.layers:
             for lin in (layer.linear1, layer.linear2):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
@@ -227,7 +233,7 @@ class MSDeformAttnEncoder(nn.Module):
                          for i, p in enumerate(pos_embeds)], 1)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         ref = self.reference_points(shapes, len(srcs), src.device).expand(src.shape[0], -1, -1, -1)
-        for layer in self.layers:
+        for layer in self.encoder.layers:
             src = layer(src, pos, ref, spatial_shapes, level_shapes=shapes)
         return src, shapes
 
@@ -277,14 +283,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         fine = [(k, s) for k, s in items if s.stride < min_stride][::-1][: self.num_fpn_levels]  # coarser first
         use_bias = norm == ""
         self.fpn_features = [k for k, _ in fine]
-        self.lateral_convs = nn.ModuleList()
-        self.output_convs = nn.ModuleList()
-        for _, shape in fine:
+        # official names: adapter_k / layer_k of the k-th finest FPN level; the lists run coarser first
+        self.lateral_convs, self.output_convs = [], []
+        for idx, (_, shape) in enumerate(fine):
+            k = len(fine) - idx
             lateral = Conv2d(shape.channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
             output = Conv2d(conv_dim, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim),
                             activation=F.relu)
             weight_init.c2_xavier_fill(lateral)
             weight_init.c2_xavier_fill(output)
+            self.add_module(f"adapter_{k}", lateral)
+            self.add_module(f"layer_{k}", output)
             self.lateral_convs.append(lateral)
             self.output_convs.append(output)
 

@@ -23,6 +23,7 @@ __all__ = [
     "DetrDecoderLayer",
     "DetrTransformer",
     "DetrEncoder",
+    "DetrDecoder",
 ]
 
 
@@ -156,33 +157,77 @@ class FFNLayer(nn.Module):
 
 
 # ------------------------------------------------------------------ DETR transformer (MaskFormer)
+# The layers carry the names of DETR's (and MaskFormer's) TransformerEncoderLayer /
+# TransformerDecoderLayer, so official checkpoints load as they are.
 class DetrEncoderLayer(nn.Module):
+    """Self-attention and feed-forward, each with residual, dropout and (pre- or post-) LayerNorm."""
+
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
         super().__init__()
-        self.attn = SelfAttentionLayer(d_model, nhead, dropout, normalize_before)
-        self.ffn = FFNLayer(d_model, dim_feedforward, dropout, activation, normalize_before)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        _xavier(self.self_attn)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        _xavier(self.linear1), _xavier(self.linear2)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.normalize_before = normalize_before
 
     def forward(self, src, src_key_padding_mask=None, pos=None):
-        src = self.attn(src, key_padding_mask=src_key_padding_mask, query_pos=pos)
-        return self.ffn(src)
+        x = self.norm1(src) if self.normalize_before else src
+        q = k = _with_pos(x, pos)
+        src = src + self.dropout1(self.self_attn(q, k, value=x, key_padding_mask=src_key_padding_mask,
+                                                 need_weights=False)[0])
+        if not self.normalize_before:
+            src = self.norm1(src)
+        x = self.norm2(src) if self.normalize_before else src
+        src = src + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        return src if self.normalize_before else self.norm2(src)
 
 
 class DetrDecoderLayer(nn.Module):
-    """Self-attention, cross-attention to the memory, feed-forward (DETR order)."""
+    """Self-attention (``norm1``), cross-attention to the memory (``norm2``), feed-forward
+    (``norm3``): DETR's order, each with residual, dropout and (pre- or post-) LayerNorm."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
         super().__init__()
-        self.self_attn = SelfAttentionLayer(d_model, nhead, dropout, normalize_before)
-        self.cross_attn = CrossAttentionLayer(d_model, nhead, dropout, normalize_before)
-        self.ffn = FFNLayer(d_model, dim_feedforward, dropout, activation, normalize_before)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        _xavier(self.self_attn)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        _xavier(self.multihead_attn)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        _xavier(self.linear1), _xavier(self.linear2)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.normalize_before = normalize_before
 
     def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):
-        tgt = self.self_attn(tgt, query_pos=query_pos)
-        tgt = self.cross_attn(tgt, memory, memory_key_padding_mask=memory_key_padding_mask, pos=pos,
-                              query_pos=query_pos)
-        return self.ffn(tgt)
+        pre = self.normalize_before
+        x = self.norm1(tgt) if pre else tgt
+        q = k = _with_pos(x, query_pos)
+        tgt = tgt + self.dropout1(self.self_attn(q, k, value=x, need_weights=False)[0])
+        tgt = tgt if pre else self.norm1(tgt)
+        x = self.norm2(tgt) if pre else tgt
+        tgt = tgt + self.dropout2(self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos),
+                                                      value=memory, key_padding_mask=memory_key_padding_mask,
+                                                      need_weights=False)[0])
+        tgt = tgt if pre else self.norm2(tgt)
+        x = self.norm3(tgt) if pre else tgt
+        tgt = tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        return tgt if pre else self.norm3(tgt)
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
@@ -190,7 +235,7 @@ def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
 
 
 class DetrEncoder(nn.Module):
-    """A stack of encoder layers (+ a final LayerNorm with pre-norm)."""
+    """A stack of encoder layers (``layers``) and, with pre-norm, a final LayerNorm (``norm``)."""
 
     def __init__(self, d_model, nhead, num_layers, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
@@ -203,6 +248,17 @@ class DetrEncoder(nn.Module):
         for layer in self.layers:
             src = layer(src, src_key_padding_mask=src_key_padding_mask, pos=pos)
         return src if self.norm is None else self.norm(src)
+
+
+class DetrDecoder(nn.Module):
+    """A stack of decoder layers (``layers``) and the LayerNorm of their outputs (``norm``)."""
+
+    def __init__(self, d_model, nhead, num_layers, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 normalize_before=False):
+        super().__init__()
+        self.layers = _clones(DetrDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                               normalize_before), num_layers)
+        self.norm = nn.LayerNorm(d_model)
 
 
 class DetrTransformer(nn.Module):
@@ -221,9 +277,8 @@ class DetrTransformer(nn.Module):
         super().__init__()
         self.encoder = DetrEncoder(d_model, nhead, num_encoder_layers, dim_feedforward, dropout, activation,
                                    normalize_before)
-        self.decoder_layers = _clones(DetrDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                                       normalize_before), num_decoder_layers)
-        self.decoder_norm = nn.LayerNorm(d_model)
+        self.decoder = DetrDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout, activation,
+                                   normalize_before)
         self.return_intermediate = return_intermediate_dec
         self.d_model = d_model
         self.nhead = nhead
@@ -237,11 +292,11 @@ class DetrTransformer(nn.Module):
         memory = self.encoder(src, src_key_padding_mask=key_padding, pos=pos)
         tgt = torch.zeros_like(query_pos)
         hs = []
-        for layer in self.decoder_layers:
+        for layer in self.decoder.layers:
             tgt = layer(tgt, memory, memory_key_padding_mask=key_padding, pos=pos, query_pos=query_pos)
             if self.return_intermediate:
-                hs.append(self.decoder_norm(tgt))
+                hs.append(self.decoder.norm(tgt))
         if not self.return_intermediate:
-            hs.append(self.decoder_norm(tgt))
+            hs.append(self.decoder.norm(tgt))
         hs = torch.stack(hs).transpose(1, 2)  # (L, B, Q, C)
         return hs, memory.permute(1, 2, 0).view(b, c, h, w)

@@ -156,11 +156,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.num_heads = nheads
         self.num_layers = dec_layers
-        self.self_attention_layers = nn.ModuleList(
+        self.transformer_self_attention_layers = nn.ModuleList(
             SelfAttentionLayer(hidden_dim, nheads, 0.0, pre_norm) for _ in range(dec_layers))
-        self.cross_attention_layers = nn.ModuleList(
+        self.transformer_cross_attention_layers = nn.ModuleList(
             CrossAttentionLayer(hidden_dim, nheads, 0.0, pre_norm) for _ in range(dec_layers))
-        self.ffn_layers = nn.ModuleList(
+        self.transformer_ffn_layers = nn.ModuleList(
             FFNLayer(hidden_dim, dim_feedforward, 0.0, normalize_before=pre_norm) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.num_queries = num_queries
@@ -212,10 +212,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         masks.append(m)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
-            output = self.cross_attention_layers[i](output, src[level], memory_mask=attn_mask, pos=pos[level],
+            output = self.transformer_cross_attention_layers[i](output, src[level], memory_mask=attn_mask, pos=pos[level],
                                                     query_pos=query_embed)
-            output = self.self_attention_layers[i](output, query_pos=query_embed)
-            output = self.ffn_layers[i](output)
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
+            output = self.transformer_ffn_layers[i](output)
             c, m, attn_mask = self.prediction_heads(output, mask_features,
                                                     sizes[(i + 1) % self.num_feature_levels])
             classes.append(c)

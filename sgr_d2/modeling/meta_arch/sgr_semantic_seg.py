@@ -1,10 +1,7 @@
-"""Per-pixel semantic segmentation with the SGR loss added to the head's loss (SGR_SPEC §2)."""
+"""Per-pixel semantic segmentation with the SGR loss added to the head's loss."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
-import torch
-from torch.nn import functional as F
+from typing import Optional
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
@@ -12,56 +9,10 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ...sgr import SGRCriterion
-from ..sgr_backbone import SGRBackbone, attach_sgr_regions
+from ..backbone.sgr_backbone import SGR_OUTPUTS, SGRBackbone
+from ..sgr_outputs import attach_sgr_regions, build_sgr_criterion, pad_component_targets, sgr_losses
 
-__all__ = ["SGRSemanticSegmentor", "build_sgr_criterion", "pad_component_targets", "sgr_losses"]
-
-
-def build_sgr_criterion(cfg) -> SGRCriterion:
-    s = cfg.MODEL.SGR
-    return SGRCriterion(
-        num_matched=s.NUM_MATCHED,
-        matching=s.MATCHING,
-        cost_dice_weight=s.COST_DICE_WEIGHT,
-        union_dice_weight=s.UNION_DICE_WEIGHT,
-        union_weight=s.UNION_WEIGHT,
-        class_weight=s.CLASS_WEIGHT,
-        diversity_weight=s.DIVERSITY_WEIGHT,
-        loss_weight=s.LOSS_WEIGHT,
-        eps=s.EPS,
-    )
-
-
-def pad_component_targets(batched_inputs: List[Dict], padded_hw, device) -> List[Dict[str, torch.Tensor]]:
-    """The mapper's ``components`` of each image, padded (bottom/right) to the batch size.
-
-    Accepts the mapper's component-id map (``labels``, padded with -1) or boolean ``masks``
-    (padded with False).
-    """
-    out = []
-    for x in batched_inputs:
-        if "components" not in x:
-            raise KeyError(
-                "SGR training needs the connected components of each image under the key 'components'; "
-                "use sgr_d2's dataset mapper (INPUT.DATASET_MAPPER_NAME 'sgr_sem_seg')"
-            )
-        comp = x["components"]
-        key, fill = ("labels", -1) if "labels" in comp else ("masks", False)
-        value = comp[key].to(device)
-        h, w = value.shape[-2:]
-        value = F.pad(value, (0, padded_hw[1] - w, 0, padded_hw[0] - h), value=fill)
-        out.append({key: value, "classes": comp["classes"].to(device)})
-    return out
-
-
-def sgr_losses(backbone, criterion: Optional[SGRCriterion], batched_inputs, padded_hw, device):
-    """The SGR loss terms for one batch ({} when the model has no SGR component)."""
-    if criterion is None or not isinstance(backbone, SGRBackbone):
-        return {}
-    if backbone.sgr_outputs is None:
-        raise RuntimeError("the SGR component did not run in the backbone's forward pass")
-    targets = pad_component_targets(batched_inputs, padded_hw, device)
-    return criterion(backbone.sgr_outputs, targets)
+__all__ = ["SGRSemanticSegmentor"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -100,13 +51,17 @@ class SGRSemanticSegmentor(SemanticSegmentor):
     def forward(self, batched_inputs):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        features = self.backbone(images.tensor)
-        if self.training:
+        padded_hw = tuple(images.tensor.shape[-2:])
+        if self.training:  # the targets reach the device before the forward pass is queued
             targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
             targets = ImageList.from_tensors(targets, self.size_divisibility, self.ignore_value).tensor
+            components = (pad_component_targets(batched_inputs, padded_hw, self.device)
+                          if self.sgr_criterion is not None else None)
+        features = self.backbone(images.tensor)
+        sgr_outputs = features.pop(SGR_OUTPUTS, None)
+        if self.training:
             _, losses = self.sem_seg_head(features, targets)
-            losses.update(sgr_losses(self.backbone, self.sgr_criterion, batched_inputs,
-                                     images.tensor.shape[-2:], self.device))
+            losses.update(sgr_losses(self.sgr_criterion, sgr_outputs, components))
             return losses
         logits, _ = self.sem_seg_head(features, None)
         results = []
@@ -115,4 +70,4 @@ class SGRSemanticSegmentor(SemanticSegmentor):
             width = x.get("width", image_size[1])
             r = sem_seg_postprocess(logit, image_size, height, width)
             results.append({"sem_seg": r.softmax(dim=0)})
-        return attach_sgr_regions(results, self.backbone, images.image_sizes, images.tensor.shape[-2:])
+        return attach_sgr_regions(results, sgr_outputs, images.image_sizes, padded_hw)

@@ -1,0 +1,133 @@
+"""The files a run writes into ``OUTPUT_DIR`` (``config.yaml``, ``log.txt``, ``metrics.json``, the
+TensorBoard events), written only once the run has done something.
+
+detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt`` first thing, and its
+trainer creates ``metrics.json`` and an events file when it is built: a run refused a moment
+later (weights that do not load, a label file out of range) has already overwritten the
+earlier run's config and added to its logs. :class:`RunFiles` does what ``default_setup`` does
+(console logging, the environment and config in the log, seeding, cuDNN), but keeps the log in
+memory and writes nothing until :meth:`RunFiles.commit`: after the first training iteration
+(``Trainer``), or after an ``--eval-only`` evaluation. A run refused before that leaves
+``OUTPUT_DIR`` as it was.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, List
+
+import torch
+
+from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventWriter
+from detectron2.utils.logger import setup_logger
+
+from ..files import atomic_write
+
+__all__ = ["RunFiles", "DeferredWriters"]
+
+# the loggers default_setup gives an output file (and sgr_d2's own)
+LOGGERS = ("detectron2", "fvcore", "sgr_d2")
+
+
+class _Buffer(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class RunFiles:
+    """``default_setup(cfg, args)`` for ``train_net.py``, its files deferred to :meth:`commit`.
+    A context manager: on exit the run's log handlers are detached (the log of a run that never
+    committed is dropped; the console had it)."""
+
+    def __init__(self, cfg, args):
+        self.cfg = cfg
+        self.committed = False
+        self._handler = None
+        rank = comm.get_rank()
+        self._buffer = _Buffer()
+        for name in LOGGERS:
+            setup_logger(None, distributed_rank=rank, name=name)
+            logging.getLogger(name).addHandler(self._buffer)
+        log = logging.getLogger("detectron2")
+        log.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
+        log.info("Environment info:\n%s", collect_env_info())
+        log.info("Command line arguments: %s", args)
+        if getattr(args, "config_file", ""):
+            with open(args.config_file) as f:
+                log.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())
+        log.info("Running with full config:\n%s", cfg.dump())
+        seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+        if not getattr(args, "eval_only", False):
+            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+    def commit(self) -> None:
+        """Write ``config.yaml`` (main process), then the log so far to ``log.txt``
+        (``log.txt.rank<r>`` for the other workers), which receives the rest of the run's log."""
+        if self.committed:
+            return
+        self.committed = True
+        out = self.cfg.OUTPUT_DIR
+        loggers = [logging.getLogger(name) for name in LOGGERS]
+        for log in loggers:
+            log.removeHandler(self._buffer)
+        if not out:
+            return
+        os.makedirs(out, exist_ok=True)
+        if comm.is_main_process():
+            atomic_write(os.path.join(out, "config.yaml"), lambda f: f.write(self.cfg.dump()), binary=False)
+        rank = comm.get_rank()
+        handler = logging.FileHandler(os.path.join(out, "log.txt" + (f".rank{rank}" if rank else "")), mode="a")
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s",
+                                               datefmt="%m/%d %H:%M:%S"))
+        for record in self._buffer.records:
+            handler.handle(record)
+        self._buffer.records.clear()
+        for log in loggers:
+            log.addHandler(handler)
+        self._handler = handler
+        logging.getLogger("sgr_d2").info("Full config saved to %s; the log goes to %s", os.path.join(out, "config.yaml"),
+                                         handler.baseFilename)
+
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(self._buffer)
+            if self._handler is not None:
+                logging.getLogger(name).removeHandler(self._handler)
+        if self._handler is not None:
+            self._handler.close()
+        return False
+
+
+class DeferredWriters(EventWriter):
+    """detectron2's event writers (``metrics.json``, TensorBoard, the console), made by ``make``
+    at the first write after ``run_files`` committed; writes before that are dropped (nothing
+    was trained yet)."""
+
+    def __init__(self, make: Callable[[], List[EventWriter]], run_files: RunFiles):
+        self._make = make
+        self._run_files = run_files
+        self._writers = None
+
+    def write(self):
+        if not self._run_files.committed:
+            return
+        if self._writers is None:
+            self._writers = self._make()
+        for w in self._writers:
+            w.write()
+
+    def close(self):
+        for w in self._writers or ():
+            w.close()
