@@ -51,6 +51,27 @@ def toy_batch(cfg, start=0, n=4, seed=0):
         np.random.set_state(state)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default=os.environ.get("SGR_D2_TEST_DEVICE", "cpu"),
+                     help="device of the tests that take the `device` fixture (bench/gpu_check.py runs them "
+                          "with --device cuda -m uses_device)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # the tests that take a device can be selected with -m uses_device
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.uses_device)
+
+
+@pytest.fixture
+def device(request):
+    """The device a test runs its tensors and model on: ``--device`` (default cpu)."""
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda without CUDA")
+    return torch.device(name)
+
+
 @pytest.fixture
 def toy_cfg():
     return tiny_toy_cfg()
