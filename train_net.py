@@ -7,8 +7,8 @@
     python train_net.py --config-file ... --resume          # continue a stopped run
 """
 import sgr_d2  # noqa: F401  (compat shims + registrations, before any detectron2 import)
-from sgr_d2.compat import launch
 from sgr_d2.engine.trainer import argument_parser, run
+from sgr_d2.engine.workers import launch
 
 
 def main(args):

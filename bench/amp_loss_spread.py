@@ -25,7 +25,7 @@ def main():
     args = p.parse_args()
     import torch
     from conftest import tiny_toy_cfg, toy_batch  # (sets a private DETECTRON2_DATASETS if none is set)
-    from test_amp import (ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY,
+    from amp_runs import (ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY,
                           float32_and_bf16_losses)
 
     from detectron2.modeling import build_model

@@ -4,10 +4,10 @@
     python bench/amp_toy.py --model dil_fcn --iters 300 --seed 43
     python bench/amp_toy.py --model mask2former --iters 60 --seed 42
 
-Runs the slow test's own routine (``tests/test_amp.py::_train_evaluate_export``) twice, side by
-side in two processes of one thread each: same seed, weights and data order, float32 and
-bfloat16 autocast; prints one JSON line with both mIoUs (and the onnxruntime mIoU of each
-trained model). ``--seed`` and ``--iters`` override the config's ``SEED`` and
+Runs the slow test's own routine (``bench/amp_runs.py::train_evaluate_export``, which
+``tests/test_amp.py`` runs too) twice, side by side in two processes of one thread each: same
+seed, weights and data order, float32 and bfloat16 autocast; prints one JSON line with both
+mIoUs (and the onnxruntime mIoU of each trained model). ``--seed`` and ``--iters`` override the config's ``SEED`` and
 ``SOLVER.MAX_ITER``, which the test keeps at 42 and 300.
 """
 import argparse
@@ -20,16 +20,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from amp_runs import DIL_FCN_SGR, MASK2FORMER_SGR, train_evaluate_export  # noqa: E402
 
 
 def _run(model, amp, iters, seed, out):
-    import test_amp as T
-
-    config = {"dil_fcn": T.DIL_FCN_SGR, "mask2former": T.MASK2FORMER_SGR}[model]
-    load = T.load_config
-    T.load_config = lambda f, opts=(): load(f, list(opts) + ["SEED", str(seed)])
-    return T._train_evaluate_export(config, amp, iters, out)
+    config = {"dil_fcn": DIL_FCN_SGR, "mask2former": MASK2FORMER_SGR}[model]
+    return train_evaluate_export(config, amp, iters, out, seed=seed)
 
 
 def main():

@@ -171,7 +171,8 @@ def bench_components(args):
     import torch
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.sgr import SGRCriterion, component_label_map, connected_components, downsample_component_labels
+    from sgr_d2.sgr import (SGRCriterion, component_label_map, connected_components, downsample_component_labels,
+                            match_tokens, pairwise_cost)
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -200,7 +201,7 @@ def bench_components(args):
         def match(comp):
             labels, classes = comp
             soft, w = downsample_component_labels(torch.from_numpy(labels), len(classes), (64, 64))
-            crit.match(regions.flatten(1), soft, w)
+            match_tokens(pairwise_cost(regions.flatten(1), soft, w), crit.num_matched, crit.matching)
 
         t_match = per_map(match, comps)
         rows.append((label, n, t_lab, t_cc, t_match))

@@ -3,12 +3,12 @@
 
     python bench/worker_exit.py --runs 100
 
-Each run starts two CPU workers the way ``sgr_d2.compat.launch`` does on a machine without
-CUDA (``compat._cpu_worker``: a gloo group, detectron2's local group), whose main function does
-three collectives (detectron2's ``all_gather`` of a dict, an all-reduce, an ``all_gather`` of
-None) and returns at once. The two arms differ only in what runs in the worker: the main
-function alone, or the main function through ``sgr_d2.engine.workers.run_then_release`` (what
-``compat.launch`` runs). A run fails when a worker exits non-zero (the abort is SIGABRT,
+Each run starts two CPU workers the way ``sgr_d2.engine.workers.launch`` does on a machine
+without CUDA (``workers._cpu_worker``: a gloo group, detectron2's local group), whose main
+function does three collectives (detectron2's ``all_gather`` of a dict, an all-reduce, an
+``all_gather`` of None) and returns at once. The two arms differ only in what runs in the worker:
+the main function alone, or the main function through ``sgr_d2.engine.workers.run_then_release``
+(what ``workers.launch`` runs). A run fails when a worker exits non-zero (the abort is SIGABRT,
 "terminate called without an active exception", in the interpreter's shutdown). The arms
 alternate run by run, so both see the same machine load. Prints a table.
 """
@@ -40,11 +40,11 @@ def _one_run(main_func, timeout_s: float) -> str:
     """'' when both workers exit cleanly, else the launcher's error."""
     import torch.multiprocessing as mp
 
-    from sgr_d2 import compat
+    from sgr_d2.engine import workers
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            mp.start_processes(compat._cpu_worker, nprocs=2, daemon=False,
+            mp.start_processes(workers._cpu_worker, nprocs=2, daemon=False,
                                args=(main_func, 2, 2, 0, f"file://{d}/init", (),
                                      timedelta(seconds=timeout_s)))
         except Exception as e:  # noqa: BLE001  (ProcessExitedException / ProcessRaisedException)
@@ -62,7 +62,7 @@ def main():
 
     arms = {
         "main function only": _collectives_then_return,
-        "then run_then_release (compat.launch)": functools.partial(run_then_release, _collectives_then_return),
+        "then run_then_release (workers.launch)": functools.partial(run_then_release, _collectives_then_return),
     }
     failed = {name: [] for name in arms}
     start = time.time()

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sgr_d2.data.prepare import missing_error, prepare_main, write_label_png
+from sgr_d2.files import atomic_write
 
 SPLITS = ("train", "test")
 IGNORE = 255
@@ -114,9 +115,9 @@ def link_image(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        with open(src, "rb") as f:
+            atomic_write(str(dst), lambda out: shutil.copyfileobj(f, out))
+        shutil.copystat(src, dst)  # the mode and times of src, as copy2 gives them
 
 
 def _do(src: Path, dst: Path, kind: str, image: Path | None) -> None:

@@ -21,9 +21,10 @@ detectron2 sub-module is imported, because two of the problems strike at import 
    detectron2 v0.6 uses them in ``SemSegEvaluator`` and ``BitMasks``. We alias each missing name
    to the builtin it stood for, only when the installed detectron2's files still use them.
 4. ``detectron2.engine.launch`` in v0.6 asserts CUDA and hard-codes the NCCL backend, so several
-   worker processes cannot run on a CPU (upstream main picks gloo itself). ``launch()`` below uses
-   detectron2's launcher whenever it can and, only without CUDA and when detectron2's worker is
-   seen to need it (``_launch_needs_cuda``: v0.6), starts the workers itself with gloo.
+   worker processes cannot run on a CPU (upstream main picks gloo itself). The launcher,
+   :func:`sgr_d2.engine.workers.launch`, uses detectron2's whenever it can and, only without CUDA
+   and when detectron2's worker is seen to need it (:func:`launch_needs_cuda` below: v0.6),
+   starts the workers itself with gloo.
 5. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; detectron2 checkpoints hold
    only tensors, numbers, strings and containers, which that mode accepts, so nothing is needed.
    ``detectron2.model_zoo`` needs ``pkg_resources`` (gone from recent setuptools); sgr_d2 never
@@ -38,12 +39,11 @@ import importlib.util
 import logging
 import sys
 import types
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["apply", "MissingCppOpError", "launch", "cpp_ops_available", "applied"]
+__all__ = ["apply", "MissingCppOpError", "launch_needs_cuda", "cpp_ops_available", "applied"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def applied() -> list[str]:
     return list(_APPLIED)
 
 
-# --------------------------------------------------------------------------- launch
+# --------------------------------------------------------------------------- launch (shim 4)
 class _BackendChosen(Exception):
     def __init__(self, backend):
         super().__init__(backend)
@@ -169,7 +169,7 @@ class _BackendChosen(Exception):
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_needs_cuda() -> bool:
+def launch_needs_cuda() -> bool:
     """True when the installed detectron2 launcher cannot run several workers without CUDA.
 
     Decided by behaviour, not by reading source: detectron2's worker entry point
@@ -205,52 +205,3 @@ def _launch_needs_cuda() -> bool:
     finally:
         torch.cuda.is_available, dist.init_process_group, launch_logger.disabled = saved
     return True
-
-
-def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
-           timeout=timedelta(minutes=30)):
-    """detectron2's ``launch``, except for v0.6 on a machine without CUDA (see shim 4)."""
-    import torch
-    from detectron2.engine import launch as d2_launch
-
-    world_size = num_machines * num_gpus_per_machine
-    if world_size > 1:  # each worker destroys its process groups before exiting (workers.py)
-        from sgr_d2.engine.workers import run_then_release
-
-        main_func = functools.partial(run_then_release, main_func)
-    if world_size <= 1 or torch.cuda.is_available() or not _launch_needs_cuda():
-        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
-                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
-    import torch.multiprocessing as mp
-
-    if dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url=auto is not supported for several machines")
-        from detectron2.engine.launch import _find_free_port
-
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-    )
-
-
-def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
-                timeout):
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
-    apply()
-    global_rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
-                            timeout=timeout)
-    num_machines = world_size // num_per_machine
-    for i in range(num_machines):
-        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
-        group = dist.new_group(ranks)
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-    comm.synchronize()
-    main_func(*args)

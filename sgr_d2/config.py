@@ -165,6 +165,9 @@ def add_sgr_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
 
     # ---------------------------------------------------------------- input
+    # The training mapper (sgr_d2/data/dataset_mapper.py): "sgr_sem_seg" (per-pixel heads: image,
+    # labels, components) | "sgr_mask_former_semantic" (MaskFormer / Mask2Former: also one mask
+    # per class, "instances"); any other value is an error.
     cfg.INPUT.DATASET_MAPPER_NAME = "sgr_sem_seg"
     cfg.INPUT.COLOR_AUG = True  # MaskFormer's photometric distortion (sgr_d2/data/augmentation.py)
     # Pixel value of the padding that brings a training image up to the crop size (before

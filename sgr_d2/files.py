@@ -34,10 +34,11 @@ __all__ = ["PICKLE_GLOBALS", "TRUST_VARIABLE", "UnsafeWeightsError", "WeightsRea
 TRUST_VARIABLE = "SGR_D2_TRUSTED_WEIGHTS"
 
 # The globals a weights pickle may name: numpy's array and scalar reconstruction (under numpy's
-# 1.x and 2.x module names), the ordered dict of older state dicts, and the str -> bytes step
-# with which protocol-2 pickles written by Python 3 store bytes. Nothing that can run code.
+# 1.x and 2.x module names), the ordered dict of older state dicts, and the steps with which
+# protocol 0-2 pickles store bytes. Nothing that can run code.
 PICKLE_GLOBALS = frozenset({
     ("collections", "OrderedDict"), ("_codecs", "encode"),
+    ("__builtin__", "bytes"), ("builtins", "bytes"),  # how protocols 0-2 store an empty array's data
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -101,9 +102,9 @@ def read_weights(path: str, *, mmap: bool = False) -> Dict:
     except (UnsafeWeightsError, FileNotFoundError):
         raise
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
-            raise _unsafe(path, f"`{found.group(1)}`" if found else "objects other than tensors") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's weights_only unpickler refused a global
+        if found:
+            raise _unsafe(path, f"`{found.group(1)}`") from None
         raise WeightsReadError(f"weights file {path} cannot be read: it is truncated or not a checkpoint "
                                f"({type(e).__name__}: {e})") from e
     except Exception as e:  # torch's zip reader, pickle's EOF ...: the messages vary

@@ -11,6 +11,9 @@ detectron2's :class:`~detectron2.utils.visualizer.Visualizer` and the dataset's 
 * :func:`components_figure` — a label map beside its connected components (supplementary Fig. 1);
 * :func:`token_histogram_figure` — concept regions with class / instance histograms (Fig. 2);
 * :func:`qualitative_figure` — image, ground truth, predictions of several models (Figs. 3–5).
+
+Only drawing: reading a dataset's images and labels and running a model on them is
+:mod:`sgr_d2.predict`'s.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from .predict import check_image  # noqa: E402
+
 __all__ = [
     "concept_region_figure",
     "components_figure",
@@ -35,7 +40,6 @@ __all__ = [
     "draw_sem_seg",
     "token_colors",
     "upsample_regions",
-    "check_image",
     "figure_size_px",
 ]
 
@@ -46,22 +50,6 @@ ArrayOrTensor = Union[np.ndarray, torch.Tensor]
 def figure_size_px(width_in: float, height_in: float, dpi: int) -> tuple:
     """(width, height) in pixels of a PNG saved from a ``width_in × height_in`` figure at ``dpi``."""
     return int(round(width_in * dpi)), int(round(height_in * dpi))
-
-
-def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
-    """``image_rgb`` as a (H, W, 3) uint8 array; a clear ValueError otherwise."""
-    if isinstance(image_rgb, torch.Tensor):
-        image_rgb = image_rgb.detach().cpu().numpy()
-    image = np.asarray(image_rgb)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{name} must be an (H, W, 3) RGB image, got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {image.shape})")
-    if image.dtype != np.uint8:
-        if np.issubdtype(image.dtype, np.floating) and image.size and image.max() <= 1.0:
-            image = image * 255.0
-        image = np.clip(image, 0, 255).astype(np.uint8)
-    return image
 
 
 def _check_regions(region_maps, name: str = "region_maps") -> torch.Tensor:
@@ -225,61 +213,7 @@ def concept_region_figure(image_rgb: np.ndarray, region_maps: ArrayOrTensor, out
     return _save(fig, output_path, dpi)
 
 
-# ----------------------------------------------------------------------------- model helpers
-def build_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
-    """detectron2's ``DefaultPredictor`` for an sgr_d2 config and checkpoint, the checkpoint loaded
-    through sgr_d2's fit check (:func:`sgr_d2.engine.build_predictor`).
-
-    The config is read with :func:`sgr_d2.engine.load_config`; a config asking for CUDA on a
-    machine without it runs on the CPU. A missing checkpoint is a FileNotFoundError naming it.
-    """
-    from .engine import build_predictor as _build
-    from .config import load_config
-
-    if not weights or not os.path.isfile(weights):
-        raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
-    cfg = load_config(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return _build(cfg)
-
-
-def dataset_item(dataset_name: str, index: int):
-    """``(dataset dict, RGB image, labels (H, W) int64, instance map or None)`` of one image."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.detection_utils import read_image
-
-    from .evaluation.token_semantics import _instance_path, read_instance_map, read_label_map
-
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(f"dataset {dataset_name!r} is not registered; registered sem-seg datasets include "
-                       f"{sorted(n for n in DatasetCatalog.list() if 'sem_seg' in n)[:20]}")
-    dicts = DatasetCatalog.get(dataset_name)
-    if not -len(dicts) <= index < len(dicts):
-        raise IndexError(f"index {index} out of range: dataset {dataset_name!r} has {len(dicts)} images")
-    d = dicts[index]
-    meta = MetadataCatalog.get(dataset_name)
-    image = read_image(d["file_name"], format="RGB")
-    if "sem_seg_file_name" not in d:
-        raise KeyError(f"dataset {dataset_name!r}: the dict of {d['file_name']} has no 'sem_seg_file_name'")
-    labels = read_label_map(d["sem_seg_file_name"], len(meta.stuff_classes), int(meta.get("ignore_label", 255)))
-    if labels.shape != image.shape[:2]:
-        raise ValueError(f"label file {d['sem_seg_file_name']} is {labels.shape} but its image "
-                         f"{d['file_name']} is {image.shape[:2]}")
-    inst_path = _instance_path(d)
-    instances = read_instance_map(inst_path, labels.shape) if inst_path else None
-    return d, image, labels, instances
-
-
-def predict(predictor, image_rgb: np.ndarray) -> Dict[str, torch.Tensor]:
-    """Run a ``DefaultPredictor`` on an RGB image; returns its output dict (on the CPU)."""
-    image = check_image(image_rgb)
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    out = predictor(bgr)
-    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-
-
+# ----------------------------------------------------------------------------- segments
 def segment_names(segment_classes: Sequence[int], class_names: Sequence[str]) -> List[str]:
     """``<class>_<j>`` for each segment, j counting the segments of that class from 1."""
     seen: Dict[int, int] = {}
@@ -377,7 +311,7 @@ def token_histogram_figure(image_rgb: np.ndarray, region_maps: ArrayOrTensor, la
     Columns: the image with its ground-truth instances (instance segments of
     :func:`sgr_d2.evaluation.instance_segments`, named ``<class>_<j>``; spans all rows), the
     token's region map ``P_k`` over the image, its instance histogram ``g_k`` and its class
-    histogram ``h_k`` (SGR_SPEC §3; the ``max_bars`` largest bins). One row per token; the
+    histogram ``h_k`` (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i; the ``max_bars`` largest bins). One row per token; the
     default tokens are the ``num_tokens`` with the most mass over the labelled pixels.
     Size: ``4 · panel_inches · dpi`` × ``rows · panel_inches · dpi`` pixels.
     """

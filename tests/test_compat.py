@@ -120,15 +120,15 @@ def test_launch_needs_cuda_is_decided_by_behaviour(monkeypatch, worker_src, need
     real_import = importlib.import_module
     monkeypatch.setattr(importlib, "import_module",
                         lambda name, *a: fake if name == "detectron2.engine.launch" else real_import(name, *a))
-    compat._launch_needs_cuda.cache_clear()
+    compat.launch_needs_cuda.cache_clear()
     try:
         before = torch.cuda.is_available, torch.distributed.init_process_group
-        assert compat._launch_needs_cuda() is needs_cuda
+        assert compat.launch_needs_cuda() is needs_cuda
         # the probe puts back what it replaced and created no process group
         assert (torch.cuda.is_available, torch.distributed.init_process_group) == before
         assert not torch.distributed.is_initialized()
     finally:
-        compat._launch_needs_cuda.cache_clear()
+        compat.launch_needs_cuda.cache_clear()
 
 
 def test_launch_needs_cuda_matches_what_detectron2s_own_worker_does(tmp_path):
@@ -157,4 +157,4 @@ def test_launch_needs_cuda_matches_what_detectron2s_own_worker_does(tmp_path):
             dist.destroy_process_group()
         comm._LOCAL_PROCESS_GROUP = None
     assert seen == (["gloo"] if ran else [])
-    assert compat._launch_needs_cuda() is (not ran)
+    assert compat.launch_needs_cuda() is (not ran)

@@ -1,14 +1,16 @@
 """Every model config under configs/ builds its model and runs one training and one inference step.
 
-The model is the config's own (depth, widths, heads); only the SGR component is shrunk and the
-input is a tiny synthetic batch, so a step fits on a CPU. The heavy builds (ResNet-101, ...) are
-marked slow; one representative per head runs by default.
+The model is the config's own architecture (depths, heads, decoders, norms, where SGR goes) at
+reduced widths (:data:`SHRINK`), on a tiny synthetic batch, so that every config's step fits in
+the suite on a CPU. The full widths are checked where width is the point: the official
+MaskFormer / Mask2Former layouts (tests/test_published_models.py) and the recipes (below and
+tests/test_recipe_parity.py).
 
 The three datasets' copies of a model differ only in NUM_CLASSES (and the recipe outside
-``MODEL``). Each group of configs whose ``MODEL`` nodes are equal up to NUM_CLASSES and WEIGHTS
-runs the training and inference steps once, on its representative; the other members assert that
-equality, build their model (with their class count) and check its structure, which keeps the
-whole suite within a few CPU minutes.
+``MODEL``), and a ResNet-101 model from its ResNet-50 twin only in the depth. Each group of
+configs whose ``MODEL`` nodes are equal up to NUM_CLASSES, WEIGHTS and RESNETS.DEPTH runs the
+training and inference steps once, on its representative; the other members assert that
+equality, build their model (with their class count and depth) and check its structure.
 """
 import glob
 import math
@@ -37,6 +39,8 @@ CONFIGS = sorted(
 FAST = {
     "toy/dil_fcn_r18.yaml",
     "toy/dil_fcn_r18_sgr.yaml",
+    "toy/maskformer_r18_sgr.yaml",
+    "toy/mask2former_r18_sgr.yaml",
     "ade20k/deeplabv3_r50_sgr.yaml",
     "ade20k/sem_fpn_r50_sgr.yaml",
     "ade20k/upernet_swin_t_sgr.yaml",
@@ -45,14 +49,25 @@ FAST = {
 NOT_SEMANTIC = {"GeneralizedRCNN", "ProposalNetwork", "RetinaNet", "PanopticFPN", "SemanticSegmentor"}
 SGR_LOSSES = ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div")
 SIZE = 64
-SHRINK = [
+SHRINK = [  # widths a quarter or less of the configs' (keys a config does not use change nothing)
     "MODEL.WEIGHTS", "",
-    "MODEL.DEVICE", "cpu",
     "MODEL.SGR.NUM_TOKENS", "16",
     "MODEL.SGR.NUM_MATCHED", "8",
     "MODEL.SGR.TOKEN_DIM", "32",
     "MODEL.SGR.NUM_HEADS", "4",
     "MODEL.SGR.FFN_DIM", "32",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "32",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+    "MODEL.SWIN.EMBED_DIM", "32",
+    "MODEL.SWIN.NUM_HEADS", "[1, 2, 4, 8]",
+    "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM", "32",
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD", "64",
+    "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
+    "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "20",
+    "MODEL.FPN.OUT_CHANNELS", "32",
 ]
 
 
@@ -67,13 +82,14 @@ def _model_key(rel):
     model.defrost()
     model.SEM_SEG_HEAD.NUM_CLASSES = 0
     model.WEIGHTS = ""
+    model.RESNETS.DEPTH = 0  # R-101 is R-50 with more res4 blocks: the same code runs the step
     return model.dump()
 
 
 def _representatives():
     """rel -> the config of its group that runs the steps (a FAST one where there is one)."""
     groups = {}
-    for rel in sorted(CONFIGS, key=lambda r: (r not in FAST, r)):
+    for rel in sorted(CONFIGS, key=lambda r: (r not in FAST, "r101" in r, r)):
         groups.setdefault(_model_key(rel), []).append(rel)
     return {rel: members[0] for members in groups.values() for rel in members}
 
@@ -133,7 +149,7 @@ def test_every_dataset_has_the_required_configs():
     ],
 )
 def test_dataset_recipes(rel, crop, batch, lr, max_iter, classes):
-    """SGR_SPEC §4, the table and the bullet points, read back from the merged configs."""
+    """docs/method.md#training-and-evaluation-recipe: the table and the bullet points, read back from the merged configs."""
     cfg = load_config(os.path.join(CONFIG_DIR, rel))
     assert tuple(cfg.INPUT.CROP.SIZE) == (crop, crop) and cfg.INPUT.CROP.ENABLED
     assert cfg.SOLVER.IMS_PER_BATCH == batch and cfg.SOLVER.BASE_LR == pytest.approx(lr)
@@ -169,10 +185,14 @@ def _sample_parameters(model):
 
 
 @pytest.mark.parametrize("rel", _params())
-def test_config_builds_trains_and_infers(rel):
+def test_config_builds_trains_and_infers(rel, device):
+    """One training step: the SGR terms are there exactly with SGR, MaskFormer's and Mask2Former's
+    a classification, mask and Dice term per decoder output; every term is finite and the update
+    moves the backbone, the head and SGR. Then inference: probabilities over the classes at the
+    requested size, and the region maps with SGR."""
     from sgr_d2.modeling import find_sgr_backbone
 
-    cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK)
+    cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + ["MODEL.DEVICE", str(device)])
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch in NOT_SEMANTIC:
         pytest.skip(f"{rel}: META_ARCHITECTURE {arch} is not one of sgr_d2's semantic segmentors "
@@ -198,7 +218,12 @@ def test_config_builds_trains_and_infers(rel):
     losses = model(batch)
     for key in SGR_LOSSES:
         assert (key in losses) == with_sgr, f"{rel}: {key} present={key in losses}, SGR={with_sgr}"
-    assert losses, f"{rel}: no losses"
+    if arch in ("MaskFormer", "Mask2Former"):
+        mask = {"loss_ce", "loss_mask", "loss_dice"}
+        aux = {f"{k}_{i}" for k in mask for i in range(cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1)}
+        assert set(losses) - set(SGR_LOSSES) == mask | aux, sorted(losses)
+    else:
+        assert set(losses) - set(SGR_LOSSES) == {"loss_sem_seg"}, sorted(losses)
     for key, value in losses.items():
         assert value.dim() == 0 and math.isfinite(value.item()), f"{rel}: {key} = {value}"
     optimizer = build_optimizer(cfg, model)
@@ -218,3 +243,50 @@ def test_config_builds_trains_and_infers(rel):
     for r in out:
         assert tuple(r["sem_seg"].shape) == (num_classes, SIZE, SIZE)
         assert torch.isfinite(r["sem_seg"]).all()
+        assert ("sgr_regions" in r) == with_sgr
+        if with_sgr:
+            assert r["sgr_regions"].shape[0] == cfg.MODEL.SGR.NUM_TOKENS
+
+
+MASK2FORMER_TOY = os.path.join(CONFIG_DIR, "toy", "mask2former_r18_sgr.yaml")
+TOY_SGR = os.path.join(CONFIG_DIR, "toy", "dil_fcn_r18_sgr.yaml")
+
+
+@pytest.mark.parametrize("config, override, words", [
+    (TOY_SGR, ["MODEL.SGR.NUM_MATCHED", "40"], ["NUM_MATCHED (40)", "NUM_TOKENS (32)"]),
+    (TOY_SGR, ["MODEL.SGR.NUM_MATCHED", "-3"], ["MODEL.SGR.NUM_MATCHED is -3; expected a positive"]),
+    (TOY_SGR, ["MODEL.SGR.MATCHING", "nearest"], ["MODEL.SGR.MATCHING is 'nearest'", "'hungarian'"]),
+    (TOY_SGR, ["MODEL.SGR.NUM_HEADS", "5"], ["TOKEN_DIM (128)", "NUM_HEADS (5)"]),
+    (TOY_SGR, ["MODEL.RESNETS.OUTPUT_STRIDE", "4"], ["OUTPUT_STRIDE is 4"]),
+    (TOY_SGR, ["SOLVER.OPTIMIZER", "Adam"], ["SOLVER.OPTIMIZER is 'Adam'"]),
+    (TOY_SGR, ["MODEL.SGR.NUM_TOKEN", "3"], ["command-line override", "MODEL.SGR.NUM_TOKEN", "not a key"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.MASK_LOSS_TYPE", "l1"], ["MASK_LOSS_TYPE", "'l1'"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.HIDDEN_DIM", "60", "MODEL.MASK_FORMER.NHEADS", "8"], ["HIDDEN_DIM", "NHEADS"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO", "1.5"], ["IMPORTANCE_SAMPLE_RATIO", "1.5"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False"], ["SEMANTIC_ON"]),
+    # found when the model is built
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res9"], ["TRANSFORMER_IN_FEATURE", "res9"]),
+    (MASK2FORMER_TOY, ["MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res2', 'p7']"], ["IN_FEATURES", "p7"]),
+    (MASK2FORMER_TOY, ["MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "Nope"], ["PIXEL_DECODER_NAME", "Nope"]),
+    (MASK2FORMER_TOY, ["MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res1']"],
+     ["DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "res1"]),
+    (TOY_SGR, ["MODEL.SGR.IN_FEATURE", "res9"], ["MODEL.SGR.IN_FEATURE is 'res9'"]),
+])
+def test_bad_config_values_name_the_key(config, override, words):
+    """Every check of a config value: the error names the key and the value (each row catches its
+    check dropped or its message losing the key)."""
+    with pytest.raises((ValueError, KeyError)) as err:
+        build_model(load_config(config, ["MODEL.DEVICE", "cpu", *override]))
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_a_config_file_names_itself_in_its_errors(tmp_path):
+    import yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"_BASE_": TOY_SGR, "MODEL": {"SGR": {"NUM_TOKEN": 3}}}))
+    with pytest.raises(ValueError, match=r"config file .*bad\.yaml: .*MODEL\.SGR\.NUM_TOKEN.*not a key"):
+        load_config(str(bad))
+    with pytest.raises(FileNotFoundError, match="config file .*nope.yaml does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))

@@ -164,14 +164,15 @@ def test_demo_writes_segmentation_and_concept_regions(toy_model, tmp_path):
 @pytest.mark.slow
 def test_token_semantics_tool_matches_the_per_image_function(toy_model, tmp_path):
     tool = _load("tools/token_semantics.py")
-    from sgr_d2.visualization import build_predictor, predict
+    from sgr_d2.engine import build_predictor
+    from sgr_d2.predict import predict, predictor_config
 
     rows = tool.main(["--config-file", toy_model["config"], "--weights", toy_model["weights"], "--dataset", TINY,
                       "--output-dir", str(tmp_path / "ev"), "--json", str(tmp_path / "rows.json")])
     assert len(rows) == 1 and rows[0]["K"] == 32 and rows[0]["L"] == 16
     assert 0.0 <= rows[0]["mIoU"] <= 100.0
     # the evaluator's averages equal the mean of the per-image function over DefaultPredictor outputs
-    predictor = build_predictor(toy_model["config"], toy_model["weights"])
+    predictor = build_predictor(predictor_config(toy_model["config"], toy_model["weights"]))
     per_image = []
     for d in toy_model["dicts"]:
         image = np.asarray(Image.open(d["file_name"]).convert("RGB"))

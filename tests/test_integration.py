@@ -68,12 +68,6 @@ def test_sgr_after_an_inner_stage_feeds_the_later_stages():
     assert not torch.allclose(with_sgr["res5"], without["res5"])  # res5 consumed SGR's res4
 
 
-def test_unknown_in_feature_is_a_clear_error():
-    cfg = tiny_toy_cfg(TOY_SGR, "MODEL.SGR.IN_FEATURE", "res9")
-    with pytest.raises(ValueError, match="res9"):
-        build_model(cfg)
-
-
 def test_gradients_reach_the_backbone_through_sgr():
     cfg = tiny_toy_cfg(TOY_SGR)
     model = build_model(cfg).train()
@@ -83,14 +77,6 @@ def test_gradients_reach_the_backbone_through_sgr():
     stem_grad = model.backbone.backbone.stem.conv1.weight.grad
     assert stem_grad is not None and stem_grad.abs().sum() > 0
     assert model.sem_seg_head.predictor.weight.grad is None  # the head is not on this path
-
-
-def test_training_step_losses_with_and_without_sgr():
-    for path, has_sgr in ((TOY_SGR, True), (TOY_BASE, False)):
-        model = build_model(tiny_toy_cfg(path)).train()
-        losses = model(_batch())
-        assert ("loss_sgr_union" in losses) == has_sgr
-        assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_mask_and_label_map_targets_give_the_same_loss():
@@ -148,16 +134,18 @@ def test_sgr_loss_terms_scale_with_their_config_weights():
 
 
 def test_all_ignore_image_trains_with_zero_sgr_loss():
-    """No labelled pixel: the SGR terms are 0, not NaN (0/0), and backward gives zero gradients
-    everywhere (finite), through a graph that still reaches SGR's region path."""
+    """No labelled pixel: every loss term is 0, not NaN (0/0), and backward gives every parameter
+    a gradient, zero and finite: the heads and the SGR terms add zero times their outputs, so the
+    graph reaches every parameter, as DistributedDataParallel(find_unused_parameters=False)
+    needs on a worker whose batch has no label (a term that drops its zero leaves a parameter
+    without a gradient; a normaliser without its clamp gives NaN)."""
     model = build_model(tiny_toy_cfg()).train()
     losses = model(_batch(all_ignore=True))
-    for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
-        assert losses[k].item() == 0.0
+    assert set(losses) == {"loss_sem_seg", "loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"}
+    assert all(v.item() == 0.0 for v in losses.values()), losses
     sum(losses.values()).backward()
-    assert model.backbone.sgr.region_conv.weight.grad is not None
     for name, p in model.named_parameters():
-        assert p.grad is None or (torch.isfinite(p.grad).all() and not p.grad.any()), name
+        assert p.grad is not None and torch.isfinite(p.grad).all() and not p.grad.any(), name
 
 
 def test_inference_gives_probabilities_and_region_maps():
@@ -240,19 +228,6 @@ def test_every_sgr_key_round_trips(tmp_path):
     dumped.write_text(loaded.dump())
     again = load_config(str(dumped))
     assert dict(again.MODEL.SGR) == dict(loaded.MODEL.SGR)
-
-
-def test_bad_config_values_are_clear_errors(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"_BASE_": TOY_SGR, "MODEL": {"SGR": {"NUM_TOKEN": 3}}}))
-    with pytest.raises(ValueError, match=r"bad\.yaml.*MODEL\.SGR\.NUM_TOKEN"):
-        load_config(str(bad))
-    with pytest.raises(ValueError, match=r"NUM_MATCHED \(40\).*NUM_TOKENS \(32\)"):
-        load_config(TOY_SGR, ["MODEL.SGR.NUM_MATCHED", "40"])
-    with pytest.raises(ValueError, match="MATCHING"):
-        load_config(TOY_SGR, ["MODEL.SGR.MATCHING", "nearest"])
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        load_config(str(tmp_path / "nope.yaml"))
 
 
 # ------------------------------------------------------------------ data

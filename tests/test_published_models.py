@@ -378,7 +378,8 @@ def test_every_entry_point_goes_through_the_fit_check(tmp_path):
     from detectron2.engine import default_argument_parser
 
     from sgr_d2.engine.trainer import run
-    from sgr_d2.visualization import build_predictor
+    from sgr_d2.engine import build_predictor
+    from sgr_d2.predict import predictor_config
 
     sys.path.insert(0, os.path.join(REPO, "demo"))
     import demo as demo_script
@@ -403,7 +404,7 @@ def test_every_entry_point_goes_through_the_fit_check(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=expected):
         token_semantics.evaluate(TOY_SGR, str(bad), ["sgr_toy_sem_seg_val"], opts)
     with pytest.raises(CheckpointMismatchError, match=expected):
-        build_predictor(TOY_SGR, str(bad), opts)  # plot_token_histograms.py, plot_qualitative.py
+        build_predictor(predictor_config(TOY_SGR, str(bad), opts))  # plot_token_histograms.py, plot_qualitative.py
 
 
 # ----------------------------------------------------------------------------- detectron2's R-50.pkl

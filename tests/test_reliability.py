@@ -21,10 +21,10 @@ from detectron2.engine import HookBase, default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from sgr_d2 import compat
 from sgr_d2.data.datasets import DatasetLayoutError
 from sgr_d2.engine.checkpoint import AtomicCheckpointer, CheckpointMismatchError
 from sgr_d2.engine.trainer import Trainer, run
+from sgr_d2.engine.workers import launch
 from sgr_d2.sgr import SGRCriterion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,10 +258,11 @@ def test_bad_data_stops_training_naming_the_file(tmp_path, register, kind):
 @pytest.mark.parametrize("opts, expected", [
     (["MODEL.SGR.NUM_TOKEN", "3"], r"Non-existent key: MODEL\.SGR\.NUM_TOKEN \(not a key of detectron2 or sgr_d2"),
     (["MODEL.SGR.NUM_MATCHED", "40"], r"NUM_MATCHED \(40\).*NUM_TOKENS \(32\)"),
-], ids=["unknown_key", "num_matched_above_num_tokens"])
+    (["MODEL.SGR.NUM_MATCHED", "0"], r"MODEL\.SGR\.NUM_MATCHED is 0; expected a positive"),
+], ids=["unknown_key", "num_matched_above_num_tokens", "no_matched_tokens"])
 def test_bad_config_fails_before_writing_anything(tmp_path, opts, expected):
-    # (test_integration.py::test_bad_config_values_are_clear_errors checks load_config's messages
-    # in detail; this goes through train_net.py's main, which writes config.yaml once set up)
+    # (tests/test_configs.py::test_bad_config_values_name_the_key checks every check of
+    # load_config; this goes through train_net.py's body, which must refuse before writing)
     out = tmp_path / "run"
     earlier = _earlier_outputs(out)
     args = default_argument_parser().parse_args(["--config-file", TOY_SGR, "OUTPUT_DIR", str(out), *opts])
@@ -523,8 +524,8 @@ def _criterion_losses(logits, token_logits, targets):
 
 
 def _two_workers_main(out_dir):
-    """Runs in each of the two workers that sgr_d2.compat.launch starts: reports what the worker
-    sees of the process group, and computes the SGR loss of its share of the batch."""
+    """Runs in each of the two workers that sgr_d2.engine.workers.launch starts: reports what the
+    worker sees of the process group, and computes the SGR loss of its share of the batch."""
     import torch.distributed as dist
     from detectron2.utils import comm
 
@@ -560,20 +561,20 @@ def _record_at_exit(path, threads_in_main):
 
 @pytest.fixture(scope="module")
 def two_gloo_workers(module_tmp):
-    """One run of ``sgr_d2.compat.launch(main, num_gpus_per_machine=2)`` on this CPU machine
-    (detectron2 v0.6: compat._cpu_worker spawns the processes and joins a gloo group through a
-    file:// URL), shared by the two tests below: starting workers costs seconds of imports."""
+    """One run of ``sgr_d2.engine.workers.launch(main, num_gpus_per_machine=2)`` on this CPU
+    machine (detectron2 v0.6: workers._cpu_worker spawns the processes and joins a gloo group
+    through a file:// URL), shared by the two tests below: starting workers costs seconds of imports."""
     if torch.cuda.is_available():
-        pytest.skip("with CUDA, compat.launch is detectron2's own launcher (NCCL)")
+        pytest.skip("with CUDA, workers.launch is detectron2's own launcher (NCCL)")
     d = module_tmp
     assert not torch.distributed.is_initialized()
-    compat.launch(_two_workers_main, 2, dist_url=f"file://{d / 'init'}", args=(str(d),))
+    launch(_two_workers_main, 2, dist_url=f"file://{d / 'init'}", args=(str(d),))
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 def test_compat_launch_runs_two_gloo_workers_on_the_cpu(two_gloo_workers):
-    # (whether compat starts the workers itself, i.e. detectron2's launcher needs CUDA, is
-    # checked against the installed launcher's behaviour in test_compat.py)
+    # (whether workers.launch starts the workers itself, i.e. detectron2's launcher needs CUDA,
+    # is checked against the installed launcher's behaviour in test_compat.py)
     reports = two_gloo_workers
     assert [(d["rank"], d["local_rank"]) for d in reports] == [(0, 0), (1, 1)]
     assert all(d["world_size"] == 2 and d["local_size"] == 2 for d in reports)

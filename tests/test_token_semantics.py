@@ -1,4 +1,4 @@
-"""Token-semantics metrics (SGR_SPEC §3, docs/method.md) against hand-computed values."""
+"""Token-semantics metrics (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i) against hand-computed values."""
 import sgr_d2  # noqa: F401  (before any detectron2 import)
 
 import json

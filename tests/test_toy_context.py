@@ -175,6 +175,26 @@ def test_the_baseline_reach_is_its_gradient_support(monkeypatch):
     assert reach == tc.dilated_fcn_reach(cfg)
 
 
+def test_the_deeplabv3_control_sees_the_flag():
+    """tools/compare_sgr.py --control: DeepLabV3's head on the baseline's backbone. Its atrous
+    branches reach 305 (res5) + 36 * 8 (the widest rate at stride 8) + 8 (the 3x3 conv after ASPP)
+    + 11 (the upsampling) = 612 px > 345, and its image pooling the whole strip: an output pixel at
+    one end depends on the input at the other, as it does not for the Dilated-FCN baseline."""
+    from detectron2.modeling import build_model
+
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "8", "MODEL.RESNETS.RES2_OUT_CHANNELS", "8",
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM", "8"]
+    control = load_config(BASELINE, opts + ["MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3Head"])
+    assert tc.head_reach(control) == (612, True) and tc.head_reach(load_config(BASELINE)) == (324, False)
+    for cfg, sees in ((control, True), (load_config(BASELINE, opts), False)):
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        x = torch.randn(1, 3, 32, 512, requires_grad=True)
+        logits = model.sem_seg_head(model.backbone(x))[0]
+        g = torch.autograd.grad(logits[0, 0, 16, 500], x)[0]
+        assert bool(g[..., :100].abs().sum() > 0) == sees  # the flag zone, 400+ px away
+
+
 def test_the_context_configs_share_the_recipe_and_keep_the_flag_out_of_reach():
     base, sgr = load_config(BASELINE), load_config(SGR)
     assert base.MODEL.BACKBONE.NAME != "build_sgr_backbone" and sgr.MODEL.BACKBONE.NAME == "build_sgr_backbone"

@@ -1,4 +1,4 @@
-"""Transfer to detection (SGR_SPEC §5): GloRe, the toy instance dataset, tools/export_backbone.py,
+"""Transfer to detection (docs/method.md#transfer-to-detection): GloRe, the toy instance dataset, tools/export_backbone.py,
 the Mask R-CNN configs and the trainer's detection path."""
 import importlib.util
 import math

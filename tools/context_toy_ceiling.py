@@ -7,8 +7,9 @@
 Prints, for each window radius r, the ceiling on the pixel accuracy of any classifier that sees
 only the (2r + 1)-wide window around a pixel (overall and on the team pixels), computed on the
 split's scenes drawn in both worlds (red and blue flag); then the mIoU ceiling of such a
-classifier, and the reach of the Dilated-FCN configs given with ``--config-files`` (how far an
-output pixel sees).
+classifier, and the reach of the per-pixel configs given with ``--config-files`` (how far an
+output pixel sees; ``KEY VALUE`` overrides after ``--opts`` apply to each, e.g.
+``--opts MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head`` for the control of ``tools/compare_sgr.py``).
 """
 import argparse
 import os
@@ -24,10 +25,11 @@ def main(argv=None):
     p.add_argument("--radii", type=int, nargs="+", default=[8, 64, 324, 344, 400, 511])
     p.add_argument("--config-files", nargs="*",
                    default=[os.path.join(REPO, "configs/toy/dil_fcn_r18_context.yaml")])
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every config")
     args = p.parse_args(argv)
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.data.toy_context import (FLAG_ZONE, TEAM_START, dilated_fcn_reach, local_accuracy_ceiling,
+    from sgr_d2.data.toy_context import (FLAG_ZONE, TEAM_START, head_reach, local_accuracy_ceiling,
                                          local_miou_ceiling, split_scenes, team_iou_ceiling)
     from sgr_d2.config import load_config
 
@@ -45,7 +47,10 @@ def main(argv=None):
     print(f"team IoU ceiling: IoU(red) + IoU(blue) <= {teams:.4f} (at q = {q:.3f}); "
           f"mIoU of a local classifier <= {local_miou_ceiling():.1f}")
     for cf in args.config_files:
-        print(f"reach of {os.path.relpath(cf, REPO)}: {dilated_fcn_reach(load_config(cf))} px")
+        reach, whole = head_reach(load_config(cf, args.opts))
+        extra = f" {' '.join(args.opts)}" if args.opts else ""
+        print(f"reach of {os.path.relpath(cf, REPO)}{extra}: {reach} px"
+              + (" through its convolutions; its image pooling sees the whole image" if whole else ""))
     return rows
 
 

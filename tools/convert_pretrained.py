@@ -39,6 +39,11 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sgr_d2.files import UnsafeWeightsError, WeightsReadError, atomic_write, read_weights  # noqa: E402
 
 __all__ = ["convert_resnet", "convert_swin", "convert_state_dict", "detect_kind", "load_state_dict",
            "convert_file"]
@@ -47,25 +52,23 @@ AUTHOR = "sgr_d2"
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, unwrapped from
-    a ``{"model": ...}`` / ``{"state_dict": ...}`` checkpoint and a ``module.`` prefix."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input file {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+    """The tensors of a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, read by
+    sgr_d2's safe reader, unwrapped from a ``{"model": ...}`` / ``{"state_dict": ...}``
+    checkpoint and a ``module.`` prefix."""
+    try:
+        sd = read_weights(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--input file {path} does not exist") from None
+    except (UnsafeWeightsError, WeightsReadError) as e:  # their message names the file
+        raise type(e)(f"--input: {str(e).rstrip('.')}; expected a torch (.pth/.pt/.bin) or .safetensors "
+                      "state dict") from e
     for key in ("model", "state_dict", "model_state"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+        if isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path} holds no state dict (expected a dict of tensors, got {type(sd).__name__})")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if not sd:
+        raise ValueError(f"{path} holds no state dict (expected a dict of tensors, got an empty dict)")
+    sd = dict(sd)
+    consume_prefix_in_state_dict_if_present(sd, "module.")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path}: entries {bad[:5]} are not tensors; expected a state dict")
@@ -156,12 +159,8 @@ def convert_file(input_path: str, output_path: str, kind: Optional[str] = None) 
         raise ValueError(f"--output {output_path} must end with .pkl (DetectionCheckpointer reads "
                          "name-matched weights from .pkl files)")
     model = convert_state_dict(load_state_dict(input_path), kind)
-    folder = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = output_path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump({"model": model, "__author__": AUTHOR, "matching_heuristics": True}, f)
-    os.replace(tmp, output_path)
+    data = {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
+    atomic_write(output_path, lambda f: pickle.dump(data, f))
     return model
 
 

@@ -3,7 +3,7 @@
 
 1. trains ``configs/toy/dil_fcn_r18_sgr.yaml`` as ``train_net.py`` does, in a child process
    (``sgr_d2.engine.experiments.train_and_evaluate``), which then evaluates the final checkpoint
-   single-scale with the token-semantics metrics and multi-scale + flip (SGR_SPEC §4);
+   single-scale with the token-semantics metrics and multi-scale + flip (docs/method.md#training-and-evaluation-recipe);
 2. prints the mIoU beside that of a majority-class predictor (chance level for this data);
 3. writes a concept-region figure of the first validation image.
 """
@@ -19,15 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sgr_d2  # noqa: E402,F401
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
-from sgr_d2.engine import load_weights
 from sgr_d2.config import load_config  # noqa: E402
+from sgr_d2.engine import build_predictor  # noqa: E402
 from sgr_d2.engine.experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402
+from sgr_d2.predict import dataset_item, predict  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
 
@@ -75,14 +74,12 @@ def main(argv=None):
 
     weights = train_dir / "model_final.pth"
     cfg = load_config(args.config_file, overrides + ["OUTPUT_DIR", str(train_dir), "MODEL.WEIGHTS", str(weights)])
-    model = build_model(cfg)
-    load_weights(cfg, model, str(weights))
-    model.eval()
+    predictor = build_predictor(cfg)  # the weights loaded through the fit check
     train_name, val_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     fig = out / "concept_regions.png"
-    figure_ok = _concept_region_figure(cfg, model, val_name, fig)
+    figure_ok = _concept_region_figure(predictor, val_name, fig)
 
     print("\n==== sgr_d2 demo: sgr_toy_sem_seg_val ====")
     print(f"mIoU single-scale           : {single['sem_seg/mIoU']:.2f}")
@@ -96,15 +93,13 @@ def main(argv=None):
     return single, multi, chance
 
 
-def _concept_region_figure(cfg, model, dataset_name, path) -> bool:
-    d = DatasetCatalog.get(dataset_name)[0]
-    rgb = np.asarray(Image.open(d["file_name"]).convert("RGB"))
-    image = torch.as_tensor(rgb[:, :, ::-1].copy().transpose(2, 0, 1))  # BGR, as the config
-    with torch.no_grad():
-        out = model([{"image": image, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
+def _concept_region_figure(predictor, dataset_name, path) -> bool:
+    """The concept regions of the dataset's first image; False for a model without SGR."""
+    _, rgb, _, _ = dataset_item(dataset_name, 0)
+    out = predict(predictor, rgb)
     if "sgr_regions" not in out:
         return False
-    concept_region_figure(rgb, out["sgr_regions"].cpu(), str(path))
+    concept_region_figure(rgb, out["sgr_regions"], str(path))
     return True
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Export the backbone of a trained segmentation model (with its SGR or GloRe component) as the
-initial weights of detectron2's Mask R-CNN (SGR_SPEC §5).
+initial weights of detectron2's Mask R-CNN (docs/method.md#transfer-to-detection).
 
     python tools/export_backbone.py --config-file configs/coco_stuff_10k/dil_fcn_r101_sgr.yaml \\
         --weights output/coco_stuff_10k/dil_fcn_r101_sgr/model_final.pth \\
@@ -64,12 +64,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (compat shims and registrations before detectron2)
 import torch  # noqa: E402
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present  # noqa: E402
 
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet  # noqa: E402
 
-from sgr_d2.engine.checkpoint import atomic_torch_save  # noqa: E402
+from sgr_d2.engine.checkpoint import atomic_torch_save, read_checkpoint_file  # noqa: E402
+from sgr_d2.files import UnsafeWeightsError, WeightsReadError  # noqa: E402
 from sgr_d2.config import is_detection, load_config  # noqa: E402
 from sgr_d2.modeling.backbone.glore import GloReBackbone  # noqa: E402
 from sgr_d2.modeling.backbone.sgr_backbone import SGRBackbone  # noqa: E402
@@ -116,23 +118,22 @@ def _layout(model) -> Tuple[Optional[str], Optional[str], str, ResNet, Optional[
 
 
 def _load_checkpoint(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--weights file {path} does not exist")
+    """(model state, the checkpoint's other keys) of ``path``, read by sgr_d2's safe reader."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ExportError(f"--weights {path}: cannot read it as a torch checkpoint "
-                          f"({type(e).__name__}: {e}); expected a train_net.py checkpoint (.pth)") from e
-    if not isinstance(ckpt, dict):
-        raise ExportError(f"--weights {path} holds a {type(ckpt).__name__}; expected a dict with 'model'")
-    if isinstance(ckpt.get("model"), dict):
-        state, rest = ckpt["model"], [k for k in ckpt if k != "model"]
-    else:
-        state, rest = ckpt, []
+        ckpt = read_checkpoint_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--weights file {path} does not exist") from None
+    except (UnsafeWeightsError, WeightsReadError) as e:  # their message names the file
+        raise ExportError(f"--weights: {str(e).rstrip('.')}; expected a train_net.py checkpoint (.pth)") from e
+    state = ckpt["model"]
+    if not isinstance(state, dict):
+        raise ExportError(f"--weights {path}: its 'model' is a {type(state).__name__}; expected a state dict")
+    rest = [k for k in ckpt if k != "model"]
     if any(not isinstance(v, torch.Tensor) for v in state.values()):
         raise ExportError(f"--weights {path}: its model state holds non-tensor values; expected a "
                           "state dict")
-    state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+    state = OrderedDict(state)
+    consume_prefix_in_state_dict_if_present(state, "module.")
     return state, rest
 
 

@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
-from sgr_d2.visualization import components_figure, dataset_item  # noqa: E402
+from sgr_d2.predict import dataset_item, read_labelled_image  # noqa: E402
+from sgr_d2.visualization import components_figure  # noqa: E402
 
 
 def get_parser():
@@ -34,9 +35,6 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     from detectron2.data import MetadataCatalog
-    from detectron2.data.detection_utils import read_image
-
-    from sgr_d2.evaluation import read_label_map
 
     if args.input is None and args.dataset is None:
         raise SystemExit("plot_components: give --dataset NAME [--index I] or --input IMAGE LABEL")
@@ -44,14 +42,8 @@ def main(argv=None):
     ignore = args.ignore_label if args.ignore_label is not None else (
         int(meta.get("ignore_label", 255)) if meta is not None else 255)
     if args.input:
-        image_path, label_path = args.input
-        if not os.path.isfile(image_path):
-            raise FileNotFoundError(f"image file {image_path} does not exist")
-        image = read_image(image_path, format="RGB")
-        labels = read_label_map(label_path, len(meta.stuff_classes) if meta is not None else None, ignore)
-        if labels.shape != image.shape[:2]:
-            raise ValueError(f"label file {label_path} is {labels.shape[1]}x{labels.shape[0]} but image "
-                             f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH)")
+        image, labels = read_labelled_image(*args.input, len(meta.stuff_classes) if meta is not None else None,
+                                            ignore)
     else:
         _, image, labels, _ = dataset_item(args.dataset, args.index)
     out = components_figure(image, labels, args.output, meta, ignore_label=ignore,

@@ -17,7 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
-from sgr_d2.visualization import build_predictor, dataset_item, predict, qualitative_figure  # noqa: E402
+from sgr_d2.engine import build_predictor  # noqa: E402
+from sgr_d2.predict import dataset_item, predict, predictor_config  # noqa: E402
+from sgr_d2.visualization import qualitative_figure  # noqa: E402
 
 
 def get_parser():
@@ -47,7 +49,7 @@ def main(argv=None):
     items = [dataset_item(args.dataset, i) for i in args.indices]
     rows = [{"image": image, "labels": labels, "predictions": []} for _, image, labels, _ in items]
     for config_file, weights in zip(args.config_files, args.weights):
-        predictor = build_predictor(config_file, weights, args.opts)
+        predictor = build_predictor(predictor_config(config_file, weights, args.opts))
         for row in rows:
             out = predict(predictor, row["image"])
             if "sem_seg" not in out:

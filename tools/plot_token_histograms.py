@@ -18,7 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
-from sgr_d2.visualization import build_predictor, dataset_item, predict, token_histogram_figure  # noqa: E402
+from sgr_d2.engine import build_predictor  # noqa: E402
+from sgr_d2.predict import dataset_item, predict, predictor_config  # noqa: E402
+from sgr_d2.visualization import token_histogram_figure  # noqa: E402
 
 
 def get_parser():
@@ -40,7 +42,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     from detectron2.data import MetadataCatalog
 
-    predictor = build_predictor(args.config_file, args.weights, args.opts)
+    predictor = build_predictor(predictor_config(args.config_file, args.weights, args.opts))
     dataset = args.dataset or (predictor.cfg.DATASETS.TEST[0] if predictor.cfg.DATASETS.TEST else None)
     if dataset is None:
         raise ValueError("no dataset: give --dataset or set DATASETS.TEST in the config")

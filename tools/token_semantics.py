@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""mIoU and the token-semantics metrics S_C, D_C, S_I, D_I of a checkpoint (SGR_SPEC §3).
+"""mIoU and the token-semantics metrics S_C, D_C, S_I, D_I of a checkpoint (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i).
 
     python tools/token_semantics.py --config-file configs/toy/dil_fcn_r18_sgr.yaml \
         --weights output/toy/dil_fcn_r18_sgr/model_final.pth [--dataset NAME] [KEY VALUE ...]

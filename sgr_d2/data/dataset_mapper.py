@@ -1,4 +1,4 @@
-"""Training mapper for semantic segmentation with SGR's connected components (SGR_SPEC §2, §4)."""
+"""Training mapper for semantic segmentation with SGR's connected components (docs/method.md#supervision-from-connected-components, docs/method.md#training-and-evaluation-recipe)."""
 from __future__ import annotations
 
 import copy
@@ -16,9 +16,10 @@ from detectron2.structures import Instances
 
 from ..sgr import component_label_map
 from .augmentation import PhotometricDistortion
+from .labels import read_sem_seg_checked
 
-__all__ = ["SemSegDatasetMapper", "build_train_augmentations", "read_image_checked",
-           "read_id_map", "check_label_values", "read_sem_seg_checked"]
+__all__ = ["MAPPER_NAMES", "SemSegDatasetMapper", "build_train_augmentations", "read_image_checked",
+           "mapper_class_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,52 +34,24 @@ def read_image_checked(path: str, image_format: str) -> np.ndarray:
         raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
 
 
-def read_id_map(path: str, kind: str = "label") -> np.ndarray:
-    """A single-channel PNG of ids (``kind``: "label" for class ids, "instance" for instance
-    ids) as an (H, W) array of its stored dtype; every error names the file."""
-    try:
-        ids = utils.read_image(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{kind} file {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {kind} file {path}: {type(e).__name__}: {e}") from e
-    if ids.ndim == 3:
-        if ids.shape[2] != 1:
-            raise ValueError(
-                f"{kind} file {path} has {ids.shape[2]} channels; expected a single-channel PNG of {kind} ids"
-            )
-        ids = ids[:, :, 0]
-    return ids
+# The values of INPUT.DATASET_MAPPER_NAME, each with whether its training mapper emits the
+# per-class ``instances`` that MaskFormer / Mask2Former train on (the components: both).
+MAPPER_NAMES = {"sgr_sem_seg": False, "sgr_mask_former_semantic": True}
 
 
-def check_label_values(sem: np.ndarray, path: str, num_classes: int, ignore_label: int) -> None:
-    """Every value of a label map is a class id (0..num_classes-1) or the ignore label."""
-    bad = np.unique(sem[((sem >= num_classes) & (sem != ignore_label)) | (sem < 0)])
-    if bad.size:
+def mapper_class_masks(name: str) -> bool:
+    """Whether the mapper ``name`` (``INPUT.DATASET_MAPPER_NAME``) emits per-class ``instances``;
+    an unknown name is a ValueError naming the key and the known names."""
+    if name not in MAPPER_NAMES:
         raise ValueError(
-            f"label file {path} holds values {bad[:10].tolist()} outside the class range "
-            f"0..{num_classes - 1} (ignore label {ignore_label}); was the dataset prepared "
-            "with its datasets/prepare_*.py script?"
+            f"INPUT.DATASET_MAPPER_NAME is {name!r}; expected 'sgr_sem_seg' (per-pixel heads) or "
+            "'sgr_mask_former_semantic' (MaskFormer / Mask2Former: also one mask per class)"
         )
-
-
-def read_sem_seg_checked(path: str, image_shape: Tuple[int, int], num_classes: Optional[int],
-                         ignore_label: int) -> np.ndarray:
-    """Read a label PNG and check its size against the image and its values against the classes."""
-    sem = read_id_map(path, "label")
-    if tuple(sem.shape[:2]) != tuple(image_shape[:2]):
-        raise ValueError(
-            f"label file {path} is {sem.shape[1]}x{sem.shape[0]} (WxH) but its image is "
-            f"{image_shape[1]}x{image_shape[0]}; a label map must have its image's size"
-        )
-    if num_classes is not None:
-        check_label_values(sem, path, num_classes, ignore_label)
-    # uint8 maps go through PIL in detectron2's transforms; others through torch, as doubles.
-    return sem if sem.dtype == np.uint8 else sem.astype(np.float64)
+    return MAPPER_NAMES[name]
 
 
 def build_train_augmentations(cfg) -> List[T.Augmentation]:
-    """Random scale (shortest edge), crop, colour jitter and horizontal flip (SGR_SPEC §4); the
+    """Random scale (shortest edge), crop, colour jitter and horizontal flip (docs/method.md#training-and-evaluation-recipe); the
     colour jitter is MaskFormer's (:class:`~sgr_d2.data.augmentation.PhotometricDistortion`:
     brightness, contrast, saturation, hue), which the paper follows."""
     augs: List[T.Augmentation] = [
@@ -103,8 +76,8 @@ class SemSegDatasetMapper:
     Output keys: ``image`` (C, H, W) uint8 tensor, ``sem_seg`` (H, W) int64 tensor,
     ``components`` = ``{"labels": (H, W) int32 component ids (-1 = none), "classes": (N,) int64}``
     (the compact form of ``connected_components``' masks: mask j is ``labels == j``) and, with
-    ``class_masks=True`` (MaskFormer-style heads), ``instances`` with one mask per class
-    (``gt_classes``, ``gt_masks``).
+    ``class_masks=True`` (MaskFormer / Mask2Former: ``INPUT.DATASET_MAPPER_NAME``
+    "sgr_mask_former_semantic"), ``instances`` with one mask per class (``gt_classes``, ``gt_masks``).
 
     With ``is_train=False`` (the evaluation loader, ``Trainer.build_test_loader``) it resizes as
     detectron2's test mapper does and emits only ``image`` and ``sem_seg``, with the same checked
@@ -136,6 +109,7 @@ class SemSegDatasetMapper:
         if names:
             meta = MetadataCatalog.get(names[0])
             ignore = meta.get("ignore_label", ignore)
+        class_masks = mapper_class_masks(cfg.INPUT.DATASET_MAPPER_NAME)  # checks the name
         common = dict(is_train=is_train, image_format=cfg.INPUT.FORMAT, ignore_label=ignore,
                       num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         if not is_train:
@@ -146,13 +120,12 @@ class SemSegDatasetMapper:
         pad = None
         if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
             pad = tuple(cfg.INPUT.CROP.SIZE)
-        heads_with_class_masks = ("MaskFormer", "Mask2Former")
         return dict(
             common,
             augmentations=build_train_augmentations(cfg),
             pad_size=pad,
             components=True,
-            class_masks=any(h in cfg.MODEL.META_ARCHITECTURE for h in heads_with_class_masks),
+            class_masks=class_masks,
             image_pad_value=cfg.INPUT.IMAGE_PAD_VALUE,
         )
 

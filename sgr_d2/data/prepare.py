@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import atomic_write
+
 __all__ = ["missing_error", "read_label_png", "write_label_png", "up_to_date", "run_conversions",
            "prepare_main"]
 
@@ -34,10 +36,9 @@ def read_label_png(src: Path) -> np.ndarray:
 
 
 def write_label_png(labels: np.ndarray, dst: Path) -> None:
-    """Write a uint8 label map as PNG through a temporary file renamed over ``dst``."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(labels, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    """Write a uint8 label map as PNG, atomically (:func:`sgr_d2.files.atomic_write`)."""
+    image = Image.fromarray(labels, mode="L")
+    atomic_write(str(dst), lambda f: image.save(f, format="PNG"))
 
 
 def up_to_date(src: Path, dst: Path) -> bool:

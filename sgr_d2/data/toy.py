@@ -34,6 +34,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 
+from ..files import atomic_write
+
 __all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene",
            "write_generated_split", "load_generated_split", "register_generated"]
 
@@ -162,10 +164,9 @@ def write_generated_split(root: Path, split: str, count: int, seed: int, draw, s
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if dest.exists():
                     shutil.rmtree(dest)
-                os.replace(tmp / sub, dest)
-        tmp_stamp = stamp_file.with_suffix(".tmp")
-        tmp_stamp.write_text(json.dumps(stamp))
-        os.replace(tmp_stamp, stamp_file)
+                os.replace(tmp / sub, dest)  # a whole folder: not a job for atomic_write (one file)
+        text = json.dumps(stamp)
+        atomic_write(str(stamp_file), lambda f: f.write(text), binary=False)
     return root
 
 

@@ -66,7 +66,7 @@ from .toy import IGNORE, load_generated_split, register_generated, write_generat
 
 __all__ = ["CONTEXT_CLASSES", "CONTEXT_COLORS", "CONTEXT_SPLITS", "FLAG_ZONE", "TEAM_START",
            "draw_context_scene", "scene_team", "split_scenes", "generate_context_split", "context_root", "register_toy_context",
-           "local_accuracy_ceiling", "team_iou_ceiling", "local_miou_ceiling", "dilated_fcn_reach"]
+           "local_accuracy_ceiling", "team_iou_ceiling", "local_miou_ceiling", "dilated_fcn_reach", "head_reach"]
 
 CONTEXT_CLASSES = ["ground", "flag", "rock", "red_team", "blue_team"]
 CONTEXT_COLORS = [[120, 110, 90], [250, 220, 0], [90, 80, 70], [220, 40, 40], [40, 60, 220]]
@@ -228,28 +228,51 @@ def local_miou_ceiling() -> float:
     return 100.0 * (others + teams) / len(CONTEXT_CLASSES)
 
 
-def dilated_fcn_reach(cfg) -> int:
-    """Largest distance (pixels, along a row or column) between an output pixel of the
-    Dilated-FCN model of ``cfg`` (dilated ResNet, no SGR) and an input pixel it depends on:
-    res5's half receptive field, plus the head's ``NUM_CONVS`` 3×3 convs at the feature stride,
-    plus the bilinear upsampling (``align_corners=False``): output pixel x reads cells ⌊u⌋ and
-    ⌊u⌋ + 1 (u = (x + 0.5)/stride − 0.5; cell i centred on input pixel stride·i), a cell with
-    weight 0 not counted."""
-    from ..modeling.backbone.resnet import receptive_field
-
-    if cfg.MODEL.SEM_SEG_HEAD.NAME != "DilatedFCNHead":
-        raise ValueError(f"MODEL.SEM_SEG_HEAD.NAME is {cfg.MODEL.SEM_SEG_HEAD.NAME!r}; the reach is "
-                         "computed for 'DilatedFCNHead'")
-    size, stride = receptive_field(cfg)
-    reach = (size - 1) // 2 + cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS * stride
-    upsample = 0
+def _upsample_reach(stride: int) -> int:
+    """How far the bilinear ×``stride`` upsampling (``align_corners=False``) reaches: output
+    pixel x reads cells ⌊u⌋ and ⌊u⌋ + 1 (u = (x + 0.5)/stride − 0.5; cell i centred on input pixel
+    stride·i), a cell with weight 0 not counted."""
+    reach = 0
     for x in range(stride):  # the pattern repeats every `stride` pixels
         u = (x + 0.5) / stride - 0.5
         lo = int(np.floor(u))
         frac = u - lo
         used = [c for c, wgt in ((lo, 1 - frac), (lo + 1, frac)) if wgt > 0]
-        upsample = max(upsample, max(abs(x - stride * c) for c in used))
-    return reach + upsample
+        reach = max(reach, max(abs(x - stride * c) for c in used))
+    return reach
+
+
+def head_reach(cfg):
+    """``(reach, whole_image)`` of the per-pixel model of ``cfg`` (dilated ResNet, no SGR): the
+    largest distance (pixels, along a row or column) between an output pixel and an input pixel
+    its convolutions depend on, and whether some branch sees the whole image.
+
+    * ``DilatedFCNHead``: res5's half receptive field, plus the head's ``NUM_CONVS`` 3×3 convs at
+      the feature stride, plus the bilinear upsampling;
+    * ``DeepLabV3Head``: res5's half receptive field, plus the widest atrous 3×3 branch (rate d at
+      stride s reaches d·s), plus the 3×3 conv after ASPP, plus the upsampling; its image-pooling
+      branch averages the whole feature map, so ``whole_image`` is True.
+    """
+    from ..modeling.backbone.resnet import receptive_field
+
+    head = cfg.MODEL.SEM_SEG_HEAD
+    size, stride = receptive_field(cfg)
+    if head.NAME == "DilatedFCNHead":
+        convs, whole = head.NUM_CONVS * stride, False
+    elif head.NAME == "DeepLabV3Head":
+        convs, whole = max(head.ASPP_DILATIONS) * stride + stride, True
+    else:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NAME is {head.NAME!r}; the reach is computed for "
+                         "'DilatedFCNHead' and 'DeepLabV3Head'")
+    return (size - 1) // 2 + convs + _upsample_reach(stride), whole
+
+
+def dilated_fcn_reach(cfg) -> int:
+    """The reach of the Dilated-FCN model of ``cfg`` (:func:`head_reach`), which sees no further."""
+    if cfg.MODEL.SEM_SEG_HEAD.NAME != "DilatedFCNHead":
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.NAME is {cfg.MODEL.SEM_SEG_HEAD.NAME!r}; the reach is "
+                         "computed for 'DilatedFCNHead'")
+    return head_reach(cfg)[0]
 
 
 register_toy_context()

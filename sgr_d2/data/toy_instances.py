@@ -1,5 +1,5 @@
 """``sgr_toy_instances_train`` / ``_val``: the toy scenes (``sgr_d2.data.toy``) as a COCO
-instance-segmentation dataset, for Mask R-CNN (SGR_SPEC §5 on a CPU).
+instance-segmentation dataset, for Mask R-CNN (docs/method.md#transfer-to-detection, on a CPU).
 
 The things of ``sgr_toy`` (``ball``, ``box``, ``kite``, COCO category ids 1, 2, 3) are read from
 the instance-id PNGs (0 = stuff / ignore, 1.. = objects). Each instance becomes a COCO
@@ -17,7 +17,6 @@ it converts the dicts to COCO json itself (detectron2's fallback), with the same
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -27,6 +26,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..files import atomic_write
 from .toy import TOY_COLORS, TOY_SPLITS, TOY_VERSION, generate_toy_split, toy_root
 
 __all__ = ["TOY_THING_CLASSES", "toy_instances_json", "toy_coco_dict", "register_toy_instances"]
@@ -97,10 +97,8 @@ def toy_instances_json(split: str, root: Path | None = None) -> Path:
             info = {}  # a damaged file is written again
         if info.get("toy_version") == TOY_VERSION and info.get("format") == _FORMAT_VERSION:
             return path
-    data = toy_coco_dict(split, root)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # readers see the old file or the whole new one
+    text = json.dumps(toy_coco_dict(split, root))
+    atomic_write(str(path), lambda f: f.write(text), binary=False)  # readers: the old file or the whole new one
     return path
 
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from ..files import atomic_write
+
 __all__ = ["peak_rss_mib", "read_last_evaluation", "read_final_metrics", "median_step_time",
            "train_and_evaluate", "TOKEN_METRICS"]
 
@@ -185,7 +187,7 @@ def _child(argv=None):
         raise SystemExit("sgr_d2.engine.experiments trains on one machine; use train_net.py for more")
     # train, then evaluate as the config says (into metrics.json), as train_net.py does
     if args.num_gpus > 1:  # the workers are processes of their own: their memory is not measured
-        from ..compat import launch
+        from .workers import launch
 
         launch(run, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
         peak = {"peak_rss_mib": None, "peak_cuda_mib": None}
@@ -201,12 +203,14 @@ def _child(argv=None):
         load_weights(cfg, model, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         model.eval()
         res = _flatten(Trainer.test_with_TTA(cfg, model))
-        tmp = os.path.join(cfg.OUTPUT_DIR, "results_TTA.json.tmp")
-        Path(tmp).write_text(json.dumps(res, indent=1))
-        os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "results_TTA.json"))
-    tmp = os.path.join(cfg.OUTPUT_DIR, "peak_memory.json.tmp")
-    Path(tmp).write_text(json.dumps(peak))
-    os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "peak_memory.json"))
+        _write_json(os.path.join(cfg.OUTPUT_DIR, "results_TTA.json"), res, indent=1)
+    _write_json(os.path.join(cfg.OUTPUT_DIR, "peak_memory.json"), peak)
+
+
+def _write_json(path: str, obj, indent: Optional[int] = None) -> None:
+    """``obj`` as JSON in ``path``, written atomically."""
+    text = json.dumps(obj, indent=indent)
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def restart_data_loader(simple_trainer) -> None:
 
 
 def rng_state() -> Dict:
-    """Python's, NumPy's and torch's random states (and CUDA's once CUDA is in use), in types
-    that ``torch.load(weights_only=True)`` accepts."""
+    """Python's, NumPy's and torch's random states (and the current CUDA device's once CUDA is
+    in use: a one-process run trains on that device), in types that
+    ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -110,7 +111,7 @@ def rng_state() -> Dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -121,7 +122,11 @@ def set_rng_state(state: Dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # an earlier sgr_d2 saved every visible device's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 _NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")

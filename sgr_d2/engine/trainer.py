@@ -205,14 +205,14 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # detectron2's loader (its DatasetMapper for detection), with a sampler that can resume
         mapper = None
-        if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
+        if not is_detection(cfg):
             mapper = SemSegDatasetMapper(cfg, True)
         return resumable_train_loader(cfg, mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
-            if not is_detection(cfg) and cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg":
+            if not is_detection(cfg):
                 # the training mapper's checked reads, with detectron2's test-time resize
                 return build_detection_test_loader(cfg, dataset_name,
                                                    mapper=SemSegDatasetMapper(cfg, False, dataset_name))
@@ -238,7 +238,7 @@ class Trainer(DefaultTrainer):
                 f"no evaluator for dataset {dataset_name!r} with evaluator_type {kind!r}"
             )
         if cfg.TEST.TOKEN_SEMANTICS:
-            # S_C, D_C, S_I, D_I (SGR_SPEC §3) from the outputs' "sgr_regions"; also written to
+            # S_C, D_C, S_I, D_I (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i) from the outputs' "sgr_regions"; also written to
             # <output_folder>/token_semantics.json.
             if cfg.MODEL.BACKBONE.NAME != "build_sgr_backbone":
                 raise ValueError(

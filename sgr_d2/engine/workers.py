@@ -1,26 +1,33 @@
-"""Worker processes stop when the process that launched them dies (docs/reliability.md §4).
+"""The launcher of worker processes, and what makes them end cleanly (docs/reliability.md §4).
 
-``train_net.py --num-gpus N`` runs ``run`` in N processes that a launcher started
-(detectron2's ``launch`` or ``sgr_d2.compat.launch``, both through ``torch.multiprocessing``).
-If the launcher is killed (SIGKILL, an OOM kill, a lost SSH session), nothing tells them, and
-they keep training and writing checkpoints into the same folder. :func:`stop_with_launcher`,
+:func:`launch` is what ``train_net.py --num-gpus N`` starts its N workers with: detectron2's
+``launch``, except on a machine without CUDA with detectron2 v0.6, whose launcher asserts CUDA
+(``sgr_d2.compat``, shim 4: :func:`~sgr_d2.compat.launch_needs_cuda`); there it starts the
+workers itself, through ``torch.multiprocessing``, in a gloo process group.
+
+If the launcher is killed (SIGKILL, an OOM kill, a lost SSH session), nothing tells the workers,
+and they keep training and writing checkpoints into the same folder. :func:`stop_with_launcher`,
 called first thing in each worker, makes them exit with it.
 
-:func:`run_then_release` is what ``sgr_d2.compat.launch`` runs in each worker: the main function,
-then :func:`release_process_groups`, so that a worker whose main function returned exits cleanly
+:func:`run_then_release` is what :func:`launch` runs in each worker: the main function, then
+:func:`release_process_groups`, so that a worker whose main function returned exits cleanly
 instead of aborting in the interpreter's shutdown.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+from datetime import timedelta
 
-__all__ = ["release_process_groups", "run_then_release", "stop_with_launcher"]
+from .. import compat
+
+__all__ = ["launch", "release_process_groups", "run_then_release", "stop_with_launcher"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _started = False
@@ -108,3 +115,54 @@ def run_then_release(main_func, *args):
     result = main_func(*args)
     release_process_groups()
     return result
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
+           timeout=timedelta(minutes=30)):
+    """detectron2's ``launch`` (same arguments), with each worker's ``main_func`` run through
+    :func:`run_then_release`; on a machine without CUDA whose detectron2 launcher needs it
+    (v0.6), the workers are started here and join a gloo group (:func:`_cpu_worker`)."""
+    import torch
+    from detectron2.engine import launch as d2_launch
+
+    world_size = num_machines * num_gpus_per_machine
+    if world_size > 1:  # each worker destroys its process groups before exiting
+        main_func = functools.partial(run_then_release, main_func)
+    if world_size <= 1 or torch.cuda.is_available() or not compat.launch_needs_cuda():
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    import torch.multiprocessing as mp
+
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported for several machines")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
+                timeout):
+    """One worker of :func:`launch` on the CPU: a gloo process group of ``world_size`` and
+    detectron2's local group of this machine's workers, then ``main_func(*args)``."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    compat.apply()
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
+                            timeout=timeout)
+    num_machines = world_size // num_per_machine
+    for i in range(num_machines):
+        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
+        group = dist.new_group(ranks)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)

@@ -1,4 +1,4 @@
-"""Evaluation: mIoU with a fixed definition (sem_seg.py) and the token-semantics metrics (SGR_SPEC §3)."""
+"""Evaluation: mIoU with a fixed definition (sem_seg.py) and the token-semantics metrics (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i)."""
 from .sem_seg import SGRSemSegEvaluator, sem_seg_metrics  # noqa: F401
 from .token_semantics import (  # noqa: F401
     DEFAULT_MIN_MASS_FRACTION,

@@ -22,7 +22,7 @@ from detectron2.evaluation import SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..data.dataset_mapper import read_sem_seg_checked
+from ..data.labels import read_sem_seg_checked
 
 __all__ = ["SGRSemSegEvaluator", "sem_seg_metrics"]
 
@@ -35,7 +35,10 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nanmean(v: np.ndarray) -> float:
+def _nanmean(values) -> float:
+    """The mean of ``values`` (an array or any iterable of numbers) without its NaNs; NaN when
+    none is left (numpy's ``nanmean`` warns there)."""
+    v = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
     v = v[~np.isnan(v)]
     return float(v.mean()) if v.size else float("nan")
 
@@ -83,7 +86,7 @@ class SGRSemSegEvaluator(SemSegEvaluator):
     """detectron2's ``SemSegEvaluator`` with checked ground truth and sgr_d2's metric definitions.
 
     * ``process``: each ground-truth label map is read as training reads it
-      (:func:`~sgr_d2.data.dataset_mapper.read_sem_seg_checked`): a file that is missing or
+      (:func:`~sgr_d2.data.labels.read_sem_seg_checked`): a file that is missing or
       unreadable, of another size than the prediction (the image's size), or with values outside
       ``0..K-1`` and the ignore label is a ``ValueError``/``FileNotFoundError`` naming the file,
       instead of a crash, an ``AssertionError`` or a silently lower mIoU. The confusion matrix

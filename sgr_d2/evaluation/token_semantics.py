@@ -1,4 +1,4 @@
-"""Token-semantics metrics S_C, D_C, S_I, D_I (SGR_SPEC §3; definitions in docs/method.md).
+"""Token-semantics metrics S_C, D_C, S_I, D_I (definitions: docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i).
 
 Pure functions first (no detectron2), then the detectron2 ``DatasetEvaluator``.
 
@@ -35,7 +35,9 @@ from torch.nn import functional as F
 
 from detectron2.evaluation import DatasetEvaluator
 
+from ..data.labels import check_label_values, read_id_map, read_sem_seg_checked
 from ..sgr.components import component_label_map
+from .sem_seg import _nanmean
 
 __all__ = [
     "DEFAULT_MIN_MASS_FRACTION",
@@ -220,8 +222,6 @@ def image_token_semantics(region_maps: ArrayOrTensor, labels: ArrayOrTensor,
 # ----------------------------------------------------------------------------- files
 def read_label_map(path: str, num_classes: Optional[int] = None, ignore_label: int = 255) -> np.ndarray:
     """A single-channel label PNG as (H, W) int64; errors name the file and the bad values."""
-    from ..data.dataset_mapper import check_label_values, read_id_map
-
     y = read_id_map(path, "label").astype(np.int64)
     if num_classes is not None:
         check_label_values(y, path, num_classes, ignore_label)
@@ -234,8 +234,6 @@ def read_instance_map(path: str, shape: Optional[Tuple[int, int]] = None) -> np.
     Cityscapes ``*_gtFine_instanceIds.png`` store ``label_id`` (< 1000) for stuff and crowd
     regions and ``label_id · 1000 + k`` for instances: values below 1000 become 0.
     """
-    from ..data.dataset_mapper import read_id_map
-
     inst = read_id_map(path, "instance").astype(np.int64)
     if shape is not None and inst.shape != tuple(shape):
         raise ValueError(f"instance file {path} is {inst.shape[1]}x{inst.shape[0]} (WxH) but its label map is "
@@ -255,11 +253,6 @@ def _instance_path(dataset_dict) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- evaluator
-def _nanmean(values) -> float:
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    return float(v.mean()) if v.size else math.nan
-
-
 def summarize(per_image: List[Dict[str, float]]) -> Dict[str, float]:
     """Dataset averages of per-image results: each metric over the images where it is defined."""
     return {key: _nanmean(r[key] for r in per_image) for key in METRIC_KEYS}
@@ -319,8 +312,6 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
                 raise KeyError(f"image {name!r} is not in dataset {self._dataset_name!r}")
             label_file, inst_file = self._files[name]
             if "height" in inp and "width" in inp:  # also check the label's size against the image's
-                from ..data.dataset_mapper import read_sem_seg_checked
-
                 labels = read_sem_seg_checked(label_file, (inp["height"], inp["width"]), self._num_classes,
                                               self._ignore_label).astype(np.int64)
             else:

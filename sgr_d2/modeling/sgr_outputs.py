@@ -42,7 +42,7 @@ def pad_component_targets(batched_inputs: List[Dict], padded_hw, device) -> List
         if "components" not in x:
             raise KeyError(
                 "SGR training needs the connected components of each image under the key 'components'; "
-                "use sgr_d2's dataset mapper (INPUT.DATASET_MAPPER_NAME 'sgr_sem_seg')"
+                "use sgr_d2's dataset mappers (INPUT.DATASET_MAPPER_NAME 'sgr_sem_seg' or 'sgr_mask_former_semantic')"
             )
         comp = x["components"]
         key, fill = ("labels", -1) if "labels" in comp else ("masks", False)

@@ -14,7 +14,7 @@ class SemanticSegmentorWithTTA(nn.Module):
     """Averages the model's ``sem_seg`` probabilities over scales × {identity, horizontal flip}.
 
     Each input image (already at the test size) is resized by every factor in ``scales``
-    (SGR_SPEC §4: 0.5 … 1.75), optionally flipped; the model is asked for its prediction at
+    (docs/method.md#training-and-evaluation-recipe: 0.5 … 1.75), optionally flipped; the model is asked for its prediction at
     the original ``height`` × ``width``; flipped predictions are flipped back; the mean of all
     of them is returned. Images are run one at a time.
     """

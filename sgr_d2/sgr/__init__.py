@@ -1,7 +1,7 @@
 """The framework-agnostic SGR core: pure PyTorch (plus NumPy/SciPy), no detectron2.
 
-* :class:`SGRModule` — the component (SGR_SPEC §1);
-* :func:`connected_components` — supervision targets (SGR_SPEC §2);
+* :class:`SGRModule` — the component (docs/method.md#the-sgr-component);
+* :func:`connected_components` — supervision targets (docs/method.md#supervision-from-connected-components);
 * :func:`pairwise_cost`, :func:`match_tokens` — the cost matrix and matching;
 * :class:`SGRCriterion` — the union, class and diversity losses with the β weighting;
 * :func:`autocast_off` — what keeps the sensitive parts in float32 under mixed precision.

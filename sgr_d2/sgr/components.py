@@ -1,4 +1,4 @@
-"""Connected components of a semantic label map (SGR_SPEC §2), 8-connectivity, per class.
+"""Connected components of a semantic label map (docs/method.md#supervision-from-connected-components), 8-connectivity, per class.
 
 All classes are labelled in one pass over the map's horizontal runs: each row is cut into
 maximal runs of one value, two runs of consecutive rows are linked when they hold the same

@@ -1,4 +1,4 @@
-"""SGR losses from connected components (SGR_SPEC §2): union, class and diversity terms.
+"""SGR losses from connected components (docs/method.md#supervision-from-connected-components): union, class and diversity terms.
 
 Resolution: the component masks are resized *down* to the region maps' resolution with area
 interpolation, so a target pixel holds the fraction of its area covered by the component.
@@ -76,7 +76,9 @@ def weighted_bce(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
 
 
 def weighted_dice(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor):
-    """Per-row ``1 - (2 Σ w p t + 1) / (Σ w p + Σ w t + 1)``."""
+    """Per-row ``1 - (2 Σ w p t + 1) / (Σ w p + Σ w t + 1)``.
+
+    Not MaskFormer's ``dice_loss``: that one is unweighted, takes logits and sums over rows."""
     inter = (pred * target * weight).sum(-1)
     return 1 - (2 * inter + 1) / ((pred * weight).sum(-1) + (target * weight).sum(-1) + 1)
 

@@ -1,4 +1,4 @@
-"""Cost matrix and token-to-component matching (SGR_SPEC §2)."""
+"""Cost matrix and token-to-component matching (docs/method.md#matching)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -34,6 +34,7 @@ def pairwise_cost(
         dice_weight: ρ.
 
     BCE is the weighted mean over pixels; Dice is ``1 - (2 Σ w P M + 1) / (Σ w P + Σ w M + 1)``.
+    Its dice is not MaskFormer's ``pairwise_dice`` (unweighted, logits) nor ``weighted_dice`` (matched rows).
     """
     if weight is None:
         weight = regions.new_ones(regions.shape[1])

@@ -1,4 +1,4 @@
-"""The SGR component (SGR_SPEC §1): concept regions, tokens, global reasoning, re-projection."""
+"""The SGR component (docs/method.md#the-sgr-component): concept regions, tokens, global reasoning, re-projection."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -88,7 +88,7 @@ class SGRModule(nn.Module):
         for m in (self.region_conv, self.value_conv[0], self.out_conv):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.region_conv.bias)
-        # Zero-initialised last norm: the component starts as the identity map (SGR_SPEC §1.4).
+        # Zero-initialised last norm: the component starts as the identity map (docs/method.md#the-sgr-component).
         if getattr(self.out_norm, "weight", None) is not None:
             nn.init.zeros_(self.out_norm.weight)
         else:

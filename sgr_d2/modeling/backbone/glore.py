@@ -1,6 +1,6 @@
 """GloRe, the graph-based global reasoning unit (Chen et al., CVPR 2019), as a backbone wrapper.
 
-SGR_SPEC §5 compares SGR with GloRe in its place. ``build_glore_backbone`` wraps any registered
+The transfer experiment (docs/method.md#transfer-to-detection) compares SGR with GloRe in its place. ``build_glore_backbone`` wraps any registered
 backbone (``MODEL.GLORE.BACKBONE_NAME``) and inserts a :class:`GloReUnit` after the stage
 ``MODEL.GLORE.IN_FEATURE``, found the way :class:`~sgr_d2.modeling.backbone.sgr_backbone.SGRBackbone`
 finds it (a sub-module of that name, inside ``bottom_up`` for an FPN). State-dict keys are

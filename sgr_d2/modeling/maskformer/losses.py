@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from torch.nn import functional as F
+from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
 __all__ = [
     "dice_loss",
@@ -40,7 +41,8 @@ FOCAL_GAMMA = 2.0
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """Σ_rows (1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)) / num_masks, with p = sigmoid(inputs)."""
+    """Σ_rows (1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)) / num_masks, with p = sigmoid(inputs).
+    Not ``sgr_d2.sgr.losses.weighted_dice``: that one weights pixels and takes probabilities."""
     p = inputs.sigmoid().flatten(1)
     t = targets.flatten(1)
     numerator = 2 * (p * t).sum(-1)
@@ -56,20 +58,15 @@ def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: floa
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float,
                        alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA) -> torch.Tensor:
-    """Σ_rows mean_points focal(sigmoid(inputs), targets) / num_masks."""
-    x = inputs.flatten(1)
-    t = targets.flatten(1)
-    p = x.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    """Σ_rows mean_points focal(sigmoid(inputs), targets) / num_masks; the per-point loss is
+    torchvision's ``sigmoid_focal_loss``."""
+    loss = tv_sigmoid_focal_loss(inputs.flatten(1), targets.flatten(1), alpha=alpha, gamma=gamma)
     return loss.mean(1).sum() / num_masks
 
 
 def pairwise_dice(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits × (N, P) targets -> (Q, N) dice losses."""
+    """(Q, P) logits × (N, P) targets -> (Q, N) dice losses.
+    Not :func:`dice_loss` (matched rows) nor ``sgr.matching.pairwise_cost``'s (weighted probabilities)."""
     p = inputs.sigmoid()
     numerator = 2 * p @ targets.T
     denominator = p.sum(-1)[:, None] + targets.sum(-1)[None, :]

@@ -3,8 +3,9 @@
 Both names are one class: what makes a model MaskFormer or Mask2Former is its head
 (``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``, ``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``) and
 its losses (``MODEL.MASK_FORMER.{MASK_LOSS_TYPE, TRAIN_NUM_POINTS, *_WEIGHT}``), set by the configs.
-``META_ARCHITECTURE`` must contain "MaskFormer" or "Mask2Former" so that sgr_d2's dataset mapper
-emits the per-class ``instances`` these models train on.
+Their training data come from the dataset mapper ``INPUT.DATASET_MAPPER_NAME``
+"sgr_mask_former_semantic" (the configs' Base-*.yaml set it), which emits the per-class
+``instances`` these models train on.
 
 Training returns the weighted mask-classification losses (``loss_ce``, ``loss_mask``,
 ``loss_dice`` and their ``_i`` copies for the aux outputs) and, with a :class:`SGRBackbone`,
@@ -144,8 +145,8 @@ class MaskFormer(nn.Module):
             if "instances" not in x:
                 raise KeyError(
                     "MaskFormer training needs per-class masks under the key 'instances' (gt_classes, "
-                    "gt_masks); use sgr_d2's dataset mapper (INPUT.DATASET_MAPPER_NAME 'sgr_sem_seg') with a "
-                    "MODEL.META_ARCHITECTURE containing 'MaskFormer' or 'Mask2Former'"
+                    "gt_masks); use sgr_d2's dataset mapper that emits them: INPUT.DATASET_MAPPER_NAME "
+                    "'sgr_mask_former_semantic' (the MaskFormer / Mask2Former configs' Base-*.yaml set it)"
                 )
             inst = x["instances"].to(self.device)
             masks = inst.gt_masks

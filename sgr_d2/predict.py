@@ -1,0 +1,93 @@
+"""Reading a dataset's images and labels, and running a trained model on an image: what the
+figure tools, the demo and ``tools/demo_toy.py`` hand to the drawing functions
+(:mod:`sgr_d2.visualization`).
+
+The predictor is :func:`sgr_d2.engine.build_predictor` (detectron2's ``DefaultPredictor``, its
+weights loaded through the fit check); :func:`predictor_config` reads the config it is built from.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
+
+
+def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
+    """``image_rgb`` as a (H, W, 3) uint8 array; a clear ValueError otherwise."""
+    if isinstance(image_rgb, torch.Tensor):
+        image_rgb = image_rgb.detach().cpu().numpy()
+    image = np.asarray(image_rgb)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name} must be an (H, W, 3) RGB image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape})")
+    if image.dtype != np.uint8:
+        if np.issubdtype(image.dtype, np.floating) and image.size and image.max() <= 1.0:
+            image = image * 255.0
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    return image
+
+
+def predictor_config(config_file: str, weights: str, opts: Sequence[str] = ()):
+    """The frozen config of a predictor: ``config_file`` read by :func:`sgr_d2.config.load_config`
+    with ``opts`` and ``MODEL.WEIGHTS weights``; a config asking for CUDA on a machine without it
+    runs on the CPU. A missing checkpoint is a FileNotFoundError naming it."""
+    from .config import load_config
+
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
+    cfg = load_config(config_file, list(opts) + ["MODEL.WEIGHTS", weights])
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def read_labelled_image(image_path: str, label_path: str, num_classes: Optional[int] = None,
+                        ignore_label: int = 255):
+    """``(RGB image, labels (H, W) int64)`` of an image file and its label PNG (values checked
+    against ``num_classes`` when given); every error names the file."""
+    from .data.dataset_mapper import read_image_checked
+    from .evaluation.token_semantics import read_label_map
+
+    image = read_image_checked(image_path, "RGB")
+    labels = read_label_map(label_path, num_classes, ignore_label)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"label file {label_path} is {labels.shape[1]}x{labels.shape[0]} but image "
+                         f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH)")
+    return image, labels
+
+
+def dataset_item(dataset_name: str, index: int):
+    """``(dataset dict, RGB image, labels (H, W) int64, instance map or None)`` of one image."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from .evaluation.token_semantics import _instance_path, read_instance_map
+
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(f"dataset {dataset_name!r} is not registered; registered sem-seg datasets include "
+                       f"{sorted(n for n in DatasetCatalog.list() if 'sem_seg' in n)[:20]}")
+    dicts = DatasetCatalog.get(dataset_name)
+    if not -len(dicts) <= index < len(dicts):
+        raise IndexError(f"index {index} out of range: dataset {dataset_name!r} has {len(dicts)} images")
+    d = dicts[index]
+    meta = MetadataCatalog.get(dataset_name)
+    if "sem_seg_file_name" not in d:
+        raise KeyError(f"dataset {dataset_name!r}: the dict of {d['file_name']} has no 'sem_seg_file_name'")
+    image, labels = read_labelled_image(d["file_name"], d["sem_seg_file_name"], len(meta.stuff_classes),
+                                        int(meta.get("ignore_label", 255)))
+    inst_path = _instance_path(d)
+    instances = read_instance_map(inst_path, labels.shape) if inst_path else None
+    return d, image, labels, instances
+
+
+def predict(predictor, image_rgb: np.ndarray) -> Dict[str, torch.Tensor]:
+    """Run a ``DefaultPredictor`` on an RGB image; returns its output dict (on the CPU)."""
+    image = check_image(image_rgb)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    out = predictor(bgr)
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}

@@ -1,0 +1,144 @@
+"""What a user meets at the real entry points (``train_net.py``, ``tools/export_onnx.py``,
+``demo/demo.py``, ``tools/convert_checkpoint.py``), each run as a user runs it, in a process of
+its own: a bad weights file is one error naming it everywhere, a refused run leaves the earlier
+run's files byte-identical, the precision of a mixed-precision run is logged once, and a weights
+file cannot run code."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TOY_SGR
+from PIL import Image
+from test_reliability import CLI
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def _run_all(commands, env=None):
+    """Run the commands concurrently; returns their CompletedProcess-like (returncode, output)."""
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+def _train(out, *opts, flags=()):
+    return ["train_net.py", "--config-file", TOY_SGR, *flags, *CLI, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out), *opts]
+
+
+def _truncated(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1000)}}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    return tmp_path / "truncated.pth"
+
+
+class _WritesAFile:
+    """Unpickled, it creates ``path``: what a crafted weights file could do, harmlessly."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _crafted(tmp_path, marker):
+    with open(tmp_path / "crafted.pkl", "wb") as f:
+        pickle.dump({"model": {"w": np.zeros(3, np.float32)}, "__author__": "x", "payload": _WritesAFile(marker)}, f)
+    torch.save({"model": {"w": torch.zeros(3)}, "payload": _WritesAFile(marker)}, tmp_path / "crafted.pth")
+    return tmp_path / "crafted.pkl", tmp_path / "crafted.pth"
+
+
+def _snapshot(folder: Path):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_truncated_weights_file_is_one_error_naming_it_at_every_entry_point(tmp_path):
+    """Training, --eval-only, the ONNX export and the demo each stop with sgr_d2's message naming
+    the file (torch's own error, PytorchStreamReader's, follows it in parentheses only)."""
+    bad = _truncated(tmp_path)
+    image = tmp_path / "image.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    results = _run_all([
+        _train(tmp_path / "train", "MODEL.WEIGHTS", str(bad)),
+        _train(tmp_path / "eval", "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
+        ["tools/export_onnx.py", "--config-file", TOY_SGR, "--weights", str(bad), "--output", str(tmp_path / "m.onnx")],
+        ["demo/demo.py", "--config-file", TOY_SGR, "--input", str(image), "--output", str(tmp_path / "demo"),
+         "--opts", "MODEL.WEIGHTS", str(bad), "MODEL.DEVICE", "cpu"],
+    ])
+    expected = f"weights file {bad} cannot be read: it is truncated or not a checkpoint (RuntimeError: PytorchStreamReader"
+    for (code, output), entry in zip(results, ("train", "eval-only", "export", "demo")):
+        assert code != 0 and expected in output, (entry, output[-2000:])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
+    """An earlier mixed-precision run leaves its files; then runs refused for a truncated weights
+    file (training and --eval-only), for a crafted one and for bad labels (the first batch) must
+    leave every file of OUTPUT_DIR byte-identical and add none (detectron2's default_setup would
+    rewrite config.yaml and append to log.txt; its writers would add events files)."""
+    out = tmp_path / "run"
+    (code, output), = _run_all([_train(out, "SOLVER.AMP.ENABLED", "True")])
+    assert code == 0, output[-3000:]
+    log = (out / "log.txt").read_text()
+    # the precision in use and the trainer built, once
+    assert log.count("Training on cpu in mixed precision, SOLVER.AMP.ENABLED: bfloat16 autocast without "
+                     "gradient scaling (sgr_d2's CPUAutocastTrainer)") == 1
+    before = _snapshot(out)
+    assert {"config.yaml", "log.txt", "metrics.json", "last_checkpoint", "model_final.pth"} <= set(before)
+    assert any(name.startswith("events.out.tfevents") for name in before)
+
+    bad = _truncated(tmp_path)
+    marker = tmp_path / "written_by_the_pickle"
+    crafted, _ = _crafted(tmp_path, marker)
+    data = tmp_path / "datasets"  # the toy data with every training label out of the class range
+    shutil.copytree(Path(os.environ["DETECTRON2_DATASETS"]) / "sgr_toy", data / "sgr_toy")
+    for label in (data / "sgr_toy" / "annotations" / "train").glob("*.png"):
+        Image.fromarray(np.full((128, 128), 9, np.uint8)).save(label)
+    refused = _run_all([
+        _train(out, "MODEL.WEIGHTS", str(bad)),
+        _train(out, "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
+        _train(out, "MODEL.WEIGHTS", str(crafted)),
+    ])
+    refused += _run_all([_train(out)], env=_env(DETECTRON2_DATASETS=str(data)))
+    reasons = (f"weights file {bad} cannot be read", f"weights file {bad} cannot be read",
+               f"weights file {crafted}: reading it would need `io.open`", "holds values [9] outside the class range")
+    for (code, output), reason in zip(refused, reasons):
+        assert code != 0 and reason in output, (reason, output[-2000:])
+    assert _snapshot(out) == before
+    assert not marker.exists()
+
+
+def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):
+    """A crafted .pkl or .pth is refused at --eval-only and by convert_checkpoint.py, whose error
+    says how to trust a file; listed in SGR_D2_TRUSTED_WEIGHTS it is read with the full
+    unpickler (and runs: the marker appears), and its plain conversion then loads untrusted."""
+    marker = tmp_path / "written_by_the_pickle"
+    pkl, pth = _crafted(tmp_path, marker)
+    results = _run_all([
+        _train(tmp_path / "eval", "MODEL.WEIGHTS", str(pkl), flags=["--eval-only"]),
+        ["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")],
+        ["tools/convert_checkpoint.py", "--input", str(pth), "--output", str(tmp_path / "b.pth")],
+    ])
+    for (code, output), path in zip(results, (pkl, pkl, pth)):
+        assert code != 0 and f"weights file {path}: reading it would need `io.open`" in output, output[-2000:]
+        assert f"SGR_D2_TRUSTED_WEIGHTS={path} python tools/convert_checkpoint.py --input {path}" in output
+    assert not marker.exists() and not (tmp_path / "a.pth").exists()
+    (code, output), = _run_all([["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")]],
+                               env=_env(SGR_D2_TRUSTED_WEIGHTS=str(pkl)))
+    assert code == 0 and marker.exists(), output
+    from sgr_d2.files import read_weights
+
+    assert torch.equal(read_weights(str(tmp_path / "a.pth"))["model"]["w"], torch.zeros(3))

@@ -1,0 +1,199 @@
+"""bench/gpu_check.py: its CPU run (``--tiny``, what CI runs so that the GPU check cannot rot) and
+the verdicts it gives: a diverging or non-finite training and failing device tests are FAIL."""
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
+TINY_CONFIGS = ("dil_fcn_r50_sgr", "mask2former_r50_sgr")
+NUMBER = r"[-+0-9.eE]+|nan|inf|-inf|n/a"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text, header_start):
+    """The body rows (lists of stripped cells) of the Markdown table whose header starts with
+    ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_run(module_tmp):
+    out = module_tmp / "gpu_check.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, out.read_text() if out.is_file() else ""
+
+
+@pytest.mark.slow  # about 50 s on two shared cores
+def test_tiny_run_trains_checks_and_measures(tiny_run):
+    proc, written = tiny_run
+    # bug caught: the tiny run crashes or exits non-zero although every check passed
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    # bug caught: the verdict line claims success without the checks having run (or vice versa)
+    assert out.strip().splitlines()[-1] == "gpu_check: all checks OK"
+
+    rows = {r[0]: r for r in _table(out, "| config |")}
+    # bug caught: a tiny config is dropped from (a) or an extra one runs (the 60 s budget)
+    assert sorted(rows) == sorted(TINY_CONFIGS)
+    for name, row in rows.items():
+        iters, first, last, result = int(row[1]), float(row[2]), float(row[3]), row[4]
+        # bug caught: the loop stops before the 3 iterations asked for
+        assert iters == 3, row
+        # bug caught: a loss recorded as NaN/inf (or not recorded) still printed as a number
+        assert math.isfinite(first) and math.isfinite(last), row
+        # bug caught: first and last swapped, or the optimizer step not applied (loss flat)
+        assert last < first, row
+        # bug caught: a row printed FAIL although finite and decreasing (judge inverted)
+        assert result == "OK", row
+
+    (tests_row,) = _table(out, "| selection |")
+    # bug caught: (b) reported as failed when its selected tests pass (or none exist yet)
+    assert tests_row[6] == "OK", tests_row
+
+    bench = {r[0]: r for r in _table(out, "| model | step (ms) |")}
+    # bug caught: the tiny (c) pair is not both measured
+    assert sorted(bench) == ["mask2former_r50", "mask2former_r50_sgr"], bench
+    base, sgr = bench["mask2former_r50"], bench["mask2former_r50_sgr"]
+    for row in (base, sgr):
+        # bug caught: step time, memory or inference speed measured as 0 or negative (e.g. the
+        # peak-RSS baseline taken after the steps instead of before)
+        assert float(row[1]) > 0 and float(row[3]) > 0 and float(row[5]) > 0, row
+    # bug caught: the ratio taken the wrong way round (baseline/SGR) or against the wrong row
+    assert float(sgr[2]) == pytest.approx(float(sgr[1]) / float(base[1]), abs=2e-3), sgr
+    assert float(sgr[4]) == pytest.approx(float(sgr[3]) / float(base[3]), abs=5e-3), sgr
+    # bug caught: the baseline row given a ratio to itself or to the SGR model
+    assert base[2] == "—" and base[4] == "—", base
+
+    # bug caught: --out not written, or written without one of the three tables
+    for heading in ("### (a)", "### (b)", "### (c)"):
+        assert heading in written
+    for name in TINY_CONFIGS:
+        assert re.search(rf"^\| {name} \| 3 \| ({NUMBER}) \| ({NUMBER}) \| OK \|", written, flags=re.M)
+
+
+def test_judge():
+    g = _load()
+    # bug caught: a decreasing, finite run judged FAIL
+    assert g.judge([{"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 1.0}], 2) == (True, "")
+    # bug caught: "not above" used instead of "below" (a flat loss passes)
+    assert not g.judge([{"a": 1.0}, {"a": 1.0}], 2)[0]
+    # bug caught: only the total checked for finiteness, or only the last iteration
+    ok, note = g.judge([{"a": 3.0, "b": math.inf}, {"a": 1.0, "b": 0.5}], 2)
+    assert not ok and note == "non-finite b at iteration 1"
+    # bug caught: a run that stopped early (an exception) judged by the iterations it recorded
+    assert not g.judge([{"a": 2.0}, {"a": 1.0}], 3)[0]
+    # bug caught: an error message dropped when the recorded losses look fine
+    assert g.judge([{"a": 2.0}, {"a": 1.0}], 2, "RuntimeError: boom") == (False, "RuntimeError: boom")
+
+
+@pytest.fixture
+def data(tmp_path):
+    g = _load()
+    d = g.SyntheticData(str(tmp_path))
+    yield g, d
+    d.close()
+
+
+def test_non_finite_loss_is_a_fail(data, monkeypatch, one_thread):
+    g, d = data
+    real = g.build_training_model
+    calls = []
+
+    def broken(cfg):
+        model = real(cfg)
+
+        def add_nan(module, args, output):  # a NaN loss term from the second training pass on
+            calls.append(1)
+            if module.training and len(calls) >= 2:
+                return {**output, "loss_broken": next(iter(output.values())) * math.nan}
+        model.register_forward_hook(add_nan)
+        return model
+
+    monkeypatch.setattr(g, "build_training_model", broken)
+    row = g.train_check(g.config_file("dil_fcn_r50_sgr"), "cpu", 64, 2, 3, d, lr_scale=0.1)
+    # bug caught: detectron2's FloatingPointError escaping the check, or the NaN term not seen
+    assert not row["ok"] and row["note"] == "non-finite loss_broken at iteration 2", row
+    table = "\n".join(g.check_table([row], 64, 2, "cpu", 0.1))
+    # bug caught: the table row of a failed config printed as OK
+    assert re.search(r"^\| dil_fcn_r50_sgr \| 2 \| .* \| FAIL \|", table, flags=re.M), table
+
+
+def test_diverging_training_is_a_fail(data, one_thread):
+    g, d = data
+    # a learning rate of about 1e6 (the config's 0.004 x 2.5e8; the head's x10 on top)
+    row = g.train_check(g.config_file("dil_fcn_r50_sgr"), "cpu", 64, 2, 3, d, lr_scale=2.5e8)
+    # bug caught: a training that blows up (huge or non-finite loss) reported as OK
+    assert not row["ok"], row
+
+
+def test_no_cuda_without_tiny_says_so(monkeypatch, capsys):
+    g = _load()
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # bug caught: the GPU mode silently running (or claiming success) on a machine without CUDA
+    assert g.main([]) == 2
+    assert "--tiny" in capsys.readouterr().err
+
+
+def test_device_tests_counts_passes_and_failures(tmp_path):
+    g = _load()
+    (tmp_path / "conftest.py").write_text(textwrap.dedent('''
+        import pytest
+
+        def pytest_addoption(parser):
+            parser.addoption("--device", default="cpu")
+
+        def pytest_configure(config):
+            config.addinivalue_line("markers", "uses_device: takes the device fixture")
+            config.addinivalue_line("markers", "slow: slow")
+
+        def pytest_collection_modifyitems(config, items):
+            for item in items:
+                if "device" in item.fixturenames:
+                    item.add_marker(pytest.mark.uses_device)
+
+        @pytest.fixture
+        def device(request):
+            return request.config.getoption("--device")
+    '''))
+    (tmp_path / "test_fake.py").write_text(textwrap.dedent('''
+        def test_a_passes(device):
+            assert device == "cpu"
+
+        def test_b_fails(device):
+            assert device == "cuda"
+
+        def test_c_takes_no_device():
+            pass
+    '''))
+    res = g.device_tests("cpu", None, 120, cwd=tmp_path)
+    # bug caught: counts not read from pytest's report, or a failing device test reported OK
+    assert (res["collected"], res["passed"], res["failed"], res["ok"]) == (2, 1, 1, False), res
+    res = g.device_tests("cpu", 1, 120, cwd=tmp_path)
+    # bug caught: the tiny selection runs every device test instead of the first `limit`
+    assert (res["collected"], res["passed"], res["failed"], res["ok"]) == (1, 1, 0, True), res
+    assert res["selection"] == "first 1 of 2 fast uses_device tests"
