@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 DEMO_OUT ?= output/demo
 COMPARE_OUT ?= output/compare
-COMPARE_ITERS ?= 1500
+COMPARE_ITERS ?= 1000
 
 .PHONY: install demo compare test test-fast bench clean
 

@@ -23,7 +23,7 @@ what SGR costs Mask2Former in step time, memory and inference speed. Prints Mark
     iterations at 64x64, so "last below first" would be a coin toss; at 0.1x it fell at every step.)
 (b) Device tests: ``pytest -m "uses_device and (slow or not slow)" --device cuda`` (the tests
     that take the ``device`` fixture of tests/conftest.py); pass / fail counts. None collected
-    is a FAIL on the GPU (nothing was checked there).
+    is a FAIL (nothing was checked).
 (c) Cost of SGR: Mask2Former R-50 and Swin-T with and without SGR, 512x512, batch 4, AMP:
     median training step (``torch.cuda.synchronize`` around each step, after warm-up), peak
     ``torch.cuda.max_memory_allocated`` over the training steps (reset before each model is
@@ -31,8 +31,8 @@ what SGR costs Mask2Former in step time, memory and inference speed. Prints Mark
     batch 1, ``torch.no_grad``, under the same autocast as training: float16 on CUDA).
 
 ``--tiny`` runs all three on the CPU, small: (a) for two configs at 64x64, batch 2, 3 iterations
-(AMP is bfloat16 autocast there); (b) the first 2 fast device tests with ``--device cpu`` (none
-collected is only a note there); (c) one pair at 64x64, batch 1, 2 timed steps, where the memory
+(AMP is bfloat16 autocast there); (b) the device tests of ``tests/test_sgr_core.py`` with
+``--device cpu``; (c) one pair at 64x64, batch 1, 2 timed steps, where the memory
 column is the growth of the process's peak resident memory over the model's build and steps
 (the CPU has no allocator statistics).
 The exit status is 1 when any check failed, 2 without CUDA and without ``--tiny``.
@@ -66,7 +66,7 @@ TINY_PAIRS = ["mask2former_r50"]
 SETTINGS = {
     "gpu": dict(device="cuda", size=256, batch=2, iters=6, tests=None,
                 bench_size=512, bench_batch=4, warmup=3, steps=10, infer_warmup=3, infer_iters=20),
-    "tiny": dict(device="cpu", size=64, batch=2, iters=3, tests=2,
+    "tiny": dict(device="cpu", size=64, batch=2, iters=3, tests=["tests/test_sgr_core.py"],
                  bench_size=64, bench_batch=1, warmup=1, steps=2, infer_warmup=1, infer_iters=2),
 }
 
@@ -300,46 +300,20 @@ def check_table(rows, size, batch, device, lr_scale):
 
 
 # ----------------------------------------------------------------------------- (b) device tests
-# A pytest plugin for one pass in tiny mode: after -m has deselected, keep the first N tests and
-# write how many there were (collecting the whole suite twice would double the tiny run's time).
-FIRST_N_PLUGIN = """
-import os
-
-import pytest
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    keep = int(os.environ["GPU_CHECK_FIRST_N"])
-    with open(os.environ["GPU_CHECK_COUNT_FILE"], "w") as f:
-        f.write(str(len(items)))
-    if len(items) > keep:
-        config.hook.pytest_deselected(items=items[keep:])
-        del items[keep:]
-"""
-
-
-def device_tests(device: str, limit, timeout: int, cwd=REPO):
-    """pytest (run in ``cwd``) on the tests that take the ``device`` fixture; with ``limit``, only
-    the first ``limit`` of the fast ones. A summary dict."""
+def device_tests(device: str, paths, timeout: int, cwd=REPO):
+    """pytest (run in ``cwd``) on the tests that take the ``device`` fixture, slow ones included,
+    of ``paths`` (None: the whole suite; tiny mode: one file, whose collection is quick). A
+    summary dict."""
     start = time.perf_counter()
-    res = {"selection": "all uses_device tests (slow included)", "collected": 0, "passed": 0,
-           "failed": 0, "errors": 0, "skipped": 0, "ok": False, "note": ""}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", device]
-    env = dict(os.environ)
+    res = {"selection": "uses_device tests of " + (" ".join(paths) if paths else "the suite"),
+           "collected": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "ok": False, "note": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", device,
+           "-m", "uses_device and (slow or not slow)", *(paths or [])]
     with tempfile.TemporaryDirectory(prefix="gpu_check_pytest_") as tmp:
-        xml, count_file = os.path.join(tmp, "junit.xml"), os.path.join(tmp, "count")
-        if limit is None:
-            cmd += ["-m", "uses_device and (slow or not slow)"]
-        else:
-            Path(tmp, "gpu_check_first_n.py").write_text(FIRST_N_PLUGIN)
-            env.update(GPU_CHECK_FIRST_N=str(limit), GPU_CHECK_COUNT_FILE=count_file,
-                       PYTHONPATH=os.pathsep.join(filter(None, [tmp, env.get("PYTHONPATH")])))
-            cmd += ["-m", "uses_device and not slow", "-p", "gpu_check_first_n"]
-            res["selection"] = f"first {limit} fast uses_device tests"
+        xml = os.path.join(tmp, "junit.xml")
         try:
-            proc = subprocess.run(cmd + [f"--junitxml={xml}"], cwd=cwd, env=env, capture_output=True,
-                                  text=True, timeout=timeout)
+            proc = subprocess.run(cmd + [f"--junitxml={xml}"], cwd=cwd, capture_output=True, text=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             res.update(note=f"pytest timed out after {timeout} s (--tests-timeout)",
                        seconds=time.perf_counter() - start)
@@ -350,15 +324,9 @@ def device_tests(device: str, limit, timeout: int, cwd=REPO):
             n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
             res.update(collected=n["tests"], failed=n["failures"], errors=n["errors"], skipped=n["skipped"],
                        passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"])
-        if limit is not None:
-            found = int(Path(count_file).read_text()) if os.path.isfile(count_file) else 0
-            res["selection"] = f"first {min(limit, found)} of {found} fast uses_device tests"
     summary = " ".join(proc.stdout.strip().splitlines()[-1:])
     res["ok"] = proc.returncode == 0 and res["failed"] == 0 and res["errors"] == 0 and res["passed"] > 0
-    if proc.returncode == 5 and limit is not None:
-        # tiny mode: nothing takes the fixture yet, so nothing to run; not a failure there
-        res.update(ok=True, note="no test takes the device fixture yet: none run")
-    elif proc.returncode == 5:
+    if proc.returncode == 5:
         res["note"] = "no test takes the device fixture: nothing ran on the device"
     elif proc.returncode != 0:
         res["note"] = f"pytest exit {proc.returncode}: {summary}"

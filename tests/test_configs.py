@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-import sgr_d2  # noqa: F401  (before detectron2)
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 

@@ -26,10 +26,12 @@ def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def _run_all(commands, env=None):
-    """Run the commands concurrently; returns their CompletedProcess-like (returncode, output)."""
-    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+def _run_all(commands, env=None, envs=None):
+    """Run the commands concurrently (``envs``: one environment each); returns (returncode,
+    output) of each."""
+    envs = envs or [env or _env()] * len(commands)
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, e in zip(commands, envs)]
     return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
 
 
@@ -111,8 +113,8 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
         _train(out, "MODEL.WEIGHTS", str(bad)),
         _train(out, "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
         _train(out, "MODEL.WEIGHTS", str(crafted)),
-    ])
-    refused += _run_all([_train(out)], env=_env(DETECTRON2_DATASETS=str(data)))
+        _train(out),
+    ], envs=[_env()] * 3 + [_env(DETECTRON2_DATASETS=str(data))])
     reasons = (f"weights file {bad} cannot be read", f"weights file {bad} cannot be read",
                f"weights file {crafted}: reading it would need `io.open`", "holds values [9] outside the class range")
     for (code, output), reason in zip(refused, reasons):

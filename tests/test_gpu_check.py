@@ -70,8 +70,8 @@ def test_tiny_run_trains_checks_and_measures(tiny_run):
         assert result == "OK", row
 
     (tests_row,) = _table(out, "| selection |")
-    # bug caught: (b) reported as failed when its selected tests pass (or none exist yet)
-    assert tests_row[6] == "OK", tests_row
+    # bug caught: (b) reported as failed when its selected tests pass, or passing with none run
+    assert tests_row[6] == "OK" and int(tests_row[2]) >= 1, tests_row
 
     bench = {r[0]: r for r in _table(out, "| model | step (ms) |")}
     # bug caught: the tiny (c) pair is not both measured
@@ -193,7 +193,10 @@ def test_device_tests_counts_passes_and_failures(tmp_path):
     res = g.device_tests("cpu", None, 120, cwd=tmp_path)
     # bug caught: counts not read from pytest's report, or a failing device test reported OK
     assert (res["collected"], res["passed"], res["failed"], res["ok"]) == (2, 1, 1, False), res
-    res = g.device_tests("cpu", 1, 120, cwd=tmp_path)
-    # bug caught: the tiny selection runs every device test instead of the first `limit`
+    res = g.device_tests("cpu", ["test_fake.py::test_a_passes"], 120, cwd=tmp_path)
+    # bug caught: the tiny selection runs every device test instead of the paths given
     assert (res["collected"], res["passed"], res["failed"], res["ok"]) == (1, 1, 0, True), res
-    assert res["selection"] == "first 1 of 2 fast uses_device tests"
+    (tmp_path / "test_fake.py").write_text("def test_c_takes_no_device():\n    pass\n")
+    res = g.device_tests("cpu", None, 120, cwd=tmp_path)
+    # bug caught: nothing collected counted as a pass
+    assert (res["collected"], res["ok"]) == (0, False) and "nothing ran on the device" in res["note"], res

@@ -3,7 +3,6 @@ one, divergence is caught wherever it appears and leaves a sane state to resume 
 any moment leaves a complete run possible, bad values are refused, and workers stop with their
 launcher (also with a worker whose images have no labelled pixel)."""
 import itertools
-import logging
 import math
 import os
 import re
@@ -12,8 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -23,12 +20,10 @@ from PIL import Image
 from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _threads, _trainer
 
 from detectron2.engine import HookBase
-from detectron2.utils.env import seed_all_rng
 
 from sgr_d2.engine.checkpoint import AtomicCheckpointer, atomic_torch_save
 from sgr_d2.engine.hooks import MAX_NORM_GROWTH
-from sgr_d2.engine.trainer import Trainer, argument_parser, run
-from sgr_d2.engine.workers import launch
+from sgr_d2.engine.trainer import argument_parser, run
 from sgr_d2.config import setup_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")

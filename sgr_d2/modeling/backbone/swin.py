@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import List
 
 import torch
 from torch import nn
