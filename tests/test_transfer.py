@@ -16,6 +16,7 @@ from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.env import seed_all_rng
 
 from sgr_d2 import compat
 from sgr_d2.engine import Trainer
@@ -395,6 +396,9 @@ def _check_ap(res):
 
 @pytest.mark.slow
 def test_segmentation_backbone_transfers_to_mask_rcnn_c4_and_fpn(tmp_path):
+    # every random draw seeded here: after 2 Mask R-CNN iterations whether a detection clears the
+    # score threshold depends on the initialisation, which must not depend on the tests run before
+    seed_all_rng(0)
     ck5, seg5 = _train_seg(tmp_path / "seg_res5")  # the toy config: SGR after res5
     ck4, seg4 = _train_seg(tmp_path / "seg_res4", *SGR_RES4)
 

@@ -300,6 +300,7 @@ def plot_curve(pair, result, path):
             ax.axhline(ceiling, color="k", linestyle="--", linewidth=0.8, label=f"local ceiling ({ceiling:.1f})")
         ax.set_xscale("log")
         ax.set_xticks(budgets)
+        ax.minorticks_off()  # only the budgets are labelled
         ax.set_xticklabels([str(b) for b in budgets])
         ax.set_xlabel("iterations (one complete run each)")
         ax.set_ylabel(ylabel)
