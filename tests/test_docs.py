@@ -186,6 +186,23 @@ def test_every_test_the_docs_name_exists():
     assert missing_tests(PAGES) == []
 
 
+def unmatched_results(readme: str, evidence: str, section="## Results measured here"):
+    """The ``mean ± std`` figures of the README's results section that docs/evidence.md (the
+    tool's tables) does not hold."""
+    part = readme.split(section, 1)[1].split("\n## ", 1)[0]
+    figures = re.findall(r"\d+\.\d+ ± \d+\.\d+", part)
+    assert figures, f"no mean ± std figure under {section!r}"
+    return [f for f in figures if f not in evidence]
+
+
+def test_the_readme_results_are_the_evidence_tables():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(REPO, "docs", "evidence.md"), encoding="utf-8") as f:
+        evidence = f.read()
+    assert unmatched_results(readme, evidence) == []
+
+
 # ----------------------------------------------------------------------------- the checks can fail
 def test_slug_is_githubs():
     assert slug("bfloat16 vs float32 SGR loss terms (`bench/amp_loss_spread.py`)") == \
@@ -260,6 +277,11 @@ def test_missing_required_headings_are_reported(tmp_path):
     (tmp_path / "docs" / "method.md").write_text("# Method\n\n## The SGR component\n\n### mIoU\n", encoding="utf-8")
     required = {"docs/method.md": ["The SGR component", "mIoU", "Matching"], "docs/gone.md": ["Anything"]}
     assert missing_headings(required, root=str(tmp_path)) == ["docs/method.md: Matching", "docs/gone.md: Anything"]
+
+
+def test_readme_results_not_in_the_tables_are_reported():
+    readme = "# R\n\n## Results measured here\n\n| 59.9 ± 0.6 | 81.3 ± 0.8 |\n\n## More\n\n70.0 ± 1.0\n"
+    assert unmatched_results(readme, "| baseline | 59.9 ± 0.6 |") == ["81.3 ± 0.8"]
 
 
 def test_missing_tests_are_reported(tmp_path):

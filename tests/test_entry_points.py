@@ -67,30 +67,13 @@ def _snapshot(folder: Path):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_truncated_weights_file_is_one_error_naming_it_at_every_entry_point(tmp_path):
-    """Training, --eval-only, the ONNX export and the demo each stop with sgr_d2's message naming
-    the file (torch's own error, PytorchStreamReader's, follows it in parentheses only)."""
-    bad = _truncated(tmp_path)
-    image = tmp_path / "image.jpg"
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
-    results = _run_all([
-        _train(tmp_path / "train", "MODEL.WEIGHTS", str(bad)),
-        _train(tmp_path / "eval", "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
-        ["tools/export_onnx.py", "--config-file", TOY_SGR, "--weights", str(bad), "--output", str(tmp_path / "m.onnx")],
-        ["demo/demo.py", "--config-file", TOY_SGR, "--input", str(image), "--output", str(tmp_path / "demo"),
-         "--opts", "MODEL.WEIGHTS", str(bad), "MODEL.DEVICE", "cpu"],
-    ])
-    expected = f"weights file {bad} cannot be read: it is truncated or not a checkpoint (RuntimeError: PytorchStreamReader"
-    for (code, output), entry in zip(results, ("train", "eval-only", "export", "demo")):
-        assert code != 0 and expected in output, (entry, output[-2000:])
-    assert not (tmp_path / "m.onnx").exists()
-
-
 def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     """An earlier mixed-precision run leaves its files; then runs refused for a truncated weights
     file (training and --eval-only), for a crafted one and for bad labels (the first batch) must
     leave every file of OUTPUT_DIR byte-identical and add none (detectron2's default_setup would
-    rewrite config.yaml and append to log.txt; its writers would add events files)."""
+    rewrite config.yaml and append to log.txt; its writers would add events files). The truncated
+    file is one error naming it at every entry point: training, --eval-only, the ONNX export and
+    the demo (torch's own error, PytorchStreamReader's, follows it in parentheses only)."""
     out = tmp_path / "run"
     (code, output), = _run_all([_train(out, "SOLVER.AMP.ENABLED", "True")])
     assert code == 0, output[-3000:]
@@ -109,18 +92,25 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     shutil.copytree(Path(os.environ["DETECTRON2_DATASETS"]) / "sgr_toy", data / "sgr_toy")
     for label in (data / "sgr_toy" / "annotations" / "train").glob("*.png"):
         Image.fromarray(np.full((128, 128), 9, np.uint8)).save(label)
+    image = tmp_path / "image.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
     refused = _run_all([
         _train(out, "MODEL.WEIGHTS", str(bad)),
         _train(out, "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
+        ["tools/export_onnx.py", "--config-file", TOY_SGR, "--weights", str(bad), "--output", str(tmp_path / "m.onnx")],
+        ["demo/demo.py", "--config-file", TOY_SGR, "--input", str(image), "--output", str(tmp_path / "demo"),
+         "--opts", "MODEL.WEIGHTS", str(bad), "MODEL.DEVICE", "cpu"],
         _train(out, "MODEL.WEIGHTS", str(crafted)),
         _train(out),
-    ], envs=[_env()] * 3 + [_env(DETECTRON2_DATASETS=str(data))])
-    reasons = (f"weights file {bad} cannot be read", f"weights file {bad} cannot be read",
+    ], envs=[_env()] * 5 + [_env(DETECTRON2_DATASETS=str(data))])
+    truncated = f"weights file {bad} cannot be read: it is truncated or not a checkpoint (RuntimeError: PytorchStreamReader"
+    reasons = (truncated, truncated, truncated, truncated,
                f"weights file {crafted}: reading it would need `io.open`", "holds values [9] outside the class range")
-    for (code, output), reason in zip(refused, reasons):
-        assert code != 0 and reason in output, (reason, output[-2000:])
+    entries = ("train", "eval-only", "export", "demo", "crafted", "bad labels")
+    for (code, output), reason, entry in zip(refused, reasons, entries):
+        assert code != 0 and reason in output, (entry, reason, output[-2000:])
     assert _snapshot(out) == before
-    assert not marker.exists()
+    assert not marker.exists() and not (tmp_path / "m.onnx").exists()
 
 
 def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):

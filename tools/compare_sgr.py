@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """What SGR buys: each toy model with and without SGR, same recipe, several seeds and budgets.
 
-    python tools/compare_sgr.py --iters 1500 --control                  # make compare
-    python tools/compare_sgr.py --pairs dil_fcn_r18_context --iters 300 600 1000 1500 2500 --control
-    python tools/compare_sgr.py --pairs dil_fcn_r18_context --iters 1500 --ablate --skip-existing
+    python tools/compare_sgr.py --iters 1000 --control                  # make compare
+    python tools/compare_sgr.py --pairs dil_fcn_r18_context --iters 300 600 1000 1500 --control
+    python tools/compare_sgr.py --pairs dil_fcn_r18_context --iters 1000 --ablate --skip-existing
     python tools/compare_sgr.py --pairs dil_fcn_r18 --seeds 1 --iters 20 --output output/compare_quick
 
 A pair ``P`` is ``configs/toy/P.yaml`` (the baseline) and ``configs/toy/P_sgr.yaml`` (the same
