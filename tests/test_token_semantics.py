@@ -319,9 +319,16 @@ def test_trainer_adds_the_evaluator_when_enabled(tmp_path):
     cfg.TEST.TOKEN_SEMANTICS = True
     both = Trainer.build_evaluator(cfg, "sgr_toy_sem_seg_val", output_folder=str(tmp_path))
     assert isinstance(both, DatasetEvaluators)
-    kinds = [type(e) for e in both._evaluators]
-    assert kinds == [SGRSemSegEvaluator, TokenSemanticsEvaluator]
-    assert both._evaluators[1]._output_dir == str(tmp_path)
+    # both evaluate one prediction, and the token metrics are written into the output folder
+    d = DatasetCatalog.get("sgr_toy_sem_seg_val")[0]
+    h, w = np.asarray(Image.open(d["sem_seg_file_name"])).shape
+    both.reset()
+    both.process([{"file_name": d["file_name"]}],
+                 [{"sem_seg": torch.rand(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, h, w),
+                   "sgr_regions": torch.rand(4, h, w).softmax(0)}])
+    res = both.evaluate()
+    assert "mIoU" in res["sem_seg"] and "S_C" in res["token_semantics"], res.keys()
+    assert (tmp_path / "token_semantics.json").is_file()
     base = tiny_toy_cfg(TOY_BASE)
     base.TEST.TOKEN_SEMANTICS = True
     with pytest.raises(ValueError, match="TEST.TOKEN_SEMANTICS.*build_dilated_resnet_backbone"):
