@@ -12,7 +12,7 @@ names, that loader and that metadata, and only add what sgr_d2 needs:
   ``instance_root`` (the ``gtFine/<split>`` folder), ``instance_suffix`` and
   ``instance_source="instance_file"``: the instance map of a dataset dict is the
   ``*_gtFine_instanceIds.png`` beside its label file, see
-  :func:`sgr_d2.data.datasets.instance_map_path`.
+  :func:`sgr_d2.data.datasets.layout.instance_map_path`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.cityscapes import load_cityscapes_semantic
 
-from . import (
+from .layout import (
     INSTANCE_FROM_FILE,
     DatasetLayoutError,
     datasets_root,

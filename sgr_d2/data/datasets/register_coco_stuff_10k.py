@@ -15,7 +15,7 @@ from typing import Optional
 
 from detectron2.data.datasets import load_sem_seg
 
-from . import (
+from .layout import (
     INSTANCE_FROM_COMPONENTS,
     datasets_root,
     refresh_metadata_paths,
