@@ -354,13 +354,6 @@ class PeakMemory:
         self.device = device
         self.rss0 = 0.0
 
-    @staticmethod
-    def _status(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        raise OSError(f"no {field} in /proc/self/status")
-
     def start(self):
         import torch
 
@@ -372,14 +365,18 @@ class PeakMemory:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back first
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.rss0 = self._status("VmRSS")
+        from sgr_d2.engine.experiments import proc_status_mib
+
+        self.rss0 = proc_status_mib("VmRSS")
 
     def peak(self) -> float:
         import torch
 
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20
-        return self._status("VmHWM") - self.rss0
+        from sgr_d2.engine.experiments import proc_status_mib
+
+        return proc_status_mib("VmHWM") - self.rss0
 
 
 def autocast(device: str):

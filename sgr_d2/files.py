@@ -29,7 +29,7 @@ import uuid
 from typing import Callable, Dict, IO
 
 __all__ = ["PICKLE_GLOBALS", "TRUST_VARIABLE", "UnsafeWeightsError", "WeightsReadError",
-           "atomic_write", "atomic_torch_save", "read_weights"]
+           "atomic_write", "atomic_write_text", "atomic_torch_save", "read_weights"]
 
 TRUST_VARIABLE = "SGR_D2_TRUSTED_WEIGHTS"
 
@@ -141,6 +141,11 @@ def atomic_write(path: str, write: Callable[[IO], None], *, binary: bool = True)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -66,7 +66,8 @@ def dataset_item(dataset_name: str, index: int):
     """``(dataset dict, RGB image, labels (H, W) int64, instance map or None)`` of one image."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from .evaluation.token_semantics import _instance_path, read_instance_map
+    from .data.datasets.layout import instance_map_path
+    from .evaluation.token_semantics import read_instance_map
 
     if dataset_name not in DatasetCatalog.list():
         raise KeyError(f"dataset {dataset_name!r} is not registered; registered sem-seg datasets include "
@@ -80,7 +81,7 @@ def dataset_item(dataset_name: str, index: int):
         raise KeyError(f"dataset {dataset_name!r}: the dict of {d['file_name']} has no 'sem_seg_file_name'")
     image, labels = read_labelled_image(d["file_name"], d["sem_seg_file_name"], len(meta.stuff_classes),
                                         int(meta.get("ignore_label", 255)))
-    inst_path = _instance_path(d)
+    inst_path = instance_map_path(d)
     instances = read_instance_map(inst_path, labels.shape) if inst_path else None
     return d, image, labels, instances
 

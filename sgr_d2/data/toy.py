@@ -34,7 +34,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 
-from ..files import atomic_write
+from ..files import atomic_write_text
 
 __all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene",
            "write_generated_split", "load_generated_split", "register_generated"]
@@ -164,9 +164,8 @@ def write_generated_split(root: Path, split: str, count: int, seed: int, draw, s
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if dest.exists():
                     shutil.rmtree(dest)
-                os.replace(tmp / sub, dest)  # a whole folder: not a job for atomic_write (one file)
-        text = json.dumps(stamp)
-        atomic_write(str(stamp_file), lambda f: f.write(text), binary=False)
+                os.replace(tmp / sub, dest)  # a whole folder: not a job for atomic_write_text (one file)
+        atomic_write_text(str(stamp_file), json.dumps(stamp))
     return root
 
 

@@ -26,7 +26,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from ..files import atomic_write
+from ..files import atomic_write_text
 from .toy import TOY_COLORS, TOY_SPLITS, TOY_VERSION, generate_toy_split, toy_root
 
 __all__ = ["TOY_THING_CLASSES", "toy_instances_json", "toy_coco_dict", "register_toy_instances"]
@@ -97,8 +97,7 @@ def toy_instances_json(split: str, root: Path | None = None) -> Path:
             info = {}  # a damaged file is written again
         if info.get("toy_version") == TOY_VERSION and info.get("format") == _FORMAT_VERSION:
             return path
-    text = json.dumps(toy_coco_dict(split, root))
-    atomic_write(str(path), lambda f: f.write(text), binary=False)  # readers: the old file or the whole new one
+    atomic_write_text(str(path), json.dumps(toy_coco_dict(split, root)))  # readers: the old file or the whole new one
     return path
 
 

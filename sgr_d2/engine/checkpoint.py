@@ -27,7 +27,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..files import atomic_torch_save, atomic_write, read_weights
+from ..files import atomic_torch_save, atomic_write_text, read_weights
 from .weights_fit import CheckpointMismatchError, FitReport, check_fit, format_groups, mismatch_message, model_parts
 
 logger = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.saved.append(save_file)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename),
-                     binary=False)
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def remove_stale_temporaries(self):
         """Delete the temporary files that interrupted saves left in ``save_dir`` (main process

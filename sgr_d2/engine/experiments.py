@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from ..files import atomic_write
+from ..files import atomic_write_text
 
 __all__ = ["peak_rss_mib", "read_last_evaluation", "read_final_metrics", "median_step_time",
            "train_and_evaluate", "TOKEN_METRICS"]
@@ -203,14 +203,8 @@ def _child(argv=None):
         load_weights(cfg, model, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         model.eval()
         res = _flatten(Trainer.test_with_TTA(cfg, model))
-        _write_json(os.path.join(cfg.OUTPUT_DIR, "results_TTA.json"), res, indent=1)
-    _write_json(os.path.join(cfg.OUTPUT_DIR, "peak_memory.json"), peak)
-
-
-def _write_json(path: str, obj, indent: Optional[int] = None) -> None:
-    """``obj`` as JSON in ``path``, written atomically."""
-    text = json.dumps(obj, indent=indent)
-    atomic_write(path, lambda f: f.write(text), binary=False)
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "results_TTA.json"), json.dumps(res, indent=1))
+    atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "peak_memory.json"), json.dumps(peak))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventWriter
 from detectron2.utils.logger import setup_logger
 
-from ..files import atomic_write
+from ..files import atomic_write_text
 
 __all__ = ["RunFiles", "DeferredWriters"]
 
@@ -81,7 +81,7 @@ class RunFiles:
             return
         os.makedirs(out, exist_ok=True)
         if comm.is_main_process():
-            atomic_write(os.path.join(out, "config.yaml"), lambda f: f.write(self.cfg.dump()), binary=False)
+            atomic_write_text(os.path.join(out, "config.yaml"), self.cfg.dump())
         rank = comm.get_rank()
         handler = logging.FileHandler(os.path.join(out, "log.txt" + (f".rank{rank}" if rank else "")), mode="a")
         handler.setLevel(logging.DEBUG)

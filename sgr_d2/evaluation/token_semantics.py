@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from detectron2.evaluation import DatasetEvaluator
 
+from ..data.datasets.layout import instance_map_path
 from ..data.labels import check_label_values, read_id_map, read_sem_seg_checked
 from ..sgr.components import component_label_map
 from .sem_seg import _nanmean
@@ -243,15 +244,6 @@ def read_instance_map(path: str, shape: Optional[Tuple[int, int]] = None) -> np.
     return inst
 
 
-def _instance_path(dataset_dict) -> Optional[str]:
-    try:
-        from ..data.datasets import instance_map_path
-    except ImportError:  # pragma: no cover - dataset helpers not importable
-        p = dataset_dict.get("instance_file_name")
-        return str(p) if p else None
-    return instance_map_path(dataset_dict)
-
-
 # ----------------------------------------------------------------------------- evaluator
 def summarize(per_image: List[Dict[str, float]]) -> Dict[str, float]:
     """Dataset averages of per-image results: each metric over the images where it is defined."""
@@ -293,7 +285,7 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
             if "sem_seg_file_name" not in d:
                 raise KeyError(f"dataset {dataset_name!r}: the dict of {d.get('file_name')} has no "
                                "'sem_seg_file_name'; token semantics need ground-truth label maps")
-            self._files[d["file_name"]] = (d["sem_seg_file_name"], _instance_path(d))
+            self._files[d["file_name"]] = (d["sem_seg_file_name"], instance_map_path(d))
         self.reset()
 
     def reset(self):

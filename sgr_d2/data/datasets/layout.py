@@ -104,6 +104,3 @@ def instance_map_path(dataset_dict: Mapping[str, object]) -> Optional[str]:
             if sem.endswith(suffix):
                 return sem[: -len(suffix)] + _CITYSCAPES_INSTANCE_SUFFIX
     return None
-
-
-# The register_* modules import the helpers above; keep these imports last.
