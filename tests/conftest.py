@@ -132,6 +132,17 @@ def log_records(name):
         log.setLevel(old)
 
 
+class WritesAFile:
+    """Unpickled, it creates ``path``: what a crafted weights file could do, harmlessly (its
+    pickle names ``io.open``, not this class)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def load_reporting_incompatible(model, path):
     """Load the weights file ``path`` into ``model`` through detectron2's public
     ``DetectionCheckpointer.load`` (as MODEL.WEIGHTS does) and return the incompatible keys that

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOY_SGR
+from conftest import REPO, TOY_SGR, WritesAFile
 from PIL import Image
 from test_reliability import CLI
 
@@ -46,20 +46,10 @@ def _truncated(tmp_path):
     return tmp_path / "truncated.pth"
 
 
-class _WritesAFile:
-    """Unpickled, it creates ``path``: what a crafted weights file could do, harmlessly."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def _crafted(tmp_path, marker):
     with open(tmp_path / "crafted.pkl", "wb") as f:
-        pickle.dump({"model": {"w": np.zeros(3, np.float32)}, "__author__": "x", "payload": _WritesAFile(marker)}, f)
-    torch.save({"model": {"w": torch.zeros(3)}, "payload": _WritesAFile(marker)}, tmp_path / "crafted.pth")
+        pickle.dump({"model": {"w": np.zeros(3, np.float32)}, "__author__": "x", "payload": WritesAFile(marker)}, f)
+    torch.save({"model": {"w": torch.zeros(3)}, "payload": WritesAFile(marker)}, tmp_path / "crafted.pth")
     return tmp_path / "crafted.pkl", tmp_path / "crafted.pth"
 
 

@@ -6,16 +6,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import WritesAFile
 
 from sgr_d2.files import TRUST_VARIABLE, UnsafeWeightsError, WeightsReadError, read_weights
-
-
-class _WritesAFile:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
@@ -38,7 +31,7 @@ def test_a_file_that_would_run_code_is_refused_unless_trusted(tmp_path, monkeypa
     for name, save, w in (("x.pkl", lambda obj, p: pickle.dump(obj, open(p, "wb")), np.zeros(2)),
                           ("x.pth", torch.save, torch.zeros(2))):
         path = tmp_path / name
-        save({"model": {"w": w}, "payload": _WritesAFile(marker)}, path)
+        save({"model": {"w": w}, "payload": WritesAFile(marker)}, path)
         with pytest.raises(UnsafeWeightsError, match=rf"weights file {path}: reading it would need `io.open`"):
             read_weights(str(path))
         assert not marker.exists()
