@@ -55,6 +55,10 @@ def add_sgr_config(cfg):
     cfg.MODEL.SGR.CLASS_WEIGHT = 1.0
     cfg.MODEL.SGR.DIVERSITY_WEIGHT = 1.0
     cfg.MODEL.SGR.LOSS_WEIGHT = 0.25  # β
+    # What the SGR losses match tokens to: "connected" (the paper: the 8-connected components of
+    # each class of the semantic map) | "instances" (each ground-truth thing instance is its own
+    # component; stuff keeps its connected components; needs a dataset with instances)
+    cfg.MODEL.SGR.COMPONENTS = "connected"
 
     # ---------------------------------------------------------------- GloRe (the comparison unit)
     cfg.MODEL.GLORE = CN()
@@ -137,7 +141,16 @@ def add_sgr_config(cfg):
     mf.ENFORCE_INPUT_PROJ = False
     mf.SIZE_DIVISIBILITY = 32  # pad the batch to a multiple; -1: the backbone's size_divisibility
     mf.TEST = CN()
-    mf.TEST.SEMANTIC_ON = True  # semantic inference is the only one implemented
+    # Which inference the model runs (the official switches and defaults): "sem_seg",
+    # "panoptic_seg" and "instances" in each output dict.
+    mf.TEST.SEMANTIC_ON = True
+    mf.TEST.INSTANCE_ON = False
+    mf.TEST.PANOPTIC_ON = False
+    # panoptic/instance inference: queries whose class score is at most OBJECT_MASK_THRESHOLD are
+    # dropped; a segment keeps only if the fraction of its mask left after overlaps is at least
+    # OVERLAP_THRESHOLD (the official configs set 0.8 for both)
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    mf.TEST.OVERLAP_THRESHOLD = 0.0
     mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
     # pixel decoder (MODEL.SEM_SEG_HEAD.{IN_FEATURES, CONVS_DIM, NORM, COMMON_STRIDE, NUM_CLASSES,
     # IGNORE_VALUE, LOSS_WEIGHT} are detectron2's own keys)
@@ -175,6 +188,12 @@ def add_sgr_config(cfg):
     cfg.INPUT.IMAGE_PAD_VALUE = 0
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # -1: the backbone's size_divisibility
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Large-scale jitter (the COCO "new baseline" mappers, INPUT.DATASET_MAPPER_NAME
+    # "coco_instance_lsj" / "coco_panoptic_lsj"): resize by a random factor in
+    # [MIN_SCALE, MAX_SCALE] of IMAGE_SIZE, then crop/pad to IMAGE_SIZE x IMAGE_SIZE
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
 
     # ---------------------------------------------------------------- test
     cfg.TEST.AUG.SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # relative to the test size
