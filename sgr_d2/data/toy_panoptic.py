@@ -12,13 +12,13 @@ Scene (128 × 128; :func:`draw_panoptic_scene`):
 
 * the shape toy's stuff (:func:`.toy.draw_stuff`): ``sky``, ``grass``, a striped ``wall``; in half
   of the scenes a grey patch (6–14 pixels a side) that is left unlabelled (void, panoptic id 0);
-* 2–4 **clusters** of things, each of one class: ``ball`` (discs), ``box`` (squares) or ``kite``
+* 3–5 **clusters** of things, each of one class: ``ball`` (discs), ``box`` (squares) or ``kite``
   (diamonds), i.e. the balls of the Euclidean, maximum and taxicab norms, radius 7–12. A cluster
-  holds 1–4 objects (probabilities 0.2, 0.35, 0.3, 0.15); each object after the first is placed
+  holds 1–4 objects (probabilities 0.5, 0.3, 0.15, 0.05); each object after the first is placed
   against one drawn before it, overlapping it by 1.5 pixels up to 35% of the smaller radius
   (the later one covers the earlier), and no nearer than 0.75 × the sum of the radii to any other
   object of its cluster. Clusters keep 3 pixels apart, so objects of one class touch only
-  within their cluster.
+  within their cluster; a cluster with no room left is left out.
 * What tells touching objects apart (in the image only; the labels of an object cover all its
   visible pixels, so touching objects of a class form one connected component): a dark 1-pixel
   rim along every object's outline (drawn over what it covers, so a visible line runs where two
