@@ -3,4 +3,5 @@ from . import datasets  # noqa: F401  (registers ADE20K, COCO-Stuff-10K, Citysca
 from . import toy  # noqa: F401  (registers sgr_toy_sem_seg_train / _val)
 from . import toy_context  # noqa: F401  (registers sgr_toy_context_sem_seg_train / _val)
 from . import toy_instances  # noqa: F401  (registers sgr_toy_instances_train / _val)
+from . import toy_panoptic  # noqa: F401  (registers sgr_toy_panoptic_train / _val [_with_sem_seg])
 from .dataset_mapper import SemSegDatasetMapper, build_train_augmentations  # noqa: F401

@@ -36,8 +36,8 @@ from detectron2.data.datasets import load_sem_seg
 
 from ..files import atomic_write_text
 
-__all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene",
-           "write_generated_split", "load_generated_split", "register_generated"]
+__all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene", "draw_stuff",
+           "generate_once", "write_image", "write_generated_split", "load_generated_split", "register_generated"]
 
 TOY_CLASSES = ["sky", "grass", "wall", "ball", "box", "kite"]
 TOY_COLORS = [[135, 206, 235], [60, 160, 60], [150, 120, 100], [230, 60, 60], [170, 130, 90], [240, 90, 60]]
@@ -56,12 +56,13 @@ def _texture(rng, shape, base_rgb, spread):
     return np.broadcast_to(base, (*shape, 3)).copy()
 
 
-def draw_scene(seed: int, size: int = TOY_SIZE):
-    """Return (rgb uint8 (H,W,3), semantic labels uint8 (H,W), instance ids uint8 (H,W))."""
-    rng = np.random.default_rng(seed)
+def draw_stuff(rng, size: int = TOY_SIZE):
+    """The stuff of a scene, drawn from ``rng``: ``sky`` above a wavy horizon, ``grass`` below,
+    a striped ``wall`` block on the horizon at the left or the right. Returns (image float32
+    (H,W,3), semantic labels uint8 (H,W): 0 sky, 1 grass, 2 wall). The shape toy and the panoptic
+    toy (:mod:`.toy_panoptic`) draw their stuff here."""
     h = w = size
     sem = np.zeros((h, w), np.uint8)
-    inst = np.zeros((h, w), np.uint8)
     yy, xx = np.mgrid[:h, :w]
     horizon = int(h * rng.uniform(0.35, 0.6))
     wobble = horizon + (rng.uniform(3, 8) * np.sin(xx[0] / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6)))
@@ -78,7 +79,16 @@ def draw_scene(seed: int, size: int = TOY_SIZE):
     # stripes on the wall, a gradient in the sky
     img[wall] += (8 * np.sign(np.sin(yy[wall] / 2.0)))[:, None]
     img[sem == 0] -= ((h - yy[sem == 0]) * 0.15)[:, None]
+    return img, sem
 
+
+def draw_scene(seed: int, size: int = TOY_SIZE):
+    """Return (rgb uint8 (H,W,3), semantic labels uint8 (H,W), instance ids uint8 (H,W))."""
+    rng = np.random.default_rng(seed)
+    h = w = size
+    img, sem = draw_stuff(rng, size)
+    inst = np.zeros((h, w), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
     next_id = 1
     thing_colors = {3: (225, 70, 60), 4: (165, 125, 95), 5: (235, 95, 55)}
     for c in (3, 4, 5):
@@ -126,13 +136,13 @@ def _exclusive(lock_file: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_generated_split(root: Path, split: str, count: int, seed: int, draw, stamp: dict,
-                          image_ext: str = "jpg") -> Path:
-    """Draw ``count`` scenes ``draw(seed + i)`` -> (rgb, labels, instance ids) into ``root`` as
-    ``images/<split>/NNNN.<image_ext>``, ``annotations/<split>/NNNN.png`` and
-    ``instances/<split>/NNNN.png``. Idempotent: nothing is written when ``root/.<split>.json``
-    already holds ``stamp``; a changed stamp (recipe) rewrites the split. The generated toy
-    datasets (this module, :mod:`.toy_context`) all go through here.
+def generate_once(root: Path, split: str, stamp: dict, write) -> Path:
+    """Generate a split's files under ``root`` once: ``write(tmp)`` fills the empty temporary
+    folder ``tmp`` and returns ``{name in tmp: destination relative to root}``; each of those
+    files or folders is then moved into place (a folder already there is replaced) and the
+    stamp ``root/.<split>.json`` written. Idempotent: nothing is written when the stamp file
+    already holds ``stamp``; a changed stamp (recipe) rewrites the split. Every generated toy
+    dataset (this module, :mod:`.toy_context`, :mod:`.toy_panoptic`) goes through here.
 
     Safe when several processes call it at once on a fresh folder (``--num-gpus N``, parallel
     tests): one generates under an exclusive lock (``<root>/.<split>.lock``) while the others wait,
@@ -151,22 +161,43 @@ def write_generated_split(root: Path, split: str, count: int, seed: int, draw, s
         # Draw into a temporary folder, then move into place.
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{split}-tmp-") as tmp:
             tmp = Path(tmp)
-            for sub in ("images", "annotations", "instances"):
-                (tmp / sub).mkdir()
-            params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_ext == "jpg" else []
-            for i in range(count):
-                rgb, sem, inst = draw(seed + i)
-                cv2.imwrite(str(tmp / "images" / f"{i:04d}.{image_ext}"), rgb[:, :, ::-1], params)
-                cv2.imwrite(str(tmp / "annotations" / f"{i:04d}.png"), sem)
-                cv2.imwrite(str(tmp / "instances" / f"{i:04d}.png"), inst)
-            for sub in ("images", "annotations", "instances"):
-                dest = root / sub / split
+            for name, dest in write(tmp).items():
+                dest = root / dest
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if dest.exists():
+                if dest.is_dir():
                     shutil.rmtree(dest)
-                os.replace(tmp / sub, dest)  # a whole folder: not a job for atomic_write_text (one file)
+                # a file replaces its old version atomically; a whole folder is not a job for
+                # atomic_write_text (one file)
+                os.replace(tmp / name, dest)
         atomic_write_text(str(stamp_file), json.dumps(stamp))
     return root
+
+
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image (JPEG at quality 95, or lossless by the file's extension)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if Path(path).suffix == ".jpg" else []
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]), params):
+        raise OSError(f"could not write {path}")
+
+
+def write_generated_split(root: Path, split: str, count: int, seed: int, draw, stamp: dict,
+                          image_ext: str = "jpg") -> Path:
+    """Draw ``count`` scenes ``draw(seed + i)`` -> (rgb, labels, instance ids) into ``root`` as
+    ``images/<split>/NNNN.<image_ext>``, ``annotations/<split>/NNNN.png`` and
+    ``instances/<split>/NNNN.png``, once (:func:`generate_once`: stamp, lock, atomic moves)."""
+    subs = ("images", "annotations", "instances")
+
+    def write(tmp: Path):
+        for sub in subs:
+            (tmp / sub).mkdir()
+        for i in range(count):
+            rgb, sem, inst = draw(seed + i)
+            write_image(tmp / "images" / f"{i:04d}.{image_ext}", rgb)
+            cv2.imwrite(str(tmp / "annotations" / f"{i:04d}.png"), sem)
+            cv2.imwrite(str(tmp / "instances" / f"{i:04d}.png"), inst)
+        return {sub: f"{sub}/{split}" for sub in subs}
+
+    return generate_once(root, split, stamp, write)
 
 
 def load_generated_split(root: Path, split: str, image_ext: str = "jpg"):

@@ -29,7 +29,7 @@ from detectron2.data.datasets import load_coco_json
 from ..files import atomic_write_text
 from .toy import TOY_COLORS, TOY_SPLITS, TOY_VERSION, generate_toy_split, toy_root
 
-__all__ = ["TOY_THING_CLASSES", "toy_instances_json", "toy_coco_dict", "register_toy_instances"]
+__all__ = ["TOY_THING_CLASSES", "toy_instances_json", "toy_coco_dict", "coco_mask_annotation", "register_toy_instances"]
 
 TOY_THING_CLASSES = ["ball", "box", "kite"]
 _FIRST_THING = 3  # semantic id of "ball" in TOY_CLASSES
@@ -39,6 +39,23 @@ _FORMAT_VERSION = 1  # of the COCO file written here
 def _stamp(split: str) -> dict:
     n, seed = TOY_SPLITS[split]
     return {"toy_version": TOY_VERSION, "format": _FORMAT_VERSION, "split": split, "count": n, "seed": seed}
+
+
+def coco_mask_annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -> dict:
+    """One COCO instance annotation of the bool (H, W) ``mask``: an exact RLE (pycocotools; the
+    counts as text, so the dict is JSON), its area and its XYWH box (``toBbox``), not crowd.
+    The toy instance files (here, :mod:`.toy_panoptic`) are written with it."""
+    h, w = mask.shape
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": {"size": [int(h), int(w)], "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_util.area(rle)),
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+        "iscrowd": 0,
+    }
 
 
 def toy_coco_dict(split: str, root: Path) -> dict:
@@ -64,16 +81,8 @@ def toy_coco_dict(split: str, root: Path) -> dict:
             if len(classes) != 1 or not _FIRST_THING <= int(classes[0]) < _FIRST_THING + len(TOY_THING_CLASSES):
                 raise ValueError(f"sgr_toy: instance {int(obj)} of {inst_dir / (stem + '.png')} covers "
                                  f"semantic classes {classes.tolist()}; expected one thing class")
-            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(classes[0]) - _FIRST_THING + 1,
-                "segmentation": {"size": [int(h), int(w)], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                "iscrowd": 0,
-            })
+            annotations.append(coco_mask_annotation(mask, len(annotations) + 1, image_id,
+                                                    int(classes[0]) - _FIRST_THING + 1))
     if not images:
         raise FileNotFoundError(f"sgr_toy: no images in {image_dir}")
     return {
