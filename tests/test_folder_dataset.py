@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,14 @@ from detectron2.modeling import build_model
 
 from sgr_d2.config import load_config, setup_cfg
 from sgr_d2.data.datasets import folder
+from sgr_d2.data.labels import read_id_map
 from sgr_d2.data.datasets.folder import FolderDatasetError
 from sgr_d2.engine.trainer import Trainer, argument_parser, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FOLDER_R18 = os.path.join(REPO, "configs", "folder", "dil_fcn_r18_sgr.yaml")
-CLASSES = (("sky", (135, 206, 235)), ("road", (90, 90, 90)), ("car", (220, 40, 40)))
+CLASSES = (("sky", (135, 206, 235)), ("road", (90, 90, 90)), ("parked car", (220, 40, 40)))
 IGNORE_COLOR = (255, 255, 255)
 # CPU-sized runs: one process, 64 px inputs
 FAST = ("MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
@@ -47,7 +50,8 @@ def make_folder(root: Path, *, colors: bool = False, counts=(4, 2)) -> Path:
     """A 3-class folder dataset: 64x64 JPEG images, masks of class ids (or of the palette's
     colours, the ignore label painted white)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in CLASSES))
+    # (a blank line, skipped: class k is the k-th non-empty line)
+    (root / "classes.txt").write_text("\n".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in CLASSES))
     palette = np.array([c for _, c in CLASSES] + [IGNORE_COLOR] * 253, np.uint8)
     rng = np.random.default_rng(0)
     for split, n in zip(("train", "val"), counts):
@@ -91,8 +95,8 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(bad / "masks" / "train" / "002.png")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bad / "masks" / "train" / "003.png")
     (bad / "masks" / "train" / "004.png").rename(bad / "masks" / "train" / "lone.png")
-    (bad / "images" / "val" / "000.jpg").unlink()
-    (bad / "masks" / "val" / "000.png").unlink()
+    shutil.rmtree(bad / "images" / "val")
+    shutil.rmtree(bad / "masks" / "val")
     refused_out = tmp_path / "refused"
     refused_out.mkdir()
     (refused_out / "log.txt").write_text("an earlier run's log\n")
@@ -107,6 +111,7 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     for name, _ in CLASSES:
         assert f"'IoU-{name}'" in output
     assert (tmp_path / "run" / "model_final.pth").is_file()
+    assert "NUM_CLASSES: 3\n" in (tmp_path / "run" / "config.yaml").read_text()  # resolved from classes.txt
 
     assert refused != 0
     assert f"the folder dataset {bad} (DATASETS.FOLDER.ROOT) has 6 problems:" in message, message[-3000:]
@@ -117,7 +122,7 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
         "1 mask with several channels (masks/train/003.png), but DATASETS.FOLDER.MASK_FORMAT is 'ids'",
         "1 image of images/train/ without a mask masks/train/<stem>.png: 004",
         "1 mask of masks/train/ without an image images/train/<stem>.jpg/.png: lone",
-        "the val split is empty: images/val/ holds no .jpg, .jpeg or .png image",
+        "the val split is empty: images/val/ does not exist",
     ]:
         assert message.count(problem) == 1, (problem, message[-3000:])
     assert _snapshot(refused_out) == {"log.txt": b"an earlier run's log\n"}
@@ -137,7 +142,8 @@ def _break_pairs(root):
     for stem in ("a", "b", "c", "d", "e", "f"):
         Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / f"images/train/{stem}.png")
     (root / "images/val/001.jpg").rename(root / "images/val/x.jpg")
-    return ["6 images of images/train/ without a mask masks/train/<stem>.png: a, b, c, d, e, ... and 1 more",
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images/val/000.png")
+    return ["images/val/ has several images with the same stem, which one mask cannot label: 000 (000.jpg, 000.png)","6 images of images/train/ without a mask masks/train/<stem>.png: a, b, c, d, e, ... and 1 more",
             "1 image of images/val/ without a mask masks/val/<stem>.png: x",
             "1 mask of masks/val/ without an image images/val/<stem>.jpg/.png: 001"]
 
@@ -226,6 +232,12 @@ def test_the_palette_form_gives_the_same_labels_and_the_metadata(tmp_path):
                 for split, name in folder.FOLDER_DATASETS.items()}
     assert [len(v) for v in expected.values()] == [4, 2]
     assert np.array_equal(expected["val"][1], labels_of(11))
+    # a palette-mode PNG of ids: its pixel values (what the scan checks and training reads) are the indices
+    indexed = Image.frombytes("P", (64, 64), labels_of(10).tobytes())
+    indexed.putpalette([v for _, c in CLASSES for v in c] + [255] * 3 * 253)
+    indexed.save(ids_root / "masks/val/000.png")
+    path = DatasetCatalog.get("folder_sem_seg_val")[0]["sem_seg_file_name"]
+    assert Image.open(path).mode == "P" and np.array_equal(read_id_map(path), labels_of(10))
     load_config(FOLDER_R18, ["DATASETS.FOLDER.ROOT", str(colors_root), "DATASETS.FOLDER.MASK_FORMAT", "colors",
                              "DATASETS.FOLDER.IGNORE_COLORS", "[[255, 255, 255]]"])
     for split, name in folder.FOLDER_DATASETS.items():
@@ -236,7 +248,7 @@ def test_the_palette_form_gives_the_same_labels_and_the_metadata(tmp_path):
             converted = np.array(Image.open(d["sem_seg_file_name"]))
             assert converted.dtype == np.uint8 and np.array_equal(converted, labels)
         meta = MetadataCatalog.get(name)
-        assert meta.stuff_classes == ["sky", "road", "car"]
+        assert meta.stuff_classes == ["sky", "road", "parked car"]
         assert meta.stuff_colors == [list(c) for _, c in CLASSES]
         assert (meta.ignore_label, meta.evaluator_type) == (255, "sem_seg")
 
@@ -262,6 +274,22 @@ def test_the_scan_is_cached_and_follows_a_changed_mask_and_classes_txt(tmp_path,
     assert len(reads) == 12  # 6 images, 6 masks
     load()
     assert reads == []
+    # two processes (workers) at once: the second waits for the first's scan, then reads nothing
+    (root / ".sgr_d2_cache" / "scan-colors.json").unlink()
+    reads.clear()
+    second_listed = threading.Event()
+    listing = folder._listing
+    monkeypatch.setattr(folder, "_listing", lambda r, split: (
+        threading.current_thread().name == "second" and second_listed.set()) or listing(r, split))
+    monkeypatch.setattr(folder._Scanner, "image", lambda self, p: (
+        second_listed.wait(30), reads.append(p), scan_image(self, p))[-1])
+    workers = [threading.Thread(target=DatasetCatalog.get, args=("folder_sem_seg_train",), name=name)
+               for name in ("first", "second")]
+    workers[0].start()
+    workers[1].start()
+    for w in workers:
+        w.join()
+    assert len(reads) == 12
     mask = root / "masks/train/002.png"
     Image.fromarray(np.array(Image.open(root / "masks/train/003.png"))).save(mask)
     os.utime(mask, ns=(1, 1))
@@ -273,6 +301,17 @@ def test_the_scan_is_cached_and_follows_a_changed_mask_and_classes_txt(tmp_path,
     assert sorted(reads) == sorted(str(p) for p in (root / "masks").rglob("*.png"))
     swap = np.array([0, 2, 1] + list(range(3, 256)), np.uint8)
     assert all(np.array_equal(swapped[stem], swap[changed[stem]]) for stem in changed)
+
+
+def test_the_ignore_label_of_the_masks_is_the_heads_ignore_value(tmp_path):
+    """MODEL.SEM_SEG_HEAD.IGNORE_VALUE is the masks' ignore label: with 254, the 255 of the
+    masks is an error and 254 the datasets' ignore_label."""
+    root = make_folder(tmp_path / "data", counts=(1, 1))
+    load_config(FOLDER_R18, ["DATASETS.FOLDER.ROOT", str(root), "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "254"])
+    assert MetadataCatalog.get("folder_sem_seg_val").ignore_label == 254
+    with pytest.raises(FolderDatasetError, match=r"masks/train/000.png holds values \[255\]: expected class ids "
+                                                 r"0..2 \(the 3 classes of classes.txt\) or the ignore label 254"):
+        DatasetCatalog.get("folder_sem_seg_val")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
