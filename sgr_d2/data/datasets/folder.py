@@ -219,7 +219,7 @@ def load_folder_split(split: str, options: _Options, classes: FolderClasses) -> 
 
 # ----------------------------------------------------------------------------- the scan
 def _listing(root: str, split: str):
-    """(images: stem -> [file names], masks: stem -> file name) of one split; None for a missing folder."""
+    """(images: stem -> [file names], masks: stem -> file name) of one split (empty for a missing folder)."""
     def entries(sub):
         folder = os.path.join(root, sub, split)
         return sorted(e.name for e in os.scandir(folder) if e.is_file()) if os.path.isdir(folder) else None
