@@ -5,12 +5,13 @@
 * :func:`validate_config` raises a ``ValueError`` naming the key and value of settings that
   cannot work together;
 * :func:`load_config` builds a config from a file and ``KEY VALUE`` overrides, with errors that
-  name the file and key;
+  name the file and key, and registers the folder dataset of ``DATASETS.FOLDER.ROOT``;
 * :func:`setup_cfg` is what ``train_net.py`` does with its arguments: the loaded config, adapted
   to the machine (device, synchronised BatchNorm), frozen. It writes nothing; the run's files
   are the engine's (``sgr_d2.engine.run_files``).
 
-This module imports nothing from the rest of sgr_d2 but the framework-agnostic core.
+This module imports nothing from the rest of sgr_d2 but the framework-agnostic core (and, when
+it loads a config, the folder dataset's registration).
 """
 from __future__ import annotations
 
@@ -195,6 +196,20 @@ def add_sgr_config(cfg):
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
 
+    # ---------------------------------------------------------------- your own data (docs/own_data.md)
+    # A folder with classes.txt, images/{train,val}/ and masks/{train,val}/: load_config registers
+    # it as folder_sem_seg_train / folder_sem_seg_val (sgr_d2/data/datasets/folder.py), and a
+    # MODEL.SEM_SEG_HEAD.NUM_CLASSES of -1 becomes the number of classes of classes.txt. The
+    # masks' ignore label is MODEL.SEM_SEG_HEAD.IGNORE_VALUE.
+    cfg.DATASETS.FOLDER = CN()
+    cfg.DATASETS.FOLDER.ROOT = ""  # "": no folder dataset
+    # "ids": single-channel masks of class ids (class k: line k of classes.txt, from 0) |
+    # "colors": RGB masks in the palette of classes.txt (`name r g b` lines), converted once into
+    # <ROOT>/.sgr_d2_cache
+    cfg.DATASETS.FOLDER.MASK_FORMAT = "ids"
+    # "colors": the colours that mean "ignore", e.g. [[0, 0, 0]] (every other colour must be a class's)
+    cfg.DATASETS.FOLDER.IGNORE_COLORS = []
+
     # ---------------------------------------------------------------- test
     cfg.TEST.AUG.SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # relative to the test size
     cfg.TEST.TOKEN_SEMANTICS = False
@@ -289,7 +304,9 @@ _NOT_A_KEY = "(not a key of detectron2 or sgr_d2; see sgr_d2/config.py)"
 def load_config(config_file: str, opts=()):
     """A detectron2 config with sgr_d2's keys, merged from ``config_file`` and ``opts``, checked.
 
-    An unknown key, a missing file or a bad value is an error naming the file and key.
+    An unknown key, a missing file or a bad value is an error naming the file and key. With
+    ``DATASETS.FOLDER.ROOT``, the folder's datasets are registered (in this process) and a
+    NUM_CLASSES of -1 is set from its classes.txt (docs/own_data.md).
     """
     cfg = get_cfg()
     add_sgr_config(cfg)
@@ -307,6 +324,9 @@ def load_config(config_file: str, opts=()):
         if msg.startswith("Non-existent"):  # yacs: "Non-existent key: A.B"
             msg += " " + _NOT_A_KEY
         raise ValueError(f"command-line override: {msg}") from e
+    from .data.datasets.folder import register_folder  # (imports detectron2's data side)
+
+    register_folder(cfg)
     validate_config(cfg)
     return cfg
 

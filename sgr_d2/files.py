@@ -19,9 +19,15 @@ user vouches for; those are read with the full unpickler. A file that cannot be 
 flushed to disk (``fsync``), and the temporary file is renamed over the target: a reader (or a
 crash at any moment) sees the old file or the whole new one, never a part. Temporary files are
 named ``.<name>.<random>.tmp`` and created with mode 0666 less the umask.
+
+**Taking turns** (:func:`exclusive_lock`): an ``fcntl.flock`` that makes processes which
+would write the same files (data generated or cached on first use, by every worker of a run)
+wait for one another.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
 import re
@@ -29,7 +35,7 @@ import uuid
 from typing import Callable, Dict, IO
 
 __all__ = ["PICKLE_GLOBALS", "TRUST_VARIABLE", "UnsafeWeightsError", "WeightsReadError",
-           "atomic_write", "atomic_write_text", "atomic_torch_save", "read_weights"]
+           "atomic_write", "atomic_write_text", "atomic_torch_save", "exclusive_lock", "read_weights"]
 
 TRUST_VARIABLE = "SGR_D2_TRUSTED_WEIGHTS"
 
@@ -153,3 +159,14 @@ def atomic_torch_save(obj, path: str) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: "str | os.PathLike"):
+    """An exclusive ``fcntl.flock`` on ``lock_file`` (created if needed), across processes."""
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

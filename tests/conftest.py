@@ -23,6 +23,14 @@ TOY_SGR = os.path.join(REPO, "configs", "toy", "dil_fcn_r18_sgr.yaml")
 TOY_BASE = os.path.join(REPO, "configs", "toy", "dil_fcn_r18.yaml")
 
 
+def folder_opts(config_file):
+    """What a configs/folder/*.yaml needs to load: a DATASETS.FOLDER.ROOT (tests/data/folder has
+    only the classes.txt that loading reads; 3 classes)."""
+    if os.path.basename(os.path.dirname(os.path.abspath(config_file))) != "folder":
+        return []
+    return ["DATASETS.FOLDER.ROOT", os.path.join(REPO, "tests", "data", "folder")]
+
+
 def tiny_toy_cfg(config_file=TOY_SGR, *opts):
     """The toy config shrunk further for unit tests (CPU, 2 images, no workers)."""
     from sgr_d2.config import load_config

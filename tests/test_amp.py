@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, log_records, tiny_toy_cfg, toy_batch
+from conftest import REPO, folder_opts, log_records, tiny_toy_cfg, toy_batch
 
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
@@ -268,11 +268,12 @@ def test_maskformer_and_mask2former_configs_enable_amp():
         name = os.path.basename(path)
         if name.startswith("Base-"):
             continue
-        cfg = load_config(path)
+        cfg = load_config(path, folder_opts(path))
         is_mask_cls = cfg.MODEL.META_ARCHITECTURE in ("MaskFormer", "Mask2Former")
         is_toy = os.path.basename(os.path.dirname(path)) == "toy"
         assert cfg.SOLVER.AMP.ENABLED == (is_mask_cls and not is_toy), path
         checked += is_mask_cls and not is_toy
-    # datasets x {MaskFormer, Mask2Former} x {R-50, R-101, Swin-T} x {-, SGR}, and the fine-tuning
-    # recipe on a published model (configs/ade20k/finetune_mask2former_r50_sgr.yaml)
-    assert checked == 3 * 2 * 3 * 2 + 1
+    # datasets x {MaskFormer, Mask2Former} x {R-50, R-101, Swin-T} x {-, SGR}, the fine-tuning
+    # recipe on a published model (configs/ade20k/finetune_mask2former_r50_sgr.yaml) and the
+    # folder dataset's Mask2Former x {R-50, Swin-T} x {-, SGR}
+    assert checked == 3 * 2 * 3 * 2 + 1 + 4

@@ -23,6 +23,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
+from conftest import folder_opts
+
 from sgr_d2.engine import build_optimizer
 from sgr_d2.config import load_config
 from sgr_d2.sgr import component_label_map
@@ -74,7 +76,7 @@ def _model_key(rel):
     """The config's MODEL node without NUM_CLASSES and WEIGHTS (configs that fail to load get a
     key of their own, so the test reports the error)."""
     try:
-        cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK)
+        cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel))
     except Exception:  # noqa: BLE001 - reported by the test itself
         return rel
     model = cfg.MODEL.clone()
@@ -191,7 +193,7 @@ def test_config_builds_trains_and_infers(rel, device):
     requested size, and the region maps with SGR."""
     from sgr_d2.modeling import find_sgr_backbone
 
-    cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + ["MODEL.DEVICE", str(device)])
+    cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel) + ["MODEL.DEVICE", str(device)])
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch in NOT_SEMANTIC:
         pytest.skip(f"{rel}: META_ARCHITECTURE {arch} is not one of sgr_d2's semantic segmentors "

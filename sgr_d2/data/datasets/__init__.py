@@ -8,6 +8,9 @@ Registered names (see ``datasets/README.md`` for the folder layouts and preparat
 * ``cityscapes_fine_sem_seg_train`` / ``cityscapes_fine_sem_seg_val`` (registered by detectron2
   itself; sgr_d2 only completes them, see :mod:`.register_cityscapes`).
 
+``folder_sem_seg_train`` / ``folder_sem_seg_val`` (your own folder, docs/own_data.md) are
+registered by :mod:`.folder` when a config with ``DATASETS.FOLDER.ROOT`` is loaded.
+
 Registration never touches the disk. Each loader resolves the dataset root when it *runs*:
 the root given to ``register_all_*`` if any, else ``$DETECTRON2_DATASETS`` at call time
 (default ``./datasets``), and refreshes the path entries of the dataset's metadata
