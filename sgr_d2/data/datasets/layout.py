@@ -13,9 +13,11 @@ __all__ = [
     "DatasetLayoutError",
     "INSTANCE_FROM_COMPONENTS",
     "INSTANCE_FROM_FILE",
+    "INSTANCE_FROM_PANOPTIC",
     "datasets_root",
     "instance_map_path",
     "require_dir",
+    "require_file",
     "replace_dataset",
     "refresh_metadata_paths",
 ]
@@ -27,6 +29,7 @@ _DEFAULT_ROOT = "datasets"
 # dataset's metadata under ``instance_source``.
 INSTANCE_FROM_FILE = "instance_file"  # an instance-id image per image (Cityscapes)
 INSTANCE_FROM_COMPONENTS = "connected_components"  # components of each class in the label map
+INSTANCE_FROM_PANOPTIC = "panoptic_segments"  # the thing segments of the panoptic annotation
 
 _CITYSCAPES_LABEL_SUFFIXES = ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png")
 _CITYSCAPES_INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
@@ -50,6 +53,18 @@ def require_dir(path: str, *, dataset: str, layout: str, prepare: Optional[str] 
     hint = f"Run `python {prepare}` to generate it. " if prepare else ""
     raise DatasetLayoutError(
         f"{dataset}: folder not found: {path!r}.\n"
+        f"Expected layout under ${DATASETS_ENV} (now {datasets_root()!r}):\n{layout}\n"
+        f"{hint}See datasets/README.md."
+    )
+
+
+def require_file(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
+    """Raise :class:`DatasetLayoutError` naming ``path`` and ``layout`` unless ``path`` is a file."""
+    if os.path.isfile(path):
+        return
+    hint = f"Run `{prepare}` to generate it. " if prepare else ""
+    raise DatasetLayoutError(
+        f"{dataset}: file not found: {path!r}.\n"
         f"Expected layout under ${DATASETS_ENV} (now {datasets_root()!r}):\n{layout}\n"
         f"{hint}See datasets/README.md."
     )
