@@ -10,8 +10,8 @@ Writes  $DETECTRON2_DATASETS/coco/panoptic_semseg_{train,val}2017/*.png
 The semantic maps of the ``coco_2017_*_panoptic_with_sem_seg`` datasets, which the semantic
 evaluator reads (mIoU of a panoptic model); the same files as Mask2Former's script of this name.
 A category id the panoptic task does not have, or a segment id missing from its PNG, is an
-error naming the file. An output newer than its panoptic PNG is left alone, so the script can
-be re-run (or resumed) at no cost.
+error naming the file. An output newer than its panoptic PNG and the json is left alone, so the
+script can be re-run (or resumed) at no cost.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _missing(path: Path, what: str) -> FileNotFoundError:
     return missing_error("COCO panoptic", path, what, LAYOUT, "coco/")
 
 
-def convert_panoptic(src: Path, dst: Path, segments: list) -> None:
+def convert_panoptic(src: Path, dst: Path, segments: list, json_file: Path) -> None:
     """Write the semantic map of one panoptic PNG and its ``segments_info`` (atomically)."""
     ids = rgb2id(read_panoptic_png(str(src)))
     present = set(np.unique(ids).tolist())
@@ -57,7 +57,7 @@ def convert_panoptic(src: Path, dst: Path, segments: list) -> None:
 
 
 def collect(root: Path, split: str) -> list[tuple]:
-    """(panoptic PNG, semantic PNG, segments) of one split; raises if the json or a PNG is missing."""
+    """(panoptic PNG, semantic PNG, segments, json) of one split; raises if the json or a PNG is missing."""
     coco = root / "coco"
     json_file, pan_dir = coco / "annotations" / f"panoptic_{split}.json", coco / f"panoptic_{split}"
     if not json_file.is_file():
@@ -71,7 +71,7 @@ def collect(root: Path, split: str) -> list[tuple]:
         src = pan_dir / ann["file_name"]
         if not src.is_file():
             raise _missing(src, f"panoptic PNG of image {ann['image_id']!r} (listed in {json_file})")
-        tasks.append((src, coco / f"panoptic_semseg_{split}" / ann["file_name"], ann["segments_info"]))
+        tasks.append((src, coco / f"panoptic_semseg_{split}" / ann["file_name"], ann["segments_info"], json_file))
     return tasks
 
 

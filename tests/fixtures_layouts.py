@@ -221,3 +221,21 @@ def prepare(name: str, root) -> None:
         convert2panoptic(str(Path(root) / "cityscapes" / "gtFine"), setNames=list(SPLITS))
         return
     assert _script(name).main(["--root", str(root)]) == 0
+
+
+PREPARE_STEPS = {
+    "coco": ["prepare_coco_semantic_annos_from_panoptic_annos"],
+    "ade20k": ["prepare_ade20k_sem_seg", "prepare_ade20k_pan_seg", "prepare_ade20k_ins_seg"],
+    "cityscapes": ["prepare_cityscapes_sem_seg", "cityscapes_panoptic"],
+}
+WRITERS = {"coco": write_coco, "ade20k": write_ade20k, "cityscapes": write_cityscapes}
+
+
+def write_prepared(root, datasets=tuple(WRITERS)) -> Path:
+    """Write the raw layouts of ``datasets`` under ``root`` and prepare them as datasets/README.md
+    says: every registered panoptic / instance name of those datasets then loads from ``root``."""
+    for name in datasets:
+        WRITERS[name](root)
+        for step in PREPARE_STEPS[name]:
+            prepare(step, root)
+    return Path(root)

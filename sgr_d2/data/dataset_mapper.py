@@ -181,13 +181,14 @@ class SemSegDatasetMapper:
                 f"dataset dict of {dataset_dict['file_name']} has no 'sem_seg_file_name'; "
                 "semantic segmentation training needs a label map per image"
             )
-        sem = read_sem_seg_checked(dataset_dict.pop("sem_seg_file_name"), image.shape, self.num_classes,
+        sem = read_sem_seg_checked(dataset_dict["sem_seg_file_name"], image.shape, self.num_classes,
                                    self.ignore_label)
         inst = None
         if self.components and self.component_mode == "instances":
             inst = self._read_instances(dataset_dict, sem)
             if inst.dtype != sem.dtype:  # both take the same resampling path (PIL for uint8)
                 sem, inst = sem.astype(np.float64), inst.astype(np.float64)
+        del dataset_dict["sem_seg_file_name"]
         image, sem, (inst,), _ = self.augment(image, sem, inst)
         if self.pad_size is not None:
             image, sem = self._pad(image, sem)

@@ -116,8 +116,9 @@ def prepare_main(argv: Optional[Sequence[str]], description: str, dataset: str,
                  unit: str = "img", summary: Optional[SplitSummary] = None) -> int:
     """The body of every ``datasets/prepare_*.py``: parse ``--root`` / ``--workers``, check the
     dataset folder, collect every split's tasks ``(src, dst, *more)`` before writing anything
-    (a missing file stops the script with nothing written), then convert what is not up to date
-    (with a ``summary``: see :class:`SplitSummary`).
+    (a missing file stops the script with nothing written), then convert what is not up to date:
+    ``dst`` older than ``src`` or than another file (``Path``) of ``more`` (with a ``summary``:
+    see :class:`SplitSummary`).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default=None,
@@ -129,8 +130,8 @@ def prepare_main(argv: Optional[Sequence[str]], description: str, dataset: str,
     plan: Dict[str, list] = {split: collect(root, split) for split in splits}
     for split, tasks in plan.items():
         desc = f"{dataset} {split}"
-        if summary is None:
-            todo = [t for t in tasks if not up_to_date(t[0], t[1])]
+        if summary is None:  # an output is up to date when newer than every file its task names
+            todo = [t for t in tasks if not all(up_to_date(p, t[1]) for p in t[:1] + t[2:] if isinstance(p, Path))]
         else:
             todo = [] if summary.up_to_date(root, split, tasks) else list(tasks)
         for folder in sorted({t[1].parent for t in todo if isinstance(t[1], Path)}):

@@ -40,6 +40,7 @@ from detectron2.evaluation import (
 )
 
 from .. import compat
+from ..data.datasets.layout import refresh_paths
 from .instance import InstanceSegEvaluator
 from .sem_seg import SGRSemSegEvaluator
 
@@ -77,6 +78,7 @@ def build_evaluators(cfg, dataset_name: str, output_folder: str = None):
     ``output_folder`` defaults to ``<OUTPUT_DIR>/inference``. See the module docstring."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    refresh_paths(dataset_name)  # json_file, panoptic_json, ... under $DETECTRON2_DATASETS as it is now
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", None)
     test = cfg.MODEL.MASK_FORMER.TEST

@@ -32,6 +32,8 @@ from .layout import (  # noqa: F401
     require_file,
     replace_dataset,
     refresh_metadata_paths,
+    refresh_paths,
+    register_paths,
 )
 
 from . import register_ade20k  # noqa: F401

@@ -20,6 +20,8 @@ __all__ = [
     "require_file",
     "replace_dataset",
     "refresh_metadata_paths",
+    "register_paths",
+    "refresh_paths",
 ]
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
@@ -96,6 +98,24 @@ def refresh_metadata_paths(name: str, **paths: str) -> None:
     for key, value in paths.items():
         if meta.__dict__.get(key) != value:
             meta.__dict__[key] = value
+
+
+_PATH_FUNCTIONS: dict = {}
+
+
+def register_paths(name: str, paths: Callable[[], Mapping[str, str]]) -> None:
+    """Remember how the path entries of ``name``'s metadata follow from the dataset root:
+    ``paths()`` (it reads ``$DETECTRON2_DATASETS`` when called, and never the disk)."""
+    _PATH_FUNCTIONS[name] = paths
+
+
+def refresh_paths(name: str) -> None:
+    """Point ``name``'s metadata paths at ``$DETECTRON2_DATASETS`` as it is now, without loading
+    the dataset (what an evaluator that reads ``json_file`` or ``panoptic_json`` when it is built
+    needs); nothing for a name without :func:`register_paths`."""
+    paths = _PATH_FUNCTIONS.get(name)
+    if paths is not None:
+        refresh_metadata_paths(name, **paths())
 
 
 def instance_map_path(dataset_dict: Mapping[str, object]) -> Optional[str]:

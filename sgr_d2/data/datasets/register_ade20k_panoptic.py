@@ -34,6 +34,7 @@ from .layout import (
     INSTANCE_FROM_PANOPTIC,
     datasets_root,
     refresh_metadata_paths,
+    register_paths,
     replace_dataset,
     require_dir,
     require_file,
@@ -66,6 +67,11 @@ def _paths(root: str, short: str) -> dict:
         panoptic_json=os.path.join(base, f"ade20k_panoptic_{short}.json"),
         json_file=os.path.join(base, f"ade20k_instance_{short}.json"),
     )
+
+
+def _metadata_paths(root: Optional[str], short: str, keys) -> dict:
+    paths = _paths(datasets_root(root), short)
+    return paths if keys is None else {k: paths[k] for k in keys}
 
 
 def ade20k_panoptic_metadata() -> dict:
@@ -176,15 +182,17 @@ def load_ade20k_instances(short: str, root: Optional[str] = None, name: Optional
 def register_all_ade20k_panoptic(root: Optional[str] = None) -> None:
     """Register the four names. With ``root=None`` the loaders read ``$DETECTRON2_DATASETS`` when run."""
     for short in _SPLITS:
-        paths = _paths(datasets_root(root), short)
         name = f"ade20k_panoptic_{short}"
+        paths = functools.partial(_metadata_paths, root, short, None)
         replace_dataset(name, functools.partial(load_ade20k_panoptic, short, root, name),
-                        dict(ade20k_panoptic_metadata(), **paths, evaluator_type="ade20k_panoptic_seg",
+                        dict(ade20k_panoptic_metadata(), **paths(), evaluator_type="ade20k_panoptic_seg",
                              ignore_label=255, label_divisor=1000, instance_source=INSTANCE_FROM_PANOPTIC))
+        register_paths(name, paths)
         name = f"ade20k_instance_{short}"
+        paths = functools.partial(_metadata_paths, root, short, ("image_root", "json_file"))
         replace_dataset(name, functools.partial(load_ade20k_instances, short, root, name),
-                        dict(ade20k_instance_metadata(), image_root=paths["image_root"],
-                             json_file=paths["json_file"], evaluator_type="coco"))
+                        dict(ade20k_instance_metadata(), **paths(), evaluator_type="coco"))
+        register_paths(name, paths)
 
 
 register_all_ade20k_panoptic()

@@ -37,6 +37,7 @@ from .layout import (
     DatasetLayoutError,
     datasets_root,
     refresh_metadata_paths,
+    register_paths,
     require_dir,
     require_file,
 )
@@ -114,7 +115,7 @@ def load_cityscapes_sem_seg(split: str, root: Optional[str] = None,
     _check_label_files(image_dir, gt_dir, dataset)
     dicts = load_cityscapes_semantic(image_dir, gt_dir)
     if name is not None:
-        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir, instance_root=gt_dir)
+        refresh_metadata_paths(name, **_metadata_paths(root, split, "sem_seg"))
     return dicts
 
 
@@ -134,8 +135,7 @@ def load_cityscapes_panoptic_checked(split: str, root: Optional[str] = None,
     _check_label_files(image_dir, gt_dir, dataset, files=(_TRAIN_IDS,))
     meta = MetadataCatalog.get(name or "cityscapes_fine_panoptic_" + split)
     if name is not None:
-        refresh_metadata_paths(name, image_root=image_dir, panoptic_root=pan_dir,
-                               panoptic_json=pan_dir + ".json", gt_dir=gt_dir)
+        refresh_metadata_paths(name, **_metadata_paths(root, split, "panoptic"))
     return load_cityscapes_panoptic(image_dir, pan_dir, pan_dir + ".json", meta.as_dict())
 
 
@@ -151,7 +151,7 @@ def load_cityscapes_instances_checked(split: str, root: Optional[str] = None,
     require_dir(gt_dir, dataset=dataset, layout=_LAYOUT)
     _check_label_files(image_dir, gt_dir, dataset, files=(_POLYGONS, _INSTANCE_IDS))
     if name is not None:
-        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir)
+        refresh_metadata_paths(name, **_metadata_paths(root, split, "instance"))
     return load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
 
 
@@ -161,22 +161,30 @@ def _replace_loader(name: str, loader) -> None:
     DatasetCatalog.register(name, loader)
 
 
+def _metadata_paths(root: Optional[str], split: str, task: str) -> dict:
+    image_dir, gt_dir = _split_dirs(datasets_root(root), split)
+    if task == "panoptic":
+        pan_dir = os.path.join(os.path.dirname(gt_dir), f"cityscapes_panoptic_{split}")
+        return dict(image_root=image_dir, panoptic_root=pan_dir, panoptic_json=pan_dir + ".json", gt_dir=gt_dir)
+    if task == "instance":
+        return dict(image_dir=image_dir, gt_dir=gt_dir)
+    return dict(image_dir=image_dir, gt_dir=gt_dir, instance_root=gt_dir)
+
+
 def register_all_cityscapes(root: Optional[str] = None) -> None:
     """Complete detectron2's registration of the train and val splits (see module docstring)."""
     for split in ("train", "val"):
-        image_dir, gt_dir = _split_dirs(datasets_root(root), split)
-        pan_dir = os.path.join(os.path.dirname(gt_dir), f"cityscapes_panoptic_{split}")
+        for task, load in (("panoptic", load_cityscapes_panoptic_checked),
+                           ("instance_seg", load_cityscapes_instances_checked)):
+            name = f"cityscapes_fine_{task}_{split}"
+            _replace_loader(name, functools.partial(load, split, root, name))
+            paths = functools.partial(_metadata_paths, root, split, task.split("_")[0])
+            refresh_metadata_paths(name, **paths())
+            register_paths(name, paths)
         name = f"cityscapes_fine_panoptic_{split}"
-        _replace_loader(name, functools.partial(load_cityscapes_panoptic_checked, split, root, name))
-        refresh_metadata_paths(name, image_root=image_dir, panoptic_root=pan_dir,
-                               panoptic_json=pan_dir + ".json", gt_dir=gt_dir)
         if "instance_source" not in MetadataCatalog.get(name).__dict__:
             MetadataCatalog.get(name).set(instance_source=INSTANCE_FROM_PANOPTIC)
-        name = f"cityscapes_fine_instance_seg_{split}"
-        _replace_loader(name, functools.partial(load_cityscapes_instances_checked, split, root, name))
-        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir)
     for name, split in _SPLITS.items():
-        image_dir, gt_dir = _split_dirs(datasets_root(root), split)
         _replace_loader(name, functools.partial(load_cityscapes_sem_seg, split, root, name))
         meta = MetadataCatalog.get(name)
         if "stuff_classes" not in meta.__dict__:  # only if detectron2 did not register it
@@ -184,7 +192,9 @@ def register_all_cityscapes(root: Optional[str] = None) -> None:
 
             meta.set(evaluator_type="cityscapes_sem_seg", ignore_label=255,
                      **_get_builtin_metadata("cityscapes"))
-        refresh_metadata_paths(name, image_dir=image_dir, gt_dir=gt_dir, instance_root=gt_dir)
+        paths = functools.partial(_metadata_paths, root, split, "sem_seg")
+        refresh_metadata_paths(name, **paths())
+        register_paths(name, paths)
         for key, value in dict(
             stuff_colors=[list(c) for c in CITYSCAPES_TRAIN_ID_COLORS],
             instance_suffix="_gtFine_instanceIds.png",

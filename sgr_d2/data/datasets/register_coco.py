@@ -33,6 +33,7 @@ from .layout import (
     INSTANCE_FROM_PANOPTIC,
     datasets_root,
     refresh_metadata_paths,
+    register_paths,
     replace_dataset,
     require_dir,
     require_file,
@@ -60,6 +61,11 @@ def _paths(root: str, split: str) -> dict:
         panoptic_json=os.path.join(coco, "annotations", f"panoptic_{split}.json"),
         sem_seg_root=os.path.join(coco, f"panoptic_semseg_{split}"),
     )
+
+
+def _metadata_paths(root: Optional[str], split: str, keys) -> dict:
+    paths = _paths(datasets_root(root), split)
+    return {k: paths[k] for k in keys}
 
 
 def coco_panoptic_metadata(with_sem_seg: bool) -> dict:
@@ -125,20 +131,20 @@ def register_all_coco(root: Optional[str] = None) -> None:
     """Register the six names above. With ``root=None`` the loaders read ``$DETECTRON2_DATASETS``
     when they run."""
     for short, split in _SPLITS.items():
-        paths = _paths(datasets_root(root), split)
         name = f"coco_2017_{short}"
+        paths = functools.partial(_metadata_paths, root, split, ("image_root", "json_file"))
         replace_dataset(name, functools.partial(load_coco_instances, split, root, name),
-                        dict(_get_builtin_metadata("coco"), image_root=paths["image_root"],
-                             json_file=paths["json_file"], evaluator_type="coco"))
+                        dict(_get_builtin_metadata("coco"), **paths(), evaluator_type="coco"))
+        register_paths(name, paths)
         for suffix, with_sem_seg in (("_panoptic", False), ("_panoptic_with_sem_seg", True)):
             pname = name + suffix
-            meta = dict(coco_panoptic_metadata(with_sem_seg), image_root=paths["image_root"],
-                        json_file=paths["json_file"], panoptic_root=paths["panoptic_root"],
-                        panoptic_json=paths["panoptic_json"], evaluator_type="coco_panoptic_seg",
+            keys = ("image_root", "json_file", "panoptic_root", "panoptic_json") + (
+                ("sem_seg_root",) if with_sem_seg else ())
+            paths = functools.partial(_metadata_paths, root, split, keys)
+            meta = dict(coco_panoptic_metadata(with_sem_seg), **paths(), evaluator_type="coco_panoptic_seg",
                         ignore_label=255, label_divisor=1000, instance_source=INSTANCE_FROM_PANOPTIC)
-            if with_sem_seg:
-                meta["sem_seg_root"] = paths["sem_seg_root"]
             replace_dataset(pname, functools.partial(load_coco_panoptic, split, root, pname, with_sem_seg), meta)
+            register_paths(pname, paths)
 
 
 register_all_coco()
