@@ -24,7 +24,7 @@ from PIL import Image
 
 from sgr_d2.data.datasets.register_ade20k import ADE20K_150_CLASSES, ADE20K_THING_IDS
 from sgr_d2.data.datasets.register_ade20k_panoptic import read_ade20k_instances
-from sgr_d2.data.prepare import SplitSummary, mask_bbox, missing_error, prepare_main, write_json
+from sgr_d2.data.prepare import SplitSummary, images_with_files, mask_bbox, missing_error, prepare_main, write_json
 
 SPLITS = ("training", "validation")
 SHORT = {"training": "train", "validation": "val"}
@@ -60,21 +60,9 @@ def convert(inst_src: Path, image: Path):
 def collect(root: Path, split: str) -> list[tuple]:
     """(instance PNG, image) of one split; raises if any is missing."""
     base = root / BASE
-    image_dir, inst_dir = base / "images" / split, base / "annotations_instance" / split
-    for path, what in ((image_dir, f"image folder of split {split!r}"),
-                       (inst_dir, f"instance annotation folder of split {split!r}")):
-        if not path.is_dir():
-            raise _missing(path, what)
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise _missing(image_dir / "*.jpg", f"images of split {split!r}")
-    tasks = []
-    for image in images:
-        inst = inst_dir / (image.stem + ".png")
-        if not inst.is_file():
-            raise _missing(inst, f"instance map of image {str(image)!r}")
-        tasks.append((inst, image))
-    return tasks
+    found = images_with_files(base / "images" / split, [(base / "annotations_instance" / split, "instance map")],
+                              split, _missing)
+    return [(inst, image) for image, (inst,) in found]
 
 
 def _json_path(root: Path, split: str) -> Path:

@@ -32,8 +32,8 @@ from PIL import Image
 
 from sgr_d2.data.datasets.register_ade20k import ADE20K_150_CLASSES, ADE20K_150_COLORS, ADE20K_THING_IDS
 from sgr_d2.data.datasets.register_ade20k_panoptic import read_ade20k_instances
-from sgr_d2.data.prepare import (SplitSummary, mask_bbox, missing_error, prepare_main, read_label_png,
-                                 up_to_date, write_json, write_panoptic_png)
+from sgr_d2.data.prepare import (SplitSummary, images_with_files, mask_bbox, missing_error, prepare_main,
+                                 read_label_png, up_to_date, write_json, write_panoptic_png)
 
 SPLITS = ("training", "validation")
 SHORT = {"training": "train", "validation": "val"}
@@ -100,25 +100,11 @@ def convert(sem_src: Path, pan_dst: Path, inst_src: Path, image: Path):
 def collect(root: Path, split: str) -> list[tuple]:
     """(semantic PNG, panoptic PNG, instance PNG, image) of one split; raises if any is missing."""
     base = root / BASE
-    image_dir = base / "images" / split
-    sem_dir, inst_dir = base / "annotations" / split, base / "annotations_instance" / split
-    for path, what in ((image_dir, f"image folder of split {split!r}"),
-                       (sem_dir, f"annotation folder of split {split!r}"),
-                       (inst_dir, f"instance annotation folder of split {split!r}")):
-        if not path.is_dir():
-            raise _missing(path, what)
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise _missing(image_dir / "*.jpg", f"images of split {split!r}")
     out_dir = base / f"ade20k_panoptic_{SHORT[split]}"
-    tasks = []
-    for image in images:
-        sem, inst = sem_dir / (image.stem + ".png"), inst_dir / (image.stem + ".png")
-        for path, what in ((sem, "label map"), (inst, "instance map")):
-            if not path.is_file():
-                raise _missing(path, f"{what} of image {str(image)!r}")
-        tasks.append((sem, out_dir / sem.name, inst, image))
-    return tasks
+    found = images_with_files(base / "images" / split, [(base / "annotations" / split, "label map"),
+                                                        (base / "annotations_instance" / split, "instance map")],
+                              split, _missing)
+    return [(sem, out_dir / sem.name, inst, image) for image, (sem, inst) in found]
 
 
 def _json_path(root: Path, split: str) -> Path:

@@ -9,7 +9,7 @@ import json
 import os
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -19,7 +19,7 @@ from ..files import atomic_write, atomic_write_text
 from .labels import id2rgb
 
 __all__ = ["missing_error", "read_label_png", "write_label_png", "write_panoptic_png", "write_json",
-           "mask_bbox", "up_to_date", "run_conversions", "prepare_main", "SplitSummary"]
+           "mask_bbox", "images_with_files", "up_to_date", "run_conversions", "prepare_main", "SplitSummary"]
 
 
 def missing_error(dataset: str, path: Path, what: str, layout: str, holder: str) -> FileNotFoundError:
@@ -59,6 +59,27 @@ def mask_bbox(mask: np.ndarray) -> List[int]:
     """The COCO box ``[x, y, width, height]`` (whole pixels) of a non-empty (H, W) bool mask."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def images_with_files(image_dir: Path, folders: Sequence[Tuple[Path, str]], split: str,
+                      missing: Callable[[Path, str], Exception]) -> List[Tuple[Path, List[Path]]]:
+    """Every ``*.jpg`` of ``image_dir`` (sorted) with the ``<same name>.png`` of each folder of
+    ``folders`` ((folder, what it holds) pairs). The folders, at least one image and every file
+    must exist, else ``missing(path, description)`` is raised, before anything is written."""
+    for path, what in [(image_dir, "image folder"), *folders]:
+        if not path.is_dir():
+            raise missing(path, f"{what} of split {split!r}")
+    images = sorted(image_dir.glob("*.jpg"))
+    if not images:
+        raise missing(image_dir / "*.jpg", f"images of split {split!r}")
+    out = []
+    for image in images:
+        files = [folder / (image.stem + ".png") for folder, _ in folders]
+        for path, (_, what) in zip(files, folders):
+            if not path.is_file():
+                raise missing(path, f"{what} of image {str(image)!r}")
+        out.append((image, files))
+    return out
 
 
 def up_to_date(src: Path, dst: Path) -> bool:

@@ -48,28 +48,28 @@ def datasets_root(root: Optional[str] = None) -> str:
     return os.environ.get(DATASETS_ENV) or _DEFAULT_ROOT
 
 
-def require_dir(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
-    """Raise :class:`DatasetLayoutError` naming ``path`` and ``layout`` unless ``path`` is a folder."""
-    if os.path.isdir(path):
-        return
-    hint = f"Run `python {prepare}` to generate it. " if prepare else ""
-    raise DatasetLayoutError(
-        f"{dataset}: folder not found: {path!r}.\n"
+def _layout_error(path: str, what: str, dataset: str, layout: str, prepare: Optional[str]) -> DatasetLayoutError:
+    hint = ""
+    if prepare:  # a script of datasets/ or a whole command
+        hint = f"Run `{'python ' + prepare if prepare.endswith('.py') else prepare}` to generate it. "
+    return DatasetLayoutError(
+        f"{dataset}: {what} not found: {path!r}.\n"
         f"Expected layout under ${DATASETS_ENV} (now {datasets_root()!r}):\n{layout}\n"
         f"{hint}See datasets/README.md."
     )
+
+
+def require_dir(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
+    """Raise :class:`DatasetLayoutError` naming ``path``, ``layout`` and the script or command that
+    makes it (``prepare``) unless ``path`` is a folder."""
+    if not os.path.isdir(path):
+        raise _layout_error(path, "folder", dataset, layout, prepare)
 
 
 def require_file(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
-    """Raise :class:`DatasetLayoutError` naming ``path`` and ``layout`` unless ``path`` is a file."""
-    if os.path.isfile(path):
-        return
-    hint = f"Run `{prepare}` to generate it. " if prepare else ""
-    raise DatasetLayoutError(
-        f"{dataset}: file not found: {path!r}.\n"
-        f"Expected layout under ${DATASETS_ENV} (now {datasets_root()!r}):\n{layout}\n"
-        f"{hint}See datasets/README.md."
-    )
+    """:func:`require_dir` for a file."""
+    if not os.path.isfile(path):
+        raise _layout_error(path, "file", dataset, layout, prepare)
 
 
 def replace_dataset(name: str, loader: Callable[[], list], metadata: Mapping[str, object]) -> None:

@@ -128,11 +128,9 @@ def _check(root: str, short: str, dataset: str, keys, prepare: str) -> dict:
     paths = _paths(root, short)
     require_dir(os.path.join(root, _BASE), dataset=dataset, layout=_LAYOUT)
     for key in keys:
-        if key.endswith("json") or key == "json_file":
-            require_file(paths[key], dataset=dataset, layout=_LAYOUT, prepare=f"python {prepare}")
-        else:
-            hint = {"sem_seg_root": "datasets/prepare_ade20k_sem_seg.py", "panoptic_root": prepare}.get(key)
-            require_dir(paths[key], dataset=dataset, layout=_LAYOUT, prepare=hint)
+        require = require_file if key.endswith("json") or key == "json_file" else require_dir
+        hint = "datasets/prepare_ade20k_sem_seg.py" if key == "sem_seg_root" else None if key == "image_root" else prepare
+        require(paths[key], dataset=dataset, layout=_LAYOUT, prepare=hint)
     return paths
 
 

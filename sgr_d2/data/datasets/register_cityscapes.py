@@ -100,6 +100,14 @@ def _check_label_files(image_dir: str, gt_dir: str, dataset: str, files=(_TRAIN_
                     )
 
 
+def _require_split(root: str, split: str, dataset: str) -> tuple[str, str]:
+    """The split's image and gtFine folders, which must exist (with ``cityscapes/`` itself)."""
+    image_dir, gt_dir = _split_dirs(root, split)
+    for path in (os.path.join(root, "cityscapes"), image_dir, gt_dir):
+        require_dir(path, dataset=dataset, layout=_LAYOUT)
+    return image_dir, gt_dir
+
+
 def load_cityscapes_sem_seg(split: str, root: Optional[str] = None,
                             name: Optional[str] = None) -> list:
     """detectron2's ``load_cityscapes_semantic`` on ``<root>/cityscapes``, root resolved now.
@@ -107,11 +115,8 @@ def load_cityscapes_sem_seg(split: str, root: Optional[str] = None,
     Raises :class:`DatasetLayoutError` naming the missing folder or label file.
     """
     root = datasets_root(root)
-    image_dir, gt_dir = _split_dirs(root, split)
     dataset = name or f"Cityscapes {split}"
-    require_dir(os.path.join(root, "cityscapes"), dataset=dataset, layout=_LAYOUT)
-    require_dir(image_dir, dataset=dataset, layout=_LAYOUT)
-    require_dir(gt_dir, dataset=dataset, layout=_LAYOUT)
+    image_dir, gt_dir = _require_split(root, split, dataset)
     _check_label_files(image_dir, gt_dir, dataset)
     dicts = load_cityscapes_semantic(image_dir, gt_dir)
     if name is not None:
@@ -125,11 +130,9 @@ def load_cityscapes_panoptic_checked(split: str, root: Optional[str] = None,
     needs each image's ``*_gtFine_labelTrainIds.png`` (``sem_seg_file_name``) and the panoptic
     files of cityscapesscripts' ``createPanopticImgs``."""
     root = datasets_root(root)
-    image_dir, gt_dir = _split_dirs(root, split)
     dataset = name or f"Cityscapes panoptic {split}"
+    image_dir, gt_dir = _require_split(root, split, dataset)
     pan_dir = os.path.join(root, "cityscapes", "gtFine", f"cityscapes_panoptic_{split}")
-    require_dir(os.path.join(root, "cityscapes"), dataset=dataset, layout=_LAYOUT)
-    require_dir(image_dir, dataset=dataset, layout=_LAYOUT)
     require_file(pan_dir + ".json", dataset=dataset, layout=_LAYOUT, prepare=_PREPARE_PANOPTIC)
     require_dir(pan_dir, dataset=dataset, layout=_LAYOUT, prepare=_PREPARE_PANOPTIC)
     _check_label_files(image_dir, gt_dir, dataset, files=(_TRAIN_IDS,))
@@ -144,11 +147,8 @@ def load_cityscapes_instances_checked(split: str, root: Optional[str] = None,
     """detectron2's ``load_cityscapes_instances`` (from the polygon files, as the official
     Mask2Former reads them; it needs ``shapely``) on ``<root>/cityscapes``, root resolved now."""
     root = datasets_root(root)
-    image_dir, gt_dir = _split_dirs(root, split)
     dataset = name or f"Cityscapes instance {split}"
-    require_dir(os.path.join(root, "cityscapes"), dataset=dataset, layout=_LAYOUT)
-    require_dir(image_dir, dataset=dataset, layout=_LAYOUT)
-    require_dir(gt_dir, dataset=dataset, layout=_LAYOUT)
+    image_dir, gt_dir = _require_split(root, split, dataset)
     _check_label_files(image_dir, gt_dir, dataset, files=(_POLYGONS, _INSTANCE_IDS))
     if name is not None:
         refresh_metadata_paths(name, **_metadata_paths(root, split, "instance"))

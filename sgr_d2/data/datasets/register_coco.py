@@ -89,11 +89,8 @@ def _check(root: str, split: str, dataset: str, *keys: str) -> dict:
     paths = _paths(root, split)
     require_dir(os.path.join(root, "coco"), dataset=dataset, layout=_LAYOUT)
     for key in keys:
-        if key.endswith("_json") or key == "json_file":
-            require_file(paths[key], dataset=dataset, layout=_LAYOUT)
-        else:
-            prepare = f"python {_PREPARE_SEM}" if key == "sem_seg_root" else None
-            require_dir(paths[key], dataset=dataset, layout=_LAYOUT, prepare=prepare)
+        require = require_file if key.endswith("json") or key == "json_file" else require_dir
+        require(paths[key], dataset=dataset, layout=_LAYOUT, prepare=_PREPARE_SEM if key == "sem_seg_root" else None)
     return paths
 
 
