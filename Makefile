@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install --quiet -e ".[test,deploy]"
+	# panopticapi for PQ, without its numpy<2 pin (datasets/README.md#pq-and-panopticapi)
+	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $(STAMP)
 
 # Everything, slow tests included (what CI runs).

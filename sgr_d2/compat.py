@@ -25,7 +25,15 @@ detectron2 sub-module is imported, because two of the problems strike at import 
    :func:`sgr_d2.engine.workers.launch`, uses detectron2's whenever it can and, only without CUDA
    and when detectron2's worker is seen to need it (:func:`launch_needs_cuda` below: v0.6),
    starts the workers itself with gloo.
-5. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; detectron2 checkpoints hold
+5. ``np.in1d`` removed in NumPy 2.4. cityscapesscripts (2.3.0) still calls it in its pixel- and
+   instance-level evaluations, which detectron2's ``CityscapesSemSegEvaluator`` and
+   ``CityscapesInstanceEvaluator`` run. We define it as NumPy documented it: ``np.isin(...)``
+   flattened, only when it is missing and the installed cityscapesscripts uses it. The same
+   instance evaluation writes counts that NumPy 2 returns as NumPy integers (``np.count_nonzero``)
+   with ``csHelpers.writeDict2JSON``, whose ``default`` cannot encode them; we let that function
+   write NumPy scalars as the Python numbers they hold, only when ``np.count_nonzero`` returns
+   one (before the evaluation module imports the function, as detectron2 imports it lazily).
+6. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; detectron2 checkpoints hold
    only tensors, numbers, strings and containers, which that mode accepts, so nothing is needed.
    ``detectron2.model_zoo`` needs ``pkg_resources`` (gone from recent setuptools); sgr_d2 never
    imports the model zoo, so nothing is done about it either.
@@ -144,12 +152,63 @@ def _shim_numpy_aliases() -> bool:
     return True
 
 
+# cityscapesscripts files that call np.in1d (relative to the cityscapesscripts package)
+_IN1D_USERS = ("evaluation/evalPixelLevelSemanticLabeling.py", "evaluation/evalInstanceLevelSemanticLabeling.py")
+
+
+def _in1d(ar1, ar2, assume_unique=False, invert=False, *, kind=None):
+    """NumPy's former ``in1d``: ``isin`` on the flattened ``ar1``."""
+    return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert, kind=kind)
+
+
+def _shim_numpy_in1d() -> bool:
+    if "in1d" in np.__dict__:
+        return False
+    spec = importlib.util.find_spec("cityscapesscripts")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not any("np.in1d(" in (root / rel).read_text(encoding="utf-8", errors="replace")
+               for rel in _IN1D_USERS if (root / rel).is_file()):
+        return False
+    np.in1d = _in1d
+    return True
+
+
+def _json_default(obj):
+    """cityscapesscripts' JSON ``default`` (an object's ``__dict__``), NumPy scalars as numbers."""
+    return obj.item() if isinstance(obj, np.generic) else obj.__dict__
+
+
+def _write_dict_to_json(dict_name, file_name):
+    import json
+
+    with open(file_name, "w") as f:
+        f.write(json.dumps(dict_name, default=_json_default, sort_keys=True, indent=4))
+
+
+def _shim_cityscapes_json() -> bool:
+    if isinstance(np.count_nonzero(np.ones(1, dtype=bool)), int):
+        return False
+    if importlib.util.find_spec("cityscapesscripts") is None:
+        return False
+    from cityscapesscripts.helpers import csHelpers
+
+    csHelpers.writeDict2JSON = _write_dict_to_json
+    evaluation = sys.modules.get("cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling")
+    if evaluation is not None:  # imported before sgr_d2: its star import bound the old function
+        evaluation.writeDict2JSON = _write_dict_to_json
+    return True
+
+
 def apply() -> list[str]:
     """Apply every shim that is needed; return the names of those that acted (idempotent)."""
     for name, shim in (
         ("detectron2._C stub", _shim_c_extension),
         ("PIL.Image.LINEAR", _shim_pil_linear),
         ("numpy type aliases", _shim_numpy_aliases),
+        ("numpy.in1d", _shim_numpy_in1d),
+        ("cityscapesscripts JSON of NumPy scalars", _shim_cityscapes_json),
     ):
         if name not in _APPLIED and shim():
             _APPLIED.append(name)

@@ -23,6 +23,7 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .sgr.components import COMPONENT_MODES
 from .sgr.matching import check_matching
 
 __all__ = ["MASK_LOSS_TYPES", "add_sgr_config", "validate_config", "load_config", "setup_cfg", "is_detection"]
@@ -58,7 +59,8 @@ def add_sgr_config(cfg):
     cfg.MODEL.SGR.LOSS_WEIGHT = 0.25  # β
     # What the SGR losses match tokens to: "connected" (the paper: the 8-connected components of
     # each class of the semantic map) | "instances" (each ground-truth thing instance is its own
-    # component; stuff keeps its connected components; needs a dataset with instances)
+    # component; stuff keeps its connected components; needs a dataset with instances, checked
+    # when the training loader is built: sgr_d2/data/mappers.py)
     cfg.MODEL.SGR.COMPONENTS = "connected"
 
     # ---------------------------------------------------------------- GloRe (the comparison unit)
@@ -179,9 +181,11 @@ def add_sgr_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
 
     # ---------------------------------------------------------------- input
-    # The training mapper (sgr_d2/data/dataset_mapper.py): "sgr_sem_seg" (per-pixel heads: image,
-    # labels, components) | "sgr_mask_former_semantic" (MaskFormer / Mask2Former: also one mask
-    # per class, "instances"); any other value is an error.
+    # The training mapper (sgr_d2/data/mappers.py): "sgr_sem_seg" (per-pixel heads: image,
+    # labels, components) | "sgr_mask_former_semantic" or the official "mask_former_semantic"
+    # (MaskFormer / Mask2Former: also one mask per class, "instances") | "mask_former_panoptic" |
+    # "mask_former_instance" | "coco_panoptic_lsj" | "coco_instance_lsj"; any other value is an
+    # error.
     cfg.INPUT.DATASET_MAPPER_NAME = "sgr_sem_seg"
     cfg.INPUT.COLOR_AUG = True  # MaskFormer's photometric distortion (sgr_d2/data/augmentation.py)
     # Pixel value of the padding that brings a training image up to the crop size (before
@@ -240,6 +244,9 @@ def validate_config(cfg) -> None:
             f"({sgr.NUM_TOKENS}): L tokens are matched out of K"
         )
     check_matching(sgr.MATCHING, "MODEL.SGR.MATCHING")
+    if sgr.COMPONENTS not in COMPONENT_MODES:
+        raise ValueError(f"MODEL.SGR.COMPONENTS is {sgr.COMPONENTS!r}; expected one of {list(COMPONENT_MODES)} "
+                         "('instances' needs a dataset with instances: sgr_d2/data/mappers.py)")
     if sgr.TOKEN_DIM % sgr.NUM_HEADS:
         raise ValueError(
             f"MODEL.SGR.TOKEN_DIM ({sgr.TOKEN_DIM}) must be divisible by MODEL.SGR.NUM_HEADS "

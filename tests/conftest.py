@@ -179,3 +179,16 @@ def module_tmp(tmp_path_factory, request):
     d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def layouts_root(tmp_path_factory):
+    """A datasets root holding the raw-layout fixtures of ``tests/fixtures_layouts.py`` (COCO,
+    ADE20K, Cityscapes: 2 scenes per split), written and prepared once per session; tests set
+    ``DETECTRON2_DATASETS`` to it (``monkeypatch.setenv``) to load the registered names."""
+    from fixtures_layouts import write_prepared
+
+    root = tmp_path_factory.mktemp("layouts")
+    write_prepared(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,5 @@
 """sgr_d2.compat: each shim acts only when needed and does what its docstring says."""
+import json
 import sys
 import types
 
@@ -12,7 +13,8 @@ from sgr_d2 import compat
 def test_apply_is_idempotent_and_reports_what_acted():
     first = compat.apply()
     assert compat.apply() == first
-    assert set(first) <= {"detectron2._C stub", "PIL.Image.LINEAR", "numpy type aliases"}
+    assert set(first) <= {"detectron2._C stub", "PIL.Image.LINEAR", "numpy type aliases", "numpy.in1d",
+                          "cityscapesscripts JSON of NumPy scalars"}
 
 
 def test_pil_linear_is_bilinear():
@@ -56,6 +58,22 @@ def test_numpy_aliases_only_when_detectron2_uses_them(tmp_path, monkeypatch):
     assert compat._detectron2_uses_numpy_aliases(["int", "float"]) is False
     (fake / "evaluation" / "sem_seg_evaluation.py").write_text("pred = np.array(x, dtype=np.int)\n")
     assert compat._detectron2_uses_numpy_aliases(["int"]) is True
+
+
+def test_in1d_is_numpys_former_definition():
+    """cityscapesscripts' evaluations call np.in1d (gone in NumPy 2.4): the shim is isin, flattened."""
+    a = np.array([[3, 1], [2, 7]])
+    np.testing.assert_array_equal(compat._in1d(a, [1, 7]), [False, True, False, True])
+    np.testing.assert_array_equal(compat._in1d(a, [1, 7], invert=True), [True, False, True, False])
+    assert np.in1d is compat._in1d or "numpy.in1d" not in compat.applied()
+
+
+def test_cityscapes_json_writes_numpy_scalars_as_numbers(tmp_path):
+    from cityscapesscripts.helpers import csHelpers
+
+    path = tmp_path / "matches.json"
+    csHelpers.writeDict2JSON({"pixelCount": np.count_nonzero(np.ones(3, dtype=bool)), "x": np.float32(0.5)}, str(path))
+    assert json.loads(path.read_text()) == {"pixelCount": 3, "x": 0.5}
 
 
 def test_semseg_evaluator_runs_on_this_numpy():

@@ -464,10 +464,13 @@ def test_cityscapes_errors(root, monkeypatch):
 
 
 def test_registration_does_not_touch_disk(root, monkeypatch):
-    from sgr_d2.data.datasets import register_ade20k, register_cityscapes, register_coco_stuff_10k
+    from sgr_d2.data.datasets import (refresh_paths, register_ade20k, register_ade20k_panoptic, register_cityscapes,
+                                      register_coco, register_coco_stuff_10k)
 
     def register_all():
         register_ade20k.register_all_ade20k()
+        register_ade20k_panoptic.register_all_ade20k_panoptic()
+        register_coco.register_all_coco()
         register_coco_stuff_10k.register_all_coco_stuff_10k()
         register_cityscapes.register_all_cityscapes()
 
@@ -480,6 +483,22 @@ def test_registration_does_not_touch_disk(root, monkeypatch):
             absent / "ADEChallengeData2016" / "images" / "training")
         with pytest.raises(DatasetLayoutError, match=str(absent / "coco" / "coco_stuff_10k")):
             DatasetCatalog.get("coco_2017_test_stuff_10k_sem_seg")
+        for name in ("coco_2017_val", "coco_2017_train_panoptic", "ade20k_panoptic_val", "ade20k_instance_train",
+                     "cityscapes_fine_panoptic_val", "cityscapes_fine_instance_seg_train"):
+            with pytest.raises(DatasetLayoutError, match=str(absent)):
+                DatasetCatalog.get(name)
+        # the paths an evaluator reads when it is built follow the variable without a load
+        moved = root / "elsewhere"
+        monkeypatch.setenv("DETECTRON2_DATASETS", str(moved))
+        refresh_paths("coco_2017_val_panoptic_with_sem_seg")
+        meta = MetadataCatalog.get("coco_2017_val_panoptic_with_sem_seg")
+        assert Path(meta.panoptic_json) == moved / "coco" / "annotations" / "panoptic_val2017.json"
+        assert Path(meta.json_file) == moved / "coco" / "annotations" / "instances_val2017.json"
+        assert Path(meta.sem_seg_root) == moved / "coco" / "panoptic_semseg_val2017"
+        refresh_paths("cityscapes_fine_panoptic_val")
+        assert Path(MetadataCatalog.get("cityscapes_fine_panoptic_val").panoptic_root) == (
+            moved / "cityscapes" / "gtFine" / "cityscapes_panoptic_val")
+        assert not moved.exists() and not absent.exists()
     finally:
         monkeypatch.undo()  # leave the registrations as an import with the real env makes them
         register_all()

@@ -216,6 +216,8 @@ def test_every_sgr_key_round_trips(tmp_path):
             new[key] = type(value)(value * 3 + 1)
         elif key == "MATCHING":
             new[key] = "greedy"
+        elif key == "COMPONENTS":
+            new[key] = "instances"
         elif key in ("NUM_MATCHED", "NUM_TOKENS", "NUM_HEADS", "TOKEN_DIM"):
             new[key] = {"NUM_MATCHED": 7, "NUM_TOKENS": 9, "NUM_HEADS": 2, "TOKEN_DIM": 10}[key]
         else:

@@ -13,6 +13,7 @@ from sgr_d2.sgr import (
     SGRModule,
     component_label_map,
     connected_components,
+    instance_component_map,
     match_tokens,
     pairwise_cost,
     weighted_bce,
@@ -110,6 +111,35 @@ def test_components_diagonal_links_do_not_cross_classes():
     sem[:, 3] = 255  # the ignore column cuts every diagonal chain: 2 components per class
     _, classes = component_label_map(sem)
     assert sorted(classes.tolist()) == [0, 0, 1, 1]
+
+
+def test_instance_components_split_touching_objects_and_keep_stuff_pieces():
+    """MODEL.SGR.COMPONENTS: two touching objects of class 2 are one connected component but
+    two instance components; the stuff class 1, cut in two by the class-3 object, stays two
+    pieces either way; an object hidden in two pieces is one instance component."""
+    sem = np.array([[1, 1, 3, 1, 1, 255],
+                    [2, 2, 3, 1, 1, 1],
+                    [2, 2, 3, 0, 0, 0],
+                    [255, 255, 3, 2, 0, 2]], dtype=np.uint8)
+    inst = np.array([[0, 0, 7, 0, 0, 0],
+                     [4, 5, 7, 0, 0, 0],
+                     [4, 5, 7, 0, 0, 0],
+                     [0, 0, 7, 9, 0, 9]])  # objects 4 and 5 touch; 9 is in two pieces
+    connected, classes = component_label_map(sem)
+    assert classes.tolist() == [0, 1, 1, 2, 2, 2, 3]  # class 1: two pieces; class 2: {4, 5} and two 9s
+    assert connected[1, 0] == connected[1, 1] == 3  # the touching objects: one component
+    ids, inst_classes = instance_component_map(sem, inst)
+    # instances first, by (class, id): (2, 4), (2, 5), (2, 9), (3, 7); then the connected rest
+    assert inst_classes.tolist() == [2, 2, 2, 3, 0, 1, 1]
+    assert ids.dtype == np.int32 and ids[0, 5] == -1 and ids[3, 0] == -1
+    assert (ids[1:3, 0] == 0).all() and (ids[1:3, 1] == 1).all()
+    assert ids[3, 3] == ids[3, 5] == 2 and (ids[:, 2] == 3).all()
+    assert ids[2, 3] == ids[3, 4] == 4  # class 0
+    assert (ids[0, :2] == 5).all() and (ids[0, 3:5] == 6).all() and (ids[1, 3:] == 6).all()  # class 1
+    # no instance map: the connected components themselves
+    np.testing.assert_array_equal(instance_component_map(sem, None)[0], connected)
+    with pytest.raises(ValueError, match="does not match"):
+        instance_component_map(sem, inst[:, :5])
 
 # ------------------------------------------------------------------ cost and matching
 def test_pairwise_cost_hand_computed():

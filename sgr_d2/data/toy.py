@@ -33,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 
 from ..files import atomic_write_text, exclusive_lock
+from .datasets.layout import INSTANCE_FROM_FILE
 
 __all__ = ["TOY_CLASSES", "TOY_COLORS", "generate_toy_split", "toy_root", "register_toy", "draw_scene", "draw_stuff",
            "generate_once", "write_image", "write_generated_split", "load_generated_split", "register_generated"]
@@ -200,7 +201,8 @@ def load_generated_split(root: Path, split: str, image_ext: str = "jpg"):
 
 def register_generated(prefix: str, splits, load, root: Path, **metadata):
     """Register ``<prefix>_<split>`` for each split (``load(split)`` gives its dicts) with
-    semantic-segmentation metadata; a name already registered is left alone."""
+    semantic-segmentation metadata (its dicts' ``instance_file_name`` are the instance maps:
+    ``instance_source="instance_file"``); a name already registered is left alone."""
     for split in splits:
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
@@ -211,6 +213,7 @@ def register_generated(prefix: str, splits, load, root: Path, **metadata):
             sem_seg_root=str(root / "annotations" / split),
             ignore_label=IGNORE,
             evaluator_type="sem_seg",
+            instance_source=INSTANCE_FROM_FILE,
             **metadata,
         )
 

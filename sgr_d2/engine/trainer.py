@@ -9,22 +9,16 @@ import weakref
 from collections import OrderedDict
 
 
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, create_ddp_model, default_argument_parser, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import (
-    CityscapesSemSegEvaluator,
-    COCOEvaluator,
-    DatasetEvaluators,
-    verify_results,
-)
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .. import compat
 from ..config import is_detection, setup_cfg
-from ..data import SemSegDatasetMapper
-from ..evaluation import SGRSemSegEvaluator
+from ..data import build_mapper
+from ..evaluation import build_evaluators
 from ..modeling import SemanticSegmentorWithTTA
 from .amp import build_step_trainer
 from .checkpoint import build_checkpointer
@@ -204,10 +198,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # detectron2's loader (its DatasetMapper for detection), with a sampler that can resume
-        mapper = None
-        if not is_detection(cfg):
-            mapper = SemSegDatasetMapper(cfg, True)
-        return resumable_train_loader(cfg, mapper)
+        return resumable_train_loader(cfg, None if is_detection(cfg) else build_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -215,42 +206,12 @@ class Trainer(DefaultTrainer):
             if not is_detection(cfg):
                 # the training mapper's checked reads, with detectron2's test-time resize
                 return build_detection_test_loader(cfg, dataset_name,
-                                                   mapper=SemSegDatasetMapper(cfg, False, dataset_name))
+                                                   mapper=build_mapper(cfg, False, dataset_name))
             return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        meta = MetadataCatalog.get(dataset_name)
-        kind = meta.get("evaluator_type", None)
-        evaluators = []
-        if kind in ("sem_seg", "cityscapes_sem_seg", "ade20k_panoptic_seg"):
-            evaluators.append(SGRSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-        if kind == "cityscapes_sem_seg":
-            evaluators.append(CityscapesSemSegEvaluator(dataset_name))
-        if kind == "coco":
-            # box (and mask) AP; detectron2's fast COCOeval needs its C++ extension (sgr_d2.compat)
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
-                                            use_fast_impl=compat.cpp_ops_available()))
-        if not evaluators:
-            raise NotImplementedError(
-                f"no evaluator for dataset {dataset_name!r} with evaluator_type {kind!r}"
-            )
-        if cfg.TEST.TOKEN_SEMANTICS:
-            # S_C, D_C, S_I, D_I (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i) from the outputs' "sgr_regions"; also written to
-            # <output_folder>/token_semantics.json.
-            if cfg.MODEL.BACKBONE.NAME != "build_sgr_backbone":
-                raise ValueError(
-                    "TEST.TOKEN_SEMANTICS is True but MODEL.BACKBONE.NAME is "
-                    f"{cfg.MODEL.BACKBONE.NAME!r}: the token metrics need a model with SGR "
-                    "(MODEL.BACKBONE.NAME 'build_sgr_backbone')"
-                )
-            from ..evaluation import TokenSemanticsEvaluator
-
-            evaluators.append(TokenSemanticsEvaluator(dataset_name, distributed=True,
-                                                      output_dir=output_folder))
-        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+        return build_evaluators(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

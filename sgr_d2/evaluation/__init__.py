@@ -1,4 +1,8 @@
-"""Evaluation: mIoU with a fixed definition (sem_seg.py) and the token-semantics metrics (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i)."""
+"""Evaluation: mIoU with a fixed definition (sem_seg.py), the token-semantics metrics
+(docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i), mask AP of a panoptic dataset's things
+(instance.py), and which evaluators a dataset gets (build.py: :func:`build_evaluators`)."""
+from .build import build_evaluators  # noqa: F401
+from .instance import InstanceSegEvaluator  # noqa: F401
 from .sem_seg import SGRSemSegEvaluator, sem_seg_metrics  # noqa: F401
 from .token_semantics import (  # noqa: F401
     DEFAULT_MIN_MASS_FRACTION,
@@ -15,6 +19,8 @@ from .token_semantics import (  # noqa: F401
 )
 
 __all__ = [
+    "build_evaluators",
+    "InstanceSegEvaluator",
     "SGRSemSegEvaluator",
     "sem_seg_metrics",
     "DEFAULT_MIN_MASS_FRACTION",

@@ -95,12 +95,17 @@ class SGRSemSegEvaluator(SemSegEvaluator):
       :func:`sem_seg_metrics` — the same keys and values on detectron2 v0.6 and upstream main
       (upstream's boundary IoU is not computed). The predictions are written to
       ``sem_seg_predictions.json`` and the metrics to ``sem_seg_evaluation.pth`` in
-      ``output_dir``, as detectron2 does.
+      ``output_dir``, as detectron2 does; their category ids are the dataset ids of
+      ``stuff_dataset_id_to_contiguous_id`` when it maps every class, else the class indices (a
+      panoptic dataset whose map holds only the stuff classes, Cityscapes').
     """
 
     def __init__(self, dataset_name: str, distributed: bool = True, output_dir=None):
         super().__init__(dataset_name, distributed=distributed, output_dir=output_dir)
         self._compute_boundary_iou = False  # upstream main only; not reported, so not computed
+        to_dataset = self._contiguous_id_to_dataset_id
+        if to_dataset is not None and set(to_dataset) != set(range(self._num_classes)):
+            self._contiguous_id_to_dataset_id = None
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):

@@ -17,7 +17,8 @@ labelled pixels V (ignore label dropped):
 
 Class segments are the classes present. Instance segments are the ground-truth instances
 where an instance map gives them (pixel value > 0; for Cityscapes ``*_gtFine_instanceIds.png``
-values ≥ 1000) and, for every other labelled pixel, the 8-connected components of its class.
+values ≥ 1000; for a panoptic dataset the non-crowd segments of its thing classes) and, for
+every other labelled pixel, the 8-connected components of its class.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ from torch.nn import functional as F
 from detectron2.evaluation import DatasetEvaluator
 
 from ..data.datasets.layout import instance_map_path
-from ..data.labels import check_label_values, read_id_map, read_sem_seg_checked
-from ..sgr.components import component_label_map
+from ..data.labels import (check_label_values, panoptic_maps, read_id_map, read_instance_map,
+                           read_panoptic_png, read_sem_seg_checked, rgb2id)
+from ..sgr.components import instance_component_map
 from .sem_seg import _nanmean
 
 __all__ = [
@@ -58,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MIN_MASS_FRACTION = 0.1
 METRIC_KEYS = ("S_C", "D_C", "S_I", "D_I")
-CITYSCAPES_INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
-CITYSCAPES_MIN_INSTANCE_ID = 1000  # label_id * 1000 + k for instance k of a "thing" class
 
 ArrayOrTensor = Union[np.ndarray, torch.Tensor]
 
@@ -99,26 +99,9 @@ def instance_segments(labels: ArrayOrTensor, instances: Optional[ArrayOrTensor] 
     Instance segments come first (sorted by class, then id), then the components.
     """
     y = _as_label_array(labels, "labels")
-    valid = y != ignore_label
-    ids = np.full(y.shape, -1, np.int64)
-    classes: List[int] = []
-    rest = y
-    if instances is not None:
-        inst = _as_label_array(instances, "instance map")
-        if inst.shape != y.shape:
-            raise ValueError(f"instance map of shape {inst.shape} does not match the label map {y.shape}")
-        has = valid & (inst > 0)
-        if has.any():
-            pairs = np.stack([y[has], inst[has]], axis=1)
-            uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-            ids[has] = inverse.reshape(-1)
-            classes.extend(uniq[:, 0].tolist())
-            rest = np.where(has, ignore_label, y)
-    comp, comp_classes = component_label_map(rest, ignore_label=ignore_label)
-    sel = comp >= 0
-    ids[sel] = comp[sel].astype(np.int64) + len(classes)
-    classes.extend(comp_classes.tolist())
-    return ids, np.asarray(classes, dtype=np.int64)
+    inst = None if instances is None else _as_label_array(instances, "instance map")
+    ids, classes = instance_component_map(y, inst, ignore_label)
+    return ids.astype(np.int64), classes
 
 
 # ----------------------------------------------------------------------------- core
@@ -229,21 +212,6 @@ def read_label_map(path: str, num_classes: Optional[int] = None, ignore_label: i
     return y
 
 
-def read_instance_map(path: str, shape: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """An instance-id PNG as (H, W) int64 with 0 where a pixel has no instance.
-
-    Cityscapes ``*_gtFine_instanceIds.png`` store ``label_id`` (< 1000) for stuff and crowd
-    regions and ``label_id · 1000 + k`` for instances: values below 1000 become 0.
-    """
-    inst = read_id_map(path, "instance").astype(np.int64)
-    if shape is not None and inst.shape != tuple(shape):
-        raise ValueError(f"instance file {path} is {inst.shape[1]}x{inst.shape[0]} (WxH) but its label map is "
-                         f"{shape[1]}x{shape[0]}")
-    if path.endswith(CITYSCAPES_INSTANCE_SUFFIX):
-        inst[inst < CITYSCAPES_MIN_INSTANCE_ID] = 0
-    return inst
-
-
 # ----------------------------------------------------------------------------- evaluator
 def summarize(per_image: List[Dict[str, float]]) -> Dict[str, float]:
     """Dataset averages of per-image results: each metric over the images where it is defined."""
@@ -254,7 +222,8 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
     """detectron2 ``DatasetEvaluator`` for S_C, D_C, S_I, D_I, averaged over a dataset's images.
 
     Reads each image's label map (``sem_seg_file_name`` of its dataset dict) and, when the dict
-    has one, its instance map (``instance_file_name``, or the Cityscapes ``*_instanceIds.png``);
+    has one, its instance map (``instance_file_name``, or the Cityscapes ``*_instanceIds.png``,
+    or the thing segments of its panoptic annotation: ``pan_seg_file_name``, ``segments_info``);
     the region maps are the model output's ``"sgr_regions"`` (K, h, w). Each metric is averaged
     over the images where it is defined (≥ 2 classes, resp. instances). Per-worker results are
     gathered with ``detectron2.utils.comm``.
@@ -280,12 +249,16 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
         self._ignore_label = int(meta.get("ignore_label", 255))
         classes = meta.get("stuff_classes", None)
         self._num_classes = len(classes) if classes else None
+        self._things = frozenset(meta.get("thing_dataset_id_to_contiguous_id", {}).values())
         self._files = {}
         for d in DatasetCatalog.get(dataset_name):
             if "sem_seg_file_name" not in d:
                 raise KeyError(f"dataset {dataset_name!r}: the dict of {d.get('file_name')} has no "
                                "'sem_seg_file_name'; token semantics need ground-truth label maps")
-            self._files[d["file_name"]] = (d["sem_seg_file_name"], instance_map_path(d))
+            instances = instance_map_path(d)
+            if instances is None and "pan_seg_file_name" in d:
+                instances = (d["pan_seg_file_name"], d["segments_info"])
+            self._files[d["file_name"]] = (d["sem_seg_file_name"], instances)
         self.reset()
 
     def reset(self):
@@ -308,7 +281,11 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
                                               self._ignore_label).astype(np.int64)
             else:
                 labels = read_label_map(label_file, self._num_classes, self._ignore_label)
-            instances = read_instance_map(inst_file, labels.shape) if inst_file else None
+            if isinstance(inst_file, tuple):  # a panoptic annotation: its thing segments
+                ids = rgb2id(read_panoptic_png(inst_file[0], labels.shape))
+                instances = panoptic_maps(ids, inst_file[1], self._things, self._ignore_label)[1]
+            else:
+                instances = read_instance_map(inst_file, labels.shape) if inst_file else None
             r = image_token_semantics(regions, labels, instances, ignore_label=self._ignore_label,
                                       min_mass_fraction=self._min_mass_fraction)
             r["file_name"] = name

@@ -2,11 +2,12 @@
 
 * :class:`SGRModule` — the component (docs/method.md#the-sgr-component);
 * :func:`connected_components` — supervision targets (docs/method.md#supervision-from-connected-components);
+  :func:`instance_component_map` — the same with ground-truth instances as components;
 * :func:`pairwise_cost`, :func:`match_tokens` — the cost matrix and matching;
 * :class:`SGRCriterion` — the union, class and diversity losses with the β weighting;
 * :func:`autocast_off` — what keeps the sensitive parts in float32 under mixed precision.
 """
-from .components import component_label_map, connected_components
+from .components import COMPONENT_MODES, component_label_map, connected_components, instance_component_map
 from .losses import SGRCriterion, downsample_component_labels, downsample_components, weighted_bce, weighted_dice
 from .matching import MATCHING_MODES, match_tokens, pairwise_cost
 from .module import SGRModule
@@ -17,6 +18,8 @@ __all__ = [
     "SGRCriterion",
     "connected_components",
     "component_label_map",
+    "instance_component_map",
+    "COMPONENT_MODES",
     "match_tokens",
     "pairwise_cost",
     "downsample_components",

@@ -1,4 +1,5 @@
-"""Connected components of a semantic label map (docs/method.md#supervision-from-connected-components), 8-connectivity, per class.
+"""Connected components of a semantic label map (docs/method.md#supervision-from-connected-components), 8-connectivity, per class,
+and the instance-aware variant (:func:`instance_component_map`, ``MODEL.SGR.COMPONENTS "instances"``).
 
 All classes are labelled in one pass over the map's horizontal runs: each row is cut into
 maximal runs of one value, two runs of consecutive rows are linked when they hold the same
@@ -16,7 +17,10 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as _graph_components
 
-__all__ = ["connected_components", "component_label_map"]
+__all__ = ["connected_components", "component_label_map", "instance_component_map", "COMPONENT_MODES"]
+
+# The values of MODEL.SGR.COMPONENTS: what the SGR losses match tokens to.
+COMPONENT_MODES = ("connected", "instances")
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -117,3 +121,35 @@ def connected_components(sem_seg: ArrayLike, ignore_label: int = 255) -> Tuple[t
     for j, (r0, r1, c0, c1) in enumerate(boxes.T.tolist()):
         np.equal(labels[r0:r1 + 1, c0:c1], j, out=masks[j, r0:r1 + 1, c0:c1])
     return torch.from_numpy(masks), torch.as_tensor(classes, dtype=torch.int64)
+
+
+def instance_component_map(sem_seg: ArrayLike, instances: ArrayLike = None,
+                           ignore_label: int = 255) -> Tuple[np.ndarray, np.ndarray]:
+    """Components where ground-truth instances are known: ``(labels, classes)`` as
+    :func:`component_label_map` gives them, ``labels`` (H, W) int32 (-1 = none).
+
+    ``instances`` (H, W): > 0 = id of a ground-truth instance, 0 = none. Each (class, instance
+    id) pair of labelled pixels is one component, whether or not it is connected (two touching
+    objects of one class are two components; one object cut in two by an occluder is one).
+    Labelled pixels without an instance (stuff, crowd regions, or no instance map at all:
+    ``instances=None``) are split into the 8-connected components of their class. Instance
+    components come first, sorted by class then instance id, then the connected ones in the
+    order of :func:`component_label_map`.
+    """
+    sem = _as_label_map(sem_seg)
+    if instances is None:
+        return _label(sem, ignore_label)
+    inst = instances.cpu().numpy() if isinstance(instances, torch.Tensor) else np.asarray(instances)
+    if inst.shape != sem.shape:
+        raise ValueError(f"instance map of shape {inst.shape} does not match the label map {sem.shape}")
+    if not np.issubdtype(inst.dtype, np.integer):
+        raise ValueError(f"instance map must hold integers, got dtype {inst.dtype}")
+    has = (sem != ignore_label) & (inst > 0)
+    labels = np.full(sem.shape, -1, dtype=np.int32)
+    pairs = np.stack([sem[has].astype(np.int64), inst[has].astype(np.int64)], axis=1)
+    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    labels[has] = inverse.reshape(-1)
+    rest, rest_classes = _label(np.where(has, ignore_label, sem), ignore_label)
+    sel = rest >= 0
+    labels[sel] = rest[sel] + len(uniq)
+    return labels, np.concatenate([uniq[:, 0], rest_classes]).astype(np.int64)

@@ -13,11 +13,15 @@ __all__ = [
     "DatasetLayoutError",
     "INSTANCE_FROM_COMPONENTS",
     "INSTANCE_FROM_FILE",
+    "INSTANCE_FROM_PANOPTIC",
     "datasets_root",
     "instance_map_path",
     "require_dir",
+    "require_file",
     "replace_dataset",
     "refresh_metadata_paths",
+    "register_paths",
+    "refresh_paths",
 ]
 
 DATASETS_ENV = "DETECTRON2_DATASETS"
@@ -27,6 +31,7 @@ _DEFAULT_ROOT = "datasets"
 # dataset's metadata under ``instance_source``.
 INSTANCE_FROM_FILE = "instance_file"  # an instance-id image per image (Cityscapes)
 INSTANCE_FROM_COMPONENTS = "connected_components"  # components of each class in the label map
+INSTANCE_FROM_PANOPTIC = "panoptic_segments"  # the thing segments of the panoptic annotation
 
 _CITYSCAPES_LABEL_SUFFIXES = ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png")
 _CITYSCAPES_INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
@@ -43,16 +48,28 @@ def datasets_root(root: Optional[str] = None) -> str:
     return os.environ.get(DATASETS_ENV) or _DEFAULT_ROOT
 
 
-def require_dir(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
-    """Raise :class:`DatasetLayoutError` naming ``path`` and ``layout`` unless ``path`` is a folder."""
-    if os.path.isdir(path):
-        return
-    hint = f"Run `python {prepare}` to generate it. " if prepare else ""
-    raise DatasetLayoutError(
-        f"{dataset}: folder not found: {path!r}.\n"
+def _layout_error(path: str, what: str, dataset: str, layout: str, prepare: Optional[str]) -> DatasetLayoutError:
+    hint = ""
+    if prepare:  # a script of datasets/ or a whole command
+        hint = f"Run `{'python ' + prepare if prepare.endswith('.py') else prepare}` to generate it. "
+    return DatasetLayoutError(
+        f"{dataset}: {what} not found: {path!r}.\n"
         f"Expected layout under ${DATASETS_ENV} (now {datasets_root()!r}):\n{layout}\n"
         f"{hint}See datasets/README.md."
     )
+
+
+def require_dir(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
+    """Raise :class:`DatasetLayoutError` naming ``path``, ``layout`` and the script or command that
+    makes it (``prepare``) unless ``path`` is a folder."""
+    if not os.path.isdir(path):
+        raise _layout_error(path, "folder", dataset, layout, prepare)
+
+
+def require_file(path: str, *, dataset: str, layout: str, prepare: Optional[str] = None) -> None:
+    """:func:`require_dir` for a file."""
+    if not os.path.isfile(path):
+        raise _layout_error(path, "file", dataset, layout, prepare)
 
 
 def replace_dataset(name: str, loader: Callable[[], list], metadata: Mapping[str, object]) -> None:
@@ -81,6 +98,24 @@ def refresh_metadata_paths(name: str, **paths: str) -> None:
     for key, value in paths.items():
         if meta.__dict__.get(key) != value:
             meta.__dict__[key] = value
+
+
+_PATH_FUNCTIONS: dict = {}
+
+
+def register_paths(name: str, paths: Callable[[], Mapping[str, str]]) -> None:
+    """Remember how the path entries of ``name``'s metadata follow from the dataset root:
+    ``paths()`` (it reads ``$DETECTRON2_DATASETS`` when called, and never the disk)."""
+    _PATH_FUNCTIONS[name] = paths
+
+
+def refresh_paths(name: str) -> None:
+    """Point ``name``'s metadata paths at ``$DETECTRON2_DATASETS`` as it is now, without loading
+    the dataset (what an evaluator that reads ``json_file`` or ``panoptic_json`` when it is built
+    needs); nothing for a name without :func:`register_paths`."""
+    paths = _PATH_FUNCTIONS.get(name)
+    if paths is not None:
+        refresh_metadata_paths(name, **paths())
 
 
 def instance_map_path(dataset_dict: Mapping[str, object]) -> Optional[str]:

@@ -21,7 +21,8 @@ from .layout import (
     require_dir,
 )
 
-__all__ = ["ADE20K_150_CLASSES", "ADE20K_150_COLORS", "load_ade20k_sem_seg", "register_all_ade20k"]
+__all__ = ["ADE20K_150_CLASSES", "ADE20K_150_COLORS", "ADE20K_THING_IDS", "load_ade20k_sem_seg",
+           "register_all_ade20k"]
 
 # First name of each class of objectInfo150 (the challenge's class list), in index order 1..150.
 ADE20K_150_CLASSES = [
@@ -75,6 +76,19 @@ ADE20K_150_COLORS = [
 ]
 
 assert len(ADE20K_150_CLASSES) == 150 and len(ADE20K_150_COLORS) == 150
+
+# The 50 "stuff" classes (0-based index above) of ADE20K's panoptic and instance annotations;
+# the other 100 are the "things" of the SceneParsing instance challenge (annotations_instance/).
+_ADE20K_STUFF_IDS = (
+    0, 1, 2, 3, 4, 5, 6, 9, 11, 13, 16, 17, 21, 25, 26, 28, 29, 34, 40, 46, 48, 51, 52, 54, 59,
+    60, 61, 63, 68, 77, 79, 84, 91, 94, 96, 99, 100, 101, 105, 106, 109, 113, 114, 117, 122, 128,
+    131, 140, 141, 145,
+)
+# Thing classes in increasing index: instance-challenge category k (1..100, the red channel of
+# annotations_instance/*.png) is ADE20K_THING_IDS[k - 1] (the challenge numbers its 100
+# categories in the order of objectInfo150).
+ADE20K_THING_IDS = tuple(i for i in range(150) if i not in _ADE20K_STUFF_IDS)
+assert len(ADE20K_THING_IDS) == 100
 
 _SPLITS = {"ade20k_sem_seg_train": "training", "ade20k_sem_seg_val": "validation"}
 _BASE = "ADEChallengeData2016"
