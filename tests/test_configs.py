@@ -217,7 +217,7 @@ def test_config_builds_trains_and_infers(rel, device):
     losses = model(batch)
     for key in SGR_LOSSES:
         assert (key in losses) == with_sgr, f"{rel}: {key} present={key in losses}, SGR={with_sgr}"
-    if arch in ("MaskFormer", "Mask2Former"):
+    if arch == "MaskFormer":
         mask = {"loss_ce", "loss_mask", "loss_dice"}
         aux = {f"{k}_{i}" for k in mask for i in range(cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1)}
         assert set(losses) - set(SGR_LOSSES) == mask | aux, sorted(losses)
@@ -262,7 +262,10 @@ TOY_SGR = os.path.join(CONFIG_DIR, "toy", "dil_fcn_r18_sgr.yaml")
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.MASK_LOSS_TYPE", "l1"], ["MASK_LOSS_TYPE", "'l1'"]),
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.HIDDEN_DIM", "60", "MODEL.MASK_FORMER.NHEADS", "8"], ["HIDDEN_DIM", "NHEADS"]),
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO", "1.5"], ["IMPORTANCE_SAMPLE_RATIO", "1.5"]),
-    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False"], ["SEMANTIC_ON"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False"], ["SEMANTIC_ON", "PANOPTIC_ON", "INSTANCE_ON",
+                                                                       "all False"]),
+    (MASK2FORMER_TOY, ["MODEL.META_ARCHITECTURE", "Mask2Former"], ["META_ARCHITECTURE is 'Mask2Former'",
+                                                                   "use 'MaskFormer'"]),
     # found when the model is built
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res9"], ["TRANSFORMER_IN_FEATURE", "res9"]),
     (MASK2FORMER_TOY, ["MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res2', 'p7']"], ["IN_FEATURES", "p7"]),
