@@ -8,7 +8,7 @@ decoders ``StandardTransformerDecoder``, ``MultiScaleMaskedTransformerDecoder``
 (TRANSFORMER_DECODER_REGISTRY). Config keys: ``MODEL.MASK_FORMER.*`` in ``sgr_d2/config.py``.
 """
 from .criterion import SetCriterion, mask_classification_weight_dict
-from .head import MaskFormerHead, upgrade_head_layout, upgrade_head_layouts
+from .head import MaskFormerHead, older_head_layout, upgrade_head_layout, upgrade_head_layouts
 from .losses import (
     dice_loss,
     pairwise_dice,
@@ -43,6 +43,7 @@ __all__ = [
     "MaskFormerHead",
     "upgrade_head_layout",
     "upgrade_head_layouts",
+    "older_head_layout",
     "SetCriterion",
     "HungarianMatcher",
     "mask_classification_weight_dict",

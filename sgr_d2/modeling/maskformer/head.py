@@ -13,7 +13,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
 
-__all__ = ["MaskFormerHead", "TRANSFORMER_IN_FEATURES", "upgrade_head_layout", "upgrade_head_layouts"]
+__all__ = ["MaskFormerHead", "TRANSFORMER_IN_FEATURES", "upgrade_head_layout", "upgrade_head_layouts",
+           "older_head_layout"]
 
 # Inputs of the transformer decoder that are not backbone features.
 TRANSFORMER_IN_FEATURES = ("transformer_encoder", "pixel_embedding", "multi_scale_pixel_decoder")
@@ -138,3 +139,16 @@ def upgrade_head_layouts(state: MutableMapping, model) -> int:
     expected = set(model.state_dict())
     return sum(upgrade_head_layout(state, f"{name}." if name else "", expected)
                for name, module in model.named_modules() if isinstance(module, MaskFormerHead))
+
+
+def older_head_layout(state: MutableMapping, prefix: str = "sem_seg_head.") -> int:
+    """The converse of :func:`upgrade_head_layout`, in place: the pixel decoder's tensors from
+    ``prefix + "pixel_decoder."`` directly under ``prefix``; returns how many moved. The layout in
+    which the official code reads a file without version metadata (a plain name -> array dict:
+    ``tools/convert_checkpoint.py --official``)."""
+    decoder = prefix + "pixel_decoder."
+    moved = {k: prefix + k[len(decoder):] for k in state if k.startswith(decoder)}
+    items = list(state.items())
+    state.clear()
+    state.update((moved.get(k, k), v) for k, v in items)
+    return len(moved)
