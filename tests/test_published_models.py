@@ -407,7 +407,10 @@ def test_a_model_trained_here_converts_for_the_official_code(rel, tmp_path):
     pixel_decoder. (the current layout would come out as pixel_decoder.pixel_decoder.*)."""
     spec = read_tsv(OFFICIAL[rel])
     state = model_of(rel).state_dict()
-    torch.save({"model": state, "iteration": 7}, tmp_path / "model_final.pth")
+    AtomicCheckpointer(model_of(rel), str(tmp_path)).save("model_final", iteration=7)
+    # the checkpoint itself records MaskFormerHead's version 2: the official code reads it as it is
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]._metadata["sem_seg_head"] == \
+        {"version": 2}
     assert convert_checkpoint.main(["--input", str(tmp_path / "model_final.pth"),
                                     "--output", str(tmp_path / "official.pkl"), "--official"]) == 0
     written = convert_checkpoint.read_state(str(tmp_path / "official.pkl"))
