@@ -542,9 +542,11 @@ def test_deformable_pixel_decoder_runs_in_float32_under_autocast():
         for name, m in part.named_modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 m.register_forward_hook(record(prefix + name))
-    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    # the backbone's outputs under autocast: bfloat16 (the decoder casts them to float32)
+    features = {name: torch.randn(1, shape.channels, 64 // shape.stride, 64 // shape.stride, dtype=torch.bfloat16)
+                for name, shape in model.backbone.output_shape().items()}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model([{"image": image}])
+        model.sem_seg_head(features)
     decoder = {k: v for k, v in dtypes.items() if k.startswith("pixel_decoder.")}
     # 3 input projections, 2 encoder layers x (4 linears of the deformable attention + 2 of the
     # FFN), the FPN step's lateral and output convs, the mask-feature conv
