@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-SEMANTIC = ("SGRSemanticSegmentor", "MaskFormer", "Mask2Former")
+SEMANTIC = ("SGRSemanticSegmentor", "MaskFormer")
 
 
 def main():

@@ -258,7 +258,10 @@ def validate_config(cfg) -> None:
         )
     if cfg.SOLVER.OPTIMIZER.upper() not in ("SGD", "ADAMW"):
         raise ValueError(f"SOLVER.OPTIMIZER is {cfg.SOLVER.OPTIMIZER!r}; expected 'SGD' or 'ADAMW'")
-    if "MaskFormer" in cfg.MODEL.META_ARCHITECTURE or "Mask2Former" in cfg.MODEL.META_ARCHITECTURE:
+    if cfg.MODEL.META_ARCHITECTURE == "Mask2Former":
+        raise ValueError("MODEL.META_ARCHITECTURE is 'Mask2Former'; use 'MaskFormer': as in the official code, "
+                         "one meta-architecture serves both papers (the head and losses make a model Mask2Former)")
+    if cfg.MODEL.META_ARCHITECTURE == "MaskFormer":
         _validate_maskformer(cfg)
 
 
@@ -295,9 +298,11 @@ def _validate_maskformer(cfg) -> None:
     if not 0.0 <= mf.IMPORTANCE_SAMPLE_RATIO <= 1.0:
         raise ValueError(f"MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO is {mf.IMPORTANCE_SAMPLE_RATIO}; "
                          "expected a value in [0, 1]")
-    if not mf.TEST.SEMANTIC_ON:
-        raise ValueError("MODEL.MASK_FORMER.TEST.SEMANTIC_ON is False, but semantic inference is the "
-                         "only inference sgr_d2's MaskFormer implements; set it to True")
+    if not (mf.TEST.SEMANTIC_ON or mf.TEST.PANOPTIC_ON or mf.TEST.INSTANCE_ON):
+        raise ValueError("MODEL.MASK_FORMER.TEST.SEMANTIC_ON, PANOPTIC_ON and INSTANCE_ON are all False: "
+                         "inference would return nothing; set at least one to True")
+    if mf.TEST.INSTANCE_ON:
+        _positive("TEST.DETECTIONS_PER_IMAGE (MODEL.MASK_FORMER.TEST.INSTANCE_ON)", cfg.TEST.DETECTIONS_PER_IMAGE)
     if sh.NORM == "GN" and sh.CONVS_DIM % 32:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.CONVS_DIM ({sh.CONVS_DIM}) must be a multiple of 32 with "
                          "MODEL.SEM_SEG_HEAD.NORM 'GN' (GroupNorm with 32 groups)")

@@ -79,10 +79,15 @@ def check_exportable(model: nn.Module, dynamic: bool = False) -> None:
     if not isinstance(model, archs):
         raise ExportError(
             f"{type(model).__name__} (MODEL.META_ARCHITECTURE) is not a semantic-segmentation model: "
-            "tools/export_onnx.py exports SGRSemanticSegmentor, MaskFormer and Mask2Former models, "
+            "tools/export_onnx.py exports SGRSemanticSegmentor and MaskFormer (MaskFormer and Mask2Former) models, "
             f"whose inference returns 'sem_seg' (detectron2's {', '.join(a.__name__ for a in archs)} "
             "and their subclasses)"
         )
+    if isinstance(model, archs[1]) and (not model.semantic_on or model.panoptic_on or model.instance_on):
+        raise ExportError(
+            f"{type(model).__name__}: the export returns 'sem_seg' only, but MODEL.MASK_FORMER.TEST.SEMANTIC_ON / "
+            f"PANOPTIC_ON / INSTANCE_ON are {model.semantic_on} / {model.panoptic_on} / {model.instance_on}; "
+            "export with SEMANTIC_ON True, PANOPTIC_ON False and INSTANCE_ON False")
     if not dynamic:
         return
     fixed = " (the exporter records it as a constant); export at a fixed size (one file per input size) instead"

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
@@ -87,6 +88,18 @@ def _model_key(rel):
     return model.dump()
 
 
+def _without_sgr(cfg):
+    """The config without what adding SGR changes: MODEL.BACKBONE.NAME, MODEL.SGR, OUTPUT_DIR,
+    the device."""
+    c = cfg.clone()
+    c.defrost()
+    c.MODEL.BACKBONE.NAME = c.MODEL.SGR.BACKBONE_NAME if cfg.MODEL.BACKBONE.NAME == "build_sgr_backbone" else \
+        c.MODEL.BACKBONE.NAME
+    del c.MODEL["SGR"]
+    c.OUTPUT_DIR = c.MODEL.DEVICE = ""
+    return c
+
+
 def _representatives():
     """rel -> the config of its group that runs the steps (a FAST one where there is one)."""
     groups = {}
@@ -139,6 +152,11 @@ def test_every_dataset_has_the_required_configs():
         for name in required:
             for suffix in ("", "_sgr"):
                 assert f"{ds}/{name}{suffix}.yaml" in CONFIGS, f"missing configs/{ds}/{name}{suffix}.yaml"
+    for ds in ("coco", "ade20k", "cityscapes"):  # panoptic and instance segmentation
+        for task in ("panoptic", "instance"):
+            for name in ("mask2former_r50", "mask2former_swin_t"):
+                for suffix in ("", "_sgr"):
+                    assert f"{ds}_{task}/{name}{suffix}.yaml" in CONFIGS, f"missing configs/{ds}_{task}/{name}{suffix}.yaml"
 
 
 @pytest.mark.parametrize(
@@ -165,6 +183,61 @@ def test_dataset_recipes(rel, crop, batch, lr, max_iter, classes):
     assert cfg.INPUT.MIN_SIZE_TEST == base
     assert cfg.MODEL.RESNETS.OUTPUT_STRIDE == 8 and list(cfg.MODEL.RESNETS.MULTI_GRID) == [1, 2, 4]
     assert cfg.INPUT.DATASET_MAPPER_NAME == "sgr_sem_seg"
+
+
+@pytest.mark.parametrize("folder, train, test, classes, mapper, max_iter, tasks, norm", [
+    ("coco_panoptic", "coco_2017_train_panoptic", "coco_2017_val_panoptic_with_sem_seg", 133, "coco_panoptic_lsj",
+     368750, (True, True, True), "FrozenBN"),
+    ("coco_instance", "coco_2017_train", "coco_2017_val", 80, "coco_instance_lsj", 368750, (False, True, False),
+     "FrozenBN"),
+    ("ade20k_panoptic", "ade20k_panoptic_train", "ade20k_panoptic_val", 150, "mask_former_panoptic", 160000,
+     (True, True, True), "FrozenBN"),
+    ("ade20k_instance", "ade20k_instance_train", "ade20k_instance_val", 100, "mask_former_instance", 160000,
+     (True, True, True), "FrozenBN"),
+    ("cityscapes_panoptic", "cityscapes_fine_panoptic_train", "cityscapes_fine_panoptic_val", 19,
+     "mask_former_panoptic", 90000, (True, True, True), "BN"),
+    ("cityscapes_instance", "cityscapes_fine_instance_seg_train", "cityscapes_fine_instance_seg_val", 8,
+     "mask_former_instance", 90000, (False, True, False), "BN"),
+])
+def test_panoptic_and_instance_recipes_are_the_official_ones(folder, train, test, classes, mapper, max_iter, tasks,
+                                                             norm):
+    """The values of the official Mask2Former configs (configs/<dataset>/<task>-segmentation/
+    maskformer2_R50_*.yaml and their Base-*.yaml), read back from the merged configs; the Swin-T
+    config differs from the R-50 one in the backbone only (BN: SyncBN across GPUs, as the
+    official Cityscapes recipe; FrozenBN: detectron2's default, which the others keep)."""
+    cfg = load_config(os.path.join(CONFIG_DIR, folder, "mask2former_r50.yaml"))
+    assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == ((train,), (test,))
+    assert cfg.MODEL.META_ARCHITECTURE == "MaskFormer" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == classes
+    assert cfg.INPUT.DATASET_MAPPER_NAME == mapper and cfg.SOLVER.MAX_ITER == max_iter
+    t = cfg.MODEL.MASK_FORMER.TEST
+    assert (t.SEMANTIC_ON, t.INSTANCE_ON, t.PANOPTIC_ON) == tasks
+    assert t.OBJECT_MASK_THRESHOLD == t.OVERLAP_THRESHOLD == 0.8 and cfg.TEST.DETECTIONS_PER_IMAGE == 100
+    assert cfg.MODEL.RESNETS.NORM == norm and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    mf, sh = cfg.MODEL.MASK_FORMER, cfg.MODEL.SEM_SEG_HEAD
+    assert (mf.NUM_OBJECT_QUERIES, mf.DEC_LAYERS, mf.TRAIN_NUM_POINTS, mf.MASK_LOSS_TYPE) == (100, 10, 12544, "sigmoid_ce")
+    assert (mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.NO_OBJECT_WEIGHT) == (2.0, 5.0, 5.0, 0.1)
+    assert (sh.PIXEL_DECODER_NAME, sh.TRANSFORMER_ENC_LAYERS) == ("MSDeformAttnPixelDecoder", 6)
+    sol = cfg.SOLVER
+    assert (sol.OPTIMIZER, sol.IMS_PER_BATCH, sol.BASE_LR, sol.WEIGHT_DECAY, sol.BACKBONE_MULTIPLIER) == \
+        ("ADAMW", 16, 0.0001, 0.05, 0.1)
+    assert sol.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and sol.CLIP_GRADIENTS.CLIP_VALUE == 0.01 and sol.AMP.ENABLED
+    if folder.startswith("coco"):  # the "new baseline": large-scale jitter, steps at 89% and 96%
+        assert (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE) == (1024, 0.1, 2.0)
+        assert sol.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and tuple(sol.STEPS) == (327778, 355092)
+        assert sol.WARMUP_ITERS == 10 and cfg.INPUT.COLOR_AUG is False
+    else:
+        short = 640 if folder.startswith("ade20k") else 1024
+        assert sol.LR_SCHEDULER_NAME == "WarmupPolyLR" and cfg.INPUT.COLOR_AUG is True
+        assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [int(x * 0.1 * short) for x in range(5, 21)]
+        assert cfg.INPUT.MIN_SIZE_TEST == short
+        assert tuple(cfg.INPUT.CROP.SIZE) == ((640, 640) if short == 640 else (512, 1024))
+    swin = load_config(os.path.join(CONFIG_DIR, folder, "mask2former_swin_t.yaml"))
+    assert swin.MODEL.BACKBONE.NAME == "build_swin_backbone" and swin.MODEL.SWIN.DEPTHS == [2, 2, 6, 2]
+    for c in (cfg, swin):
+        c.defrost()
+        c.MODEL.BACKBONE.NAME, c.MODEL.WEIGHTS, c.OUTPUT_DIR = "", "", ""
+        del c.MODEL["SWIN"]
+    assert swin == cfg
 
 
 def test_fast_configs_run_their_steps():
@@ -201,6 +274,10 @@ def test_config_builds_trains_and_infers(rel, device):
     with_sgr = os.path.splitext(rel)[0].endswith("_sgr")
     assert (cfg.MODEL.BACKBONE.NAME == "build_sgr_backbone") == with_sgr, \
         f"{rel}: the name says SGR={with_sgr} but MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME}"
+    baseline_rel = rel.replace("_sgr.yaml", ".yaml")
+    if with_sgr and baseline_rel in CONFIGS:
+        # the SGR config is its baseline with SGR: the backbone wrapper and MODEL.SGR, nothing else
+        assert _without_sgr(cfg) == _without_sgr(load_config(os.path.join(CONFIG_DIR, baseline_rel), SHRINK)), rel
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -219,7 +296,7 @@ def test_config_builds_trains_and_infers(rel, device):
     losses = model(batch)
     for key in SGR_LOSSES:
         assert (key in losses) == with_sgr, f"{rel}: {key} present={key in losses}, SGR={with_sgr}"
-    if arch in ("MaskFormer", "Mask2Former"):
+    if arch == "MaskFormer":
         mask = {"loss_ce", "loss_mask", "loss_dice"}
         aux = {f"{k}_{i}" for k in mask for i in range(cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1)}
         assert set(losses) - set(SGR_LOSSES) == mask | aux, sorted(losses)
@@ -238,13 +315,29 @@ def test_config_builds_trains_and_infers(rel, device):
         assert torch.isfinite(p).all(), f"{rel}: {name} is not finite after the step"
 
     model.eval()
+    tests = cfg.MODEL.MASK_FORMER.TEST if arch == "MaskFormer" else None
+    if tests is not None and tests.PANOPTIC_ON and not hasattr(model.metadata, "thing_dataset_id_to_contiguous_id"):
+        # the dataset is not registered here: the first classes are things
+        model.metadata = Metadata(name="synthetic", thing_dataset_id_to_contiguous_id={i: i for i in range(4)})
     with torch.no_grad():
         out = model([{"image": b["image"], "height": SIZE, "width": SIZE} for b in batch])
     assert len(out) == 2
     for r in out:
-        assert tuple(r["sem_seg"].shape) == (num_classes, SIZE, SIZE)
-        assert torch.isfinite(r["sem_seg"]).all()
-        assert ("sgr_regions" in r) == with_sgr
+        expected = {"sem_seg"} if tests is None else {
+            key for key, on in (("sem_seg", tests.SEMANTIC_ON), ("panoptic_seg", tests.PANOPTIC_ON),
+                                ("instances", tests.INSTANCE_ON)) if on}
+        assert set(r) == expected | ({"sgr_regions"} if with_sgr else set()), sorted(r)
+        if "sem_seg" in r:
+            assert tuple(r["sem_seg"].shape) == (num_classes, SIZE, SIZE)
+            assert torch.isfinite(r["sem_seg"]).all()
+        if "panoptic_seg" in r:
+            assert r["panoptic_seg"][0].shape == (SIZE, SIZE) and r["panoptic_seg"][0].dtype == torch.int32
+        if "instances" in r:
+            inst = r["instances"]
+            assert inst.image_size == (SIZE, SIZE) and torch.isfinite(inst.scores).all()
+            if not tests.PANOPTIC_ON:  # (with it, only the thing classes among them)
+                assert len(inst) == min(cfg.TEST.DETECTIONS_PER_IMAGE,
+                                        cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES * num_classes)
         if with_sgr:
             assert r["sgr_regions"].shape[0] == cfg.MODEL.SGR.NUM_TOKENS
 
@@ -264,7 +357,10 @@ TOY_SGR = os.path.join(CONFIG_DIR, "toy", "dil_fcn_r18_sgr.yaml")
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.MASK_LOSS_TYPE", "l1"], ["MASK_LOSS_TYPE", "'l1'"]),
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.HIDDEN_DIM", "60", "MODEL.MASK_FORMER.NHEADS", "8"], ["HIDDEN_DIM", "NHEADS"]),
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO", "1.5"], ["IMPORTANCE_SAMPLE_RATIO", "1.5"]),
-    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False"], ["SEMANTIC_ON"]),
+    (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False"], ["SEMANTIC_ON", "PANOPTIC_ON", "INSTANCE_ON",
+                                                                       "all False"]),
+    (MASK2FORMER_TOY, ["MODEL.META_ARCHITECTURE", "Mask2Former"], ["META_ARCHITECTURE is 'Mask2Former'",
+                                                                   "use 'MaskFormer'"]),
     # found when the model is built
     (MASK2FORMER_TOY, ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res9"], ["TRANSFORMER_IN_FEATURE", "res9"]),
     (MASK2FORMER_TOY, ["MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res2', 'p7']"], ["IN_FEATURES", "p7"]),

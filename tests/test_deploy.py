@@ -226,6 +226,10 @@ def test_a_detector_is_refused_by_name(tmp_path):
     model = build_model(cfg).eval()
     with pytest.raises(ExportError, match="GeneralizedRCNN .*not a semantic-segmentation model"):
         export_onnx(model, str(tmp_path / "m.onnx"), H, W)
+    # so is a MaskFormer with panoptic inference on: the export returns sem_seg only
+    cfg = tiny_toy_cfg(os.path.join(TOY, "maskformer_r18.yaml"), "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True")
+    with pytest.raises(ExportError, match="SEMANTIC_ON / PANOPTIC_ON / INSTANCE_ON are True / True / False"):
+        export_onnx(build_model(cfg).eval(), str(tmp_path / "m.onnx"), H, W)
 
 
 def test_export_tool_loads_the_weights_and_the_demo_runs_the_file(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 Hand-computed loss and cost values on two-point masks, scipy's assignment and a brute force
 for the matcher, a direct bilinear loop for the deformable attention, perturbation of masked
-keys for masked attention, a perfect prediction for the semantic inference, one training step
-of the toy configs and (slow) training on sgr_toy to far above the majority-class mIoU.
+keys for masked attention, a perfect prediction through the semantic, panoptic and instance
+inference, hand-made cases of the panoptic and instance inference, the pixel decoder's dtype
+under autocast, and one training step of the toy configs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from conftest import REPO, toy_batch
 from scipy.optimize import linear_sum_assignment
 from torch.nn import functional as F
 
+from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList, Instances
 
@@ -332,12 +334,37 @@ def test_one_query_per_class_perfect_prediction_reproduces_the_label_map():
     assert torch.equal(semantic_inference(cls, masks).argmax(0), sem)
 
 
-def test_model_inference_crops_padding_and_resizes_to_the_requested_size():
-    cfg = load_config(MASKFORMER_SGR, ["MODEL.DEVICE", "cpu"])
+@pytest.fixture(scope="module")
+def toy_maskformer():
+    """The toy MaskFormer + SGR (6 classes), every inference on; classes 0 and 1 are things
+    (dataset ids 10 and 20), the others stuff."""
+    cfg = load_config(MASKFORMER_SGR, ["MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True",
+                                       "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "True",
+                                       "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.8",
+                                       "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.8"])
     model = build_model(cfg).eval()
-    k = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    sem = _label_map(k=k)  # a 40 x 52 image, padded to 64 x 64
-    q = cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
+    model.metadata = Metadata(name="hand_made", thing_dataset_id_to_contiguous_id={10: 0, 20: 1})
+    return model
+
+
+@pytest.mark.parametrize("tasks", ["semantic", "all"])
+def test_model_inference_crops_padding_and_resizes_to_the_requested_size(tasks, toy_maskformer):
+    """Perfect predictions for a 40 x 52 image padded to 64 x 64: every output is the label map at
+    the requested size (with panoptic and instance inference on, the masks are resized first, as
+    the official code does)."""
+    model = toy_maskformer
+    on = tasks == "all"
+    model.panoptic_on = model.instance_on = model.sem_seg_postprocess_before_inference = on
+    try:
+        _check_inference_of_perfect_predictions(model, on)
+    finally:
+        model.panoptic_on = model.instance_on = model.sem_seg_postprocess_before_inference = True
+
+
+def _check_inference_of_perfect_predictions(model, on):
+    k = model.sem_seg_head.num_classes
+    sem = _label_map(k=k)
+    q = model.num_queries
     cls = torch.full((1, q, k + 1), -10.0)
     cls[0, k:, k] = 10.0
     padded = torch.full((1, q, 64, 64), -10.0)
@@ -345,11 +372,100 @@ def test_model_inference_crops_padding_and_resizes_to_the_requested_size():
         cls[0, c, c] = 10.0
         padded[0, c, :40, :52][sem == c] = 10.0
     images = ImageList(torch.zeros(1, 3, 64, 64), [(40, 52)])
-    out = model.inference({"pred_logits": cls, "pred_masks": padded}, [{"height": 40, "width": 52}], images)
-    assert out[0]["sem_seg"].shape == (k, 40, 52)
-    assert torch.equal(out[0]["sem_seg"].argmax(0), sem)
-    big = model.inference({"pred_logits": cls, "pred_masks": padded}, [{"height": 80, "width": 104}], images)
-    assert torch.equal(big[0]["sem_seg"].argmax(0)[::2, ::2], sem)
+    out = model.inference({"pred_logits": cls, "pred_masks": padded}, [{"height": 40, "width": 52}], images)[0]
+    assert set(out) == ({"sem_seg", "panoptic_seg", "instances"} if on else {"sem_seg"})
+    assert out["sem_seg"].shape == (k, 40, 52)
+    assert torch.equal(out["sem_seg"].argmax(0), sem)
+    big = model.inference({"pred_logits": cls, "pred_masks": padded}, [{"height": 80, "width": 104}], images)[0]
+    assert torch.equal(big["sem_seg"].argmax(0)[::2, ::2], sem)
+    if not on:
+        return
+    seg, info = out["panoptic_seg"]
+    assert seg.dtype == torch.int32 and seg.shape == (40, 52)
+    present = sorted(int(c) for c in sem.unique())
+    assert [s["category_id"] for s in info] == present and [s["id"] for s in info] == list(range(1, len(present) + 1))
+    assert [s["isthing"] for s in info] == [c in (0, 1) for c in present]
+    categories = torch.tensor([-1] + [s["category_id"] for s in info])
+    assert torch.equal(categories[seg.long()], sem)
+    inst = out["instances"]
+    assert inst.image_size == (40, 52)
+    best = inst.scores.argsort(descending=True)[:2]  # the two thing queries, sure of class and mask
+    assert sorted(inst.pred_classes[best].tolist()) == [0, 1] and (inst.pred_classes <= 1).all()
+    for i in best:
+        assert torch.equal(inst.pred_masks[i].bool(), sem == inst.pred_classes[i])
+
+
+def _logits(rows, k):
+    """(Q, K+1) class logits: row q is 0 but ``value`` at column ``cls``."""
+    out = torch.zeros(len(rows), k + 1)
+    for q, (cls, value) in enumerate(rows):
+        out[q, cls] = value
+    return out
+
+
+def test_panoptic_inference_by_hand(toy_maskformer):
+    """A 4 x 7 image, six queries (classes 0, 1 things, 3 stuff; thresholds 0.8):
+    q0 thing 0 on columns 0-2, sure; q1 thing 0 on columns 1-3, less sure, so it keeps column 3
+    only, 4 of its 12 pixels (< 0.8): dropped; q2 and q3 stuff 3 on the top / bottom of columns
+    4-5: one segment; q4 "no object" and q5 (class 2 at probability 0.31 < 0.8) on column 6,
+    which stays 0."""
+    model, k = toy_maskformer, toy_maskformer.sem_seg_head.num_classes
+    cls = _logits([(0, 10.0), (0, 5.0), (3, 10.0), (3, 10.0), (k, 10.0), (2, 1.0)], k)
+    masks = torch.full((6, 4, 7), -5.0)
+    masks[0, :, 0:3] = 5.0
+    masks[1, :, 1:4] = 5.0
+    masks[2, :2, 4:6] = 5.0
+    masks[3, 2:, 4:6] = 5.0
+    masks[4, :, 6] = 5.0
+    masks[5, :, 6] = 5.0
+    seg, info = model.panoptic_inference(cls, masks)
+    expected = torch.tensor([[1, 1, 1, 0, 2, 2, 0]] * 4, dtype=torch.int32)
+    assert seg.dtype == torch.int32 and torch.equal(seg, expected)
+    assert info == [{"id": 1, "isthing": True, "category_id": 0}, {"id": 2, "isthing": False, "category_id": 3}]
+    # nothing above the class threshold: an empty segmentation
+    seg, info = model.panoptic_inference(_logits([(k, 10.0), (2, 1.0)], k), masks[4:])
+    assert info == [] and not seg.any()
+
+
+def test_instance_inference_by_hand(toy_maskformer):
+    """The best (query, class) pairs by class probability, scored by probability x the mean mask
+    probability inside the mask, masks binarised at 0; with panoptic inference on, only the
+    thing classes among them; boxes all zero, as the official."""
+    model, k = toy_maskformer, toy_maskformer.sem_seg_head.num_classes
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(3, k + 1, generator=g) * 2
+    masks = torch.randn(3, 5, 6, generator=g) * 3
+    prob = cls.softmax(-1)[:, :k]
+    pairs = sorted(((prob[q, c].item(), q, c) for q in range(3) for c in range(k)), reverse=True)
+    for topk, panoptic in ((4, False), (4, True), (100, False)):
+        model.test_topk_per_image, model.panoptic_on = topk, panoptic
+        try:
+            inst = model.instance_inference(cls, masks)
+        finally:
+            model.test_topk_per_image, model.panoptic_on = 100, True
+        kept = [(p, q, c) for p, q, c in pairs[:topk] if c in (0, 1) or not panoptic]
+        assert len(inst) == len(kept)  # topk 100 > 3 x 6 pairs: all of them
+        order = inst.scores.argsort(descending=True).tolist()
+        expected = []
+        for p, q, c in kept:
+            inside = masks[q] > 0
+            expected.append((p * masks[q].sigmoid()[inside].sum().item() / (inside.sum().item() + 1e-6), q, c))
+        expected.sort(reverse=True)
+        assert inst.scores[order].tolist() == pytest.approx([e[0] for e in expected], rel=1e-5)
+        assert inst.pred_classes[order].tolist() == [e[2] for e in expected]
+        for i, (_, q, _) in zip(order, expected):
+            assert torch.equal(inst.pred_masks[i], (masks[q] > 0).float())
+        assert inst.pred_boxes.tensor.shape == (len(kept), 4) and not inst.pred_boxes.tensor.any()
+
+
+def test_panoptic_inference_without_thing_classes_names_the_dataset(toy_maskformer):
+    model = toy_maskformer
+    model.metadata, things = Metadata(name="sgr_toy_sem_seg_val"), model.metadata
+    try:
+        with pytest.raises(ValueError, match="'sgr_toy_sem_seg_val'.*thing_dataset_id_to_contiguous_id.*PANOPTIC_ON"):
+            model.panoptic_inference(_logits([(0, 10.0)], model.sem_seg_head.num_classes), torch.ones(1, 2, 2))
+    finally:
+        model.metadata = things
 
 
 # ------------------------------------------------------------------------------ configs and models
@@ -408,3 +524,33 @@ def test_training_without_instances_names_the_missing_key():
     del batch[0]["instances"]
     with pytest.raises(KeyError, match="instances"):
         model(batch)
+
+
+def test_deformable_pixel_decoder_runs_in_float32_under_autocast():
+    """As the official ``@autocast(enabled=False)`` on MSDeformAttnPixelDecoder.forward_features
+    ("deformable detr does not support half precision"), for whichever device autocast is on:
+    under CPU bfloat16 autocast every linear and conv of the pixel decoder outputs float32, while
+    the transformer decoder after it does run in bfloat16."""
+    cfg = load_config(os.path.join(TOY, "mask2former_r18.yaml"), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    dtypes = {}
+
+    def record(name):
+        return lambda module, args, output: dtypes.__setitem__(name, output.dtype)
+
+    for prefix, part in (("pixel_decoder.", model.sem_seg_head.pixel_decoder), ("predictor.", model.sem_seg_head.predictor)):
+        for name, m in part.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.register_forward_hook(record(prefix + name))
+    # the backbone's outputs under autocast: bfloat16 (the decoder casts them to float32)
+    features = {name: torch.randn(1, shape.channels, 64 // shape.stride, 64 // shape.stride, dtype=torch.bfloat16)
+                for name, shape in model.backbone.output_shape().items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.sem_seg_head(features)
+    decoder = {k: v for k, v in dtypes.items() if k.startswith("pixel_decoder.")}
+    # 3 input projections, 2 encoder layers x (4 linears of the deformable attention + 2 of the
+    # FFN), the FPN step's lateral and output convs, the mask-feature conv
+    assert len(decoder) == 3 + 2 * 6 + 2 + 1
+    assert set(decoder.values()) == {torch.float32}, {k: v for k, v in decoder.items() if v != torch.float32}
+    assert dtypes["predictor.class_embed"] == torch.bfloat16  # autocast was on

@@ -20,7 +20,10 @@ is then a plain state dict that needs no trust.
 official code does not have), completed with the official-only tensors it lacks:
 ``criterion.empty_weight`` (ones, the last entry ``--no-object-weight``, 0.1 in every official
 config) and Swin's ``relative_position_index``; BatchNorm counters (``num_batches_tracked``),
-which the official FrozenBN ResNets do not have, are left out.
+which the official FrozenBN ResNets do not have, are left out. The pixel decoder's tensors are
+written in the older ``MaskFormerHead`` layout (directly under ``sem_seg_head.``): the written
+file is a plain name -> array dict without version metadata, which the official code reads as
+that layout (it would mis-read the current one). sgr_d2 reads either layout.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 
 from sgr_d2.engine.checkpoint import read_checkpoint_file  # noqa: E402
 from sgr_d2.files import atomic_torch_save, atomic_write  # noqa: E402
+from sgr_d2.modeling.maskformer.head import older_head_layout  # noqa: E402
 
 __all__ = ["read_state", "to_official", "convert_file", "main", "AUTHOR"]
 
@@ -75,6 +79,7 @@ def to_official(state: Dict[str, object], no_object_weight: float = 0.1) -> Dict
     if CLASS_EMBED not in state:
         raise ValueError(f"the checkpoint has no {CLASS_EMBED}: not a MaskFormer / Mask2Former model")
     out = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+    older_head_layout(out)
     if "criterion.empty_weight" not in out:
         weight = torch.ones(state[CLASS_EMBED].shape[0], dtype=torch.float32)
         weight[-1] = no_object_weight

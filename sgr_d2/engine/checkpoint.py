@@ -8,7 +8,9 @@ goes through :meth:`AtomicCheckpointer.load`:
    ``{"model": ..., "__author__": ...}``, Caffe2 pickles (a dict of blobs), torch checkpoints;
 2. tensors that official MaskFormer / Mask2Former files carry but no sgr_d2 model has
    (:data:`OFFICIAL_ONLY`) are set aside: sgr_d2's modules carry the official names, so an
-   official file loads with no renaming;
+   official file loads with no renaming; a file of the older MaskFormerHead layout (pixel
+   decoder directly under ``sem_seg_head.``) is read as the official code reads it
+   (:func:`sgr_d2.modeling.maskformer.upgrade_head_layouts`, decided by the keys);
 3. files with ``matching_heuristics`` (converted ImageNet pickles, detectron2's Caffe2
    ``R-50.pkl``) are matched by detectron2's ``align_and_update_state_dicts``; a checkpoint of a
    model without SGR (``backbone.*``) goes under the SGR wrapper (``backbone.backbone.*``);
@@ -78,6 +80,7 @@ class LoadSummary:
     set_aside: Dict[str, tuple] = field(default_factory=dict)  # official-only tensors, not loaded
     wrapped: int = 0  # backbone.* tensors placed under the SGR wrapper's backbone.backbone.*
     folded_norms: int = 0  # Caffe2 norms whose statistics are folded (running mean 0, var 1)
+    head_layout: int = 0  # tensors of an older-layout MaskFormerHead file moved under pixel_decoder.
     fit: Optional[FitReport] = None
 
 
@@ -242,6 +245,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if summary.wrapped:
                 log.info(f"{path}: a model without SGR: its {summary.wrapped} backbone tensors go under the "
                          "SGR wrapper (backbone.* -> backbone.backbone.*)")
+            from ..modeling.maskformer.head import upgrade_head_layouts
+
+            summary.head_layout = upgrade_head_layouts(state, self.model)
+            if summary.head_layout:
+                log.info(f"{path}: the older MaskFormerHead layout: its {summary.head_layout} pixel-decoder tensors "
+                         "go under sem_seg_head.pixel_decoder.")
         aside = [k for k in state if _is_official_only(k, model_state)]
         summary.set_aside = {k: tuple(state.pop(k).shape) for k in aside}
         if aside:

@@ -1,13 +1,14 @@
-"""MaskFormer and Mask2Former (mask classification for semantic segmentation), with SGR.
+"""MaskFormer and Mask2Former (mask classification for semantic, panoptic and instance
+segmentation), with SGR, under the official class, registry and attribute names.
 
-Importing registers: meta-architectures ``MaskFormer`` and ``Mask2Former`` (META_ARCH_REGISTRY),
-``MaskFormerHead`` (SEM_SEG_HEADS_REGISTRY), the pixel decoders ``BasePixelDecoder``,
-``TransformerEncoderPixelDecoder``, ``MSDeformAttnPixelDecoder`` and the transformer decoders
-``StandardTransformerDecoder``, ``MultiScaleMaskedTransformerDecoder``. Config keys:
-``MODEL.MASK_FORMER.*`` in ``sgr_d2/config.py``.
+Importing registers: the meta-architecture ``MaskFormer`` of both papers (META_ARCH_REGISTRY),
+``MaskFormerHead`` and the pixel decoders ``BasePixelDecoder``, ``TransformerEncoderPixelDecoder``,
+``MSDeformAttnPixelDecoder`` (SEM_SEG_HEADS_REGISTRY, as the official code) and the transformer
+decoders ``StandardTransformerDecoder``, ``MultiScaleMaskedTransformerDecoder``
+(TRANSFORMER_DECODER_REGISTRY). Config keys: ``MODEL.MASK_FORMER.*`` in ``sgr_d2/config.py``.
 """
 from .criterion import SetCriterion, mask_classification_weight_dict
-from .head import MaskFormerHead
+from .head import MaskFormerHead, older_head_layout, upgrade_head_layout, upgrade_head_layouts
 from .losses import (
     dice_loss,
     pairwise_dice,
@@ -19,12 +20,15 @@ from .losses import (
     uncertain_point_coords,
 )
 from .matcher import HungarianMatcher
-from .meta_arch import Mask2Former, MaskFormer, build_set_criterion, semantic_inference
+from .meta_arch import MaskFormer, build_set_criterion, semantic_inference
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 from .pixel_decoder import (
-    PIXEL_DECODER_REGISTRY,
     BasePixelDecoder,
     MSDeformAttnPixelDecoder,
+    MSDeformAttnTransformerEncoder,
+    MSDeformAttnTransformerEncoderLayer,
+    MSDeformAttnTransformerEncoderOnly,
+    TransformerEncoderOnly,
     TransformerEncoderPixelDecoder,
 )
 from .transformer_decoder import (
@@ -36,8 +40,10 @@ from .transformer_decoder import (
 
 __all__ = [
     "MaskFormer",
-    "Mask2Former",
     "MaskFormerHead",
+    "upgrade_head_layout",
+    "upgrade_head_layouts",
+    "older_head_layout",
     "SetCriterion",
     "HungarianMatcher",
     "mask_classification_weight_dict",
@@ -46,12 +52,15 @@ __all__ = [
     "BasePixelDecoder",
     "TransformerEncoderPixelDecoder",
     "MSDeformAttnPixelDecoder",
+    "TransformerEncoderOnly",
+    "MSDeformAttnTransformerEncoderOnly",
+    "MSDeformAttnTransformerEncoder",
+    "MSDeformAttnTransformerEncoderLayer",
     "StandardTransformerDecoder",
     "MultiScaleMaskedTransformerDecoder",
     "attention_mask_from_predictions",
     "MSDeformAttn",
     "ms_deform_attn",
-    "PIXEL_DECODER_REGISTRY",
     "TRANSFORMER_DECODER_REGISTRY",
     "dice_loss",
     "sigmoid_ce_loss",

@@ -1,7 +1,8 @@
-"""``MaskFormerHead``: a pixel decoder plus a transformer decoder (SEM_SEG_HEADS_REGISTRY)."""
+"""``MaskFormerHead``: a pixel decoder plus a transformer decoder (SEM_SEG_HEADS_REGISTRY), and
+the reading of both layouts its files come in (:func:`upgrade_head_layout`)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Iterable, MutableMapping, Optional
 
 from torch import nn
 
@@ -12,7 +13,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
 
-__all__ = ["MaskFormerHead", "TRANSFORMER_IN_FEATURES"]
+__all__ = ["MaskFormerHead", "TRANSFORMER_IN_FEATURES", "upgrade_head_layout", "upgrade_head_layouts",
+           "older_head_layout"]
 
 # Inputs of the transformer decoder that are not backbone features.
 TRANSFORMER_IN_FEATURES = ("transformer_encoder", "pixel_embedding", "multi_scale_pixel_decoder")
@@ -26,7 +28,13 @@ class MaskFormerHead(nn.Module):
     ``MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE`` picks what the decoder reads: a backbone feature
     (MaskFormer: ``res5``), the pixel decoder's ``transformer_encoder`` output, its mask features
     (``pixel_embedding``), or its three ``multi_scale_pixel_decoder`` levels (Mask2Former).
+
+    ``_version`` 2, the official head's: the pixel decoder's tensors sit under ``pixel_decoder.``.
+    sgr_d2's checkpoints record it (torch's state-dict metadata), so the official code reads them
+    without converting; :func:`upgrade_head_layout` reads the files of the older layout.
     """
+
+    _version = 2
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int, pixel_decoder: nn.Module,
@@ -93,3 +101,54 @@ class MaskFormerHead(nn.Module):
         if f == "pixel_embedding":
             return self.predictor(mask_features, mask_features, mask)
         return self.predictor(features[f], mask_features, mask)
+
+
+def upgrade_head_layout(state: MutableMapping, prefix: str = "sem_seg_head.",
+                        expected: Optional[Iterable[str]] = None) -> int:
+    """Bring a file of the older ``MaskFormerHead`` layout to the current one, in place; returns
+    how many tensors moved (0: nothing to do).
+
+    In the older layout (files from before the head's version 2) the pixel decoder's tensors sit
+    directly under ``prefix`` (``sem_seg_head.adapter_1.weight``, ``sem_seg_head.mask_features.*``,
+    ...), the predictor's under ``prefix + "predictor."`` as now. The layout is read off the keys:
+    a file with tensors under ``prefix`` outside ``predictor.`` and none under ``pixel_decoder.``
+    is the older one, and those tensors move under ``prefix + "pixel_decoder."``. A file with any
+    tensor under ``pixel_decoder.`` is left as it is, with or without version metadata. (The
+    official ``MaskFormerHead._load_from_state_dict`` decides from the metadata alone and takes a
+    file without it for the older layout, so it mis-reads a current-layout file that has none,
+    such as a ``.pkl`` of plain arrays: its issues #95 and #129.) ``expected``: the model's tensor
+    names; when given, nothing moves unless a moved name is one of them (a per-pixel head's file
+    is not a MaskFormerHead's).
+    """
+    decoder, predictor = prefix + "pixel_decoder.", prefix + "predictor."
+    keys = [k for k in state if k.startswith(prefix)]
+    if any(k.startswith(decoder) for k in keys):
+        return 0
+    old = {k: decoder + k[len(prefix):] for k in keys if not k.startswith(predictor)}
+    if not old or (expected is not None and not set(old.values()) & set(expected)):
+        return 0
+    items = list(state.items())
+    state.clear()
+    state.update((old.get(k, k), v) for k, v in items)
+    return len(old)
+
+
+def upgrade_head_layouts(state: MutableMapping, model) -> int:
+    """:func:`upgrade_head_layout` for every ``MaskFormerHead`` of ``model`` (under its own
+    name); what the checkpointer runs on every file before its fit check."""
+    expected = set(model.state_dict())
+    return sum(upgrade_head_layout(state, f"{name}." if name else "", expected)
+               for name, module in model.named_modules() if isinstance(module, MaskFormerHead))
+
+
+def older_head_layout(state: MutableMapping, prefix: str = "sem_seg_head.") -> int:
+    """The converse of :func:`upgrade_head_layout`, in place: the pixel decoder's tensors from
+    ``prefix + "pixel_decoder."`` directly under ``prefix``; returns how many moved. The layout in
+    which the official code reads a file without version metadata (a plain name -> array dict:
+    ``tools/convert_checkpoint.py --official``)."""
+    decoder = prefix + "pixel_decoder."
+    moved = {k: prefix + k[len(decoder):] for k in state if k.startswith(decoder)}
+    items = list(state.items())
+    state.clear()
+    state.update((moved.get(k, k), v) for k, v in items)
+    return len(moved)

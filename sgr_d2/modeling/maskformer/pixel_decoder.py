@@ -10,7 +10,11 @@ multi_scale_features)``:
   ``MSDeformAttnPixelDecoder``; None for ``BasePixelDecoder``);
 * ``multi_scale_features``: three maps, coarsest first, for Mask2Former's round-robin decoder.
 
-Registered in ``PIXEL_DECODER_REGISTRY`` and chosen by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``.
+As in the official code, the pixel decoders are registered in detectron2's
+``SEM_SEG_HEADS_REGISTRY`` and chosen by ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``; the classes
+and their attributes carry the official names (``TransformerEncoderOnly``,
+``MSDeformAttnTransformerEncoderOnly`` / ``MSDeformAttnTransformerEncoder`` /
+``MSDeformAttnTransformerEncoderLayer``), so official files load without renaming.
 """
 from __future__ import annotations
 
@@ -24,32 +28,37 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
-from detectron2.utils.registry import Registry
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ...sgr.precision import autocast_off
 from .ms_deform_attn import MSDeformAttn
-from .transformer import DetrEncoder, PositionEmbeddingSine
+from .transformer import PositionEmbeddingSine, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
-    "PIXEL_DECODER_REGISTRY",
     "build_pixel_decoder",
     "BasePixelDecoder",
+    "TransformerEncoderOnly",
     "TransformerEncoderPixelDecoder",
     "MSDeformAttnPixelDecoder",
-    "MSDeformAttnEncoder",
+    "MSDeformAttnTransformerEncoderOnly",
+    "MSDeformAttnTransformerEncoder",
+    "MSDeformAttnTransformerEncoderLayer",
 ]
 
-PIXEL_DECODER_REGISTRY = Registry("PIXEL_DECODER")
-PIXEL_DECODER_REGISTRY.__doc__ = "Pixel decoders of MaskFormer / Mask2Former (MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME)."
+PIXEL_DECODERS = ("BasePixelDecoder", "TransformerEncoderPixelDecoder", "MSDeformAttnPixelDecoder")
 
 
 def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]):
+    """The pixel decoder ``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` (a SEM_SEG_HEADS_REGISTRY entry
+    with a ``forward_features`` method)."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    if name not in PIXEL_DECODER_REGISTRY:
-        raise KeyError(f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME is {name!r}; registered pixel decoders: "
-                       f"{sorted(k for k, _ in PIXEL_DECODER_REGISTRY)}")
-    decoder = PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)
+    if name not in SEM_SEG_HEADS_REGISTRY:
+        raise KeyError(f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME is {name!r}, which is not registered in "
+                       f"SEM_SEG_HEADS_REGISTRY; sgr_d2's pixel decoders: {list(PIXEL_DECODERS)}")
+    decoder = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
     if not callable(getattr(decoder, "forward_features", None)):
-        raise TypeError(f"pixel decoder {name} has no forward_features method")
+        raise TypeError(f"MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME is {name!r}, a head without a forward_features "
+                        f"method, which a pixel decoder needs; sgr_d2's pixel decoders: {list(PIXEL_DECODERS)}")
     return decoder
 
 
@@ -63,6 +72,7 @@ def _head_input_shape(cfg, input_shape: Dict[str, ShapeSpec]) -> Dict[str, Shape
     return {k: input_shape[k] for k in wanted}
 
 
+@SEM_SEG_HEADS_REGISTRY.register()
 class BasePixelDecoder(nn.Module):
     """A feature pyramid (FPN, top-down with nearest upsampling) over the input features;
     the finest level gives the mask features through a 3×3 conv (MaskFormer)."""
@@ -124,6 +134,28 @@ class BasePixelDecoder(nn.Module):
         return self.forward_features(features)
 
 
+class TransformerEncoderOnly(nn.Module):
+    """The encoder half of DETR's transformer (``encoder``): ``forward(src (B, C, H, W), mask,
+    pos_embed (B, C, H, W))`` returns the encoded map (B, C, H, W)."""
+
+    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, dim_feedforward=2048, dropout=0.1,
+                 activation="relu", normalize_before=False):
+        super().__init__()
+        layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
+        norm = nn.LayerNorm(d_model) if normalize_before and num_encoder_layers > 0 else None
+        self.encoder = TransformerEncoder(layer, num_encoder_layers, norm)
+        self.d_model = d_model
+        self.nhead = nhead
+
+    def forward(self, src, mask, pos_embed):
+        b, c, h, w = src.shape
+        key_padding = mask.flatten(1) if mask is not None else None
+        memory = self.encoder(src.flatten(2).permute(2, 0, 1), src_key_padding_mask=key_padding,
+                              pos=pos_embed.flatten(2).permute(2, 0, 1))
+        return memory.permute(1, 2, 0).view(b, c, h, w)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
 class TransformerEncoderPixelDecoder(BasePixelDecoder):
     """BasePixelDecoder whose coarsest level first goes through a DETR transformer encoder
     (``MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS`` layers) whose output is also returned as
@@ -137,10 +169,9 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
         coarsest = sorted(input_shape.items(), key=lambda kv: kv[1].stride)[-1][1]
         self.input_proj = Conv2d(coarsest.channels, conv_dim, 1)
         weight_init.c2_xavier_fill(self.input_proj)
-        self.transformer = nn.Module()  # the official TransformerEncoderOnly: its encoder
-        self.transformer.encoder = DetrEncoder(conv_dim, transformer_nheads, transformer_enc_layers,
-                                               transformer_dim_feedforward, transformer_dropout,
-                                               normalize_before=transformer_pre_norm)
+        self.transformer = TransformerEncoderOnly(conv_dim, transformer_nheads, transformer_enc_layers,
+                                                  transformer_dim_feedforward, transformer_dropout,
+                                                  normalize_before=transformer_pre_norm)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         # the coarsest level's output conv now reads the encoder output (conv_dim channels)
         use_bias = norm == ""
@@ -162,19 +193,13 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
 
     def forward_features(self, features):
         x = self.input_proj(features[self.in_features[-1]])
-        b, c, h, w = x.shape
-        pos = self.pe_layer(x).flatten(2).permute(2, 0, 1)
-        enc = self.transformer.encoder(x.flatten(2).permute(2, 0, 1), pos=pos).permute(1, 2, 0).view(b, c, h, w)
+        enc = self.transformer(x, None, self.pe_layer(x))
         y, multi_scale = self._top_down(features, y=enc)
         return self.mask_features(y), enc, multi_scale
 
 
-PIXEL_DECODER_REGISTRY.register(BasePixelDecoder)
-PIXEL_DECODER_REGISTRY.register(TransformerEncoderPixelDecoder)
-
-
 # ------------------------------------------------------------------ Mask2Former's pixel decoder
-class MSDeformAttnEncoderLayer(nn.Module):
+class MSDeformAttnTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over all levels + feed-forward, post-norm."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.0, n_levels=3, n_heads=8, n_points=4):
@@ -195,28 +220,23 @@ class MSDeformAttnEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(ffn))
 
 
-class MSDeformAttnEncoder(nn.Module):
-    """Encoder over several flattened levels; each pixel is a query whose reference point is its
-    own centre, repeated on every level (the normalised coordinates are shared)."""
+class MSDeformAttnTransformerEncoder(nn.Module):
+    """A stack of deformable encoder layers (``layers``) over several flattened levels; each
+    pixel is a query whose reference point is its own centre, repeated on every level."""
 
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.0,
-                 num_feature_levels=3, enc_n_points=4):
+    def __init__(self, layers: List[nn.Module]):
+        # The official one takes a layer and clones it, then re-initialises; sgr_d2 takes layers
+        # initialised one by one, so that its random start (and the toy numbers measured from it)
+        # stays what it was. A published file replaces the start either way.
         super().__init__()
-        self.d_model = d_model
-        self.encoder = nn.Module()  # the official MSDeformAttnTransformerEncoder: its layers
-        self.encoder.layers = nn.ModuleList(
-            MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
-            for _ in range(num_encoder_layers)
-        )
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        nn.init.normal_(self.level_embed)
-        for layer in self.encoder.layers:
-            for lin in (layer.linear1, layer.linear2):
-                nn.init.xavier_uniform_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(self.layers)
 
     @staticmethod
-    def reference_points(spatial_shapes: List[tuple], n_levels: int, device) -> torch.Tensor:
+    def get_reference_points(spatial_shapes: List[tuple], n_levels: int, device) -> torch.Tensor:
+        """(1, S, n_levels, 2): the normalised centre (x, y) of every pixel of every level, the
+        same on every level. (The official code scales them by the valid ratios of the levels'
+        padding masks; its masks are all False, so the ratios are 1 and sgr_d2 has no masks.)"""
         refs = []
         for h, w in spatial_shapes:
             ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
@@ -224,7 +244,35 @@ class MSDeformAttnEncoder(nn.Module):
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
             refs.append(torch.stack([ref_x.reshape(-1), ref_y.reshape(-1)], -1))
         ref = torch.cat(refs, 0)  # (S, 2)
-        return ref[None, :, None, :].expand(1, -1, n_levels, -1)  # (1, S, L, 2)
+        return ref[None, :, None, :].expand(1, -1, n_levels, -1)
+
+    def forward(self, src, spatial_shapes, level_shapes: List[tuple], pos):
+        ref = self.get_reference_points(level_shapes, len(level_shapes), src.device).expand(src.shape[0], -1, -1, -1)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_shapes=level_shapes)
+        return src
+
+
+class MSDeformAttnTransformerEncoderOnly(nn.Module):
+    """The multi-scale deformable encoder of Deformable DETR (``encoder``) with a learned
+    embedding per level (``level_embed``). ``forward(srcs, pos_embeds)`` (lists of (B, C, h, w),
+    coarsest first) returns the encoded levels flattened into one (B, S, C) and their (h, w)."""
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.0,
+                 num_feature_levels=3, enc_n_points=4):
+        super().__init__()
+        self.d_model = d_model
+        self.nhead = nhead
+        self.encoder = MSDeformAttnTransformerEncoder([
+            MSDeformAttnTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
+                                                enc_n_points)
+            for _ in range(num_encoder_layers)])
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        nn.init.normal_(self.level_embed)
+        for layer in self.encoder.layers:
+            for lin in (layer.linear1, layer.linear2):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, srcs: List[torch.Tensor], pos_embeds: List[torch.Tensor]):
         shapes = [tuple(x.shape[-2:]) for x in srcs]
@@ -232,13 +280,10 @@ class MSDeformAttnEncoder(nn.Module):
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i][None, None]
                          for i, p in enumerate(pos_embeds)], 1)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        ref = self.reference_points(shapes, len(srcs), src.device).expand(src.shape[0], -1, -1, -1)
-        for layer in self.encoder.layers:
-            src = layer(src, pos, ref, spatial_shapes, level_shapes=shapes)
-        return src, shapes
+        return self.encoder(src, spatial_shapes, shapes, pos), shapes
 
 
-@PIXEL_DECODER_REGISTRY.register()
+@SEM_SEG_HEADS_REGISTRY.register()
 class MSDeformAttnPixelDecoder(nn.Module):
     """Mask2Former's pixel decoder: a multi-scale deformable-attention encoder over the features
     in ``DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES`` (each projected to CONVS_DIM with
@@ -269,9 +314,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
             self.input_proj.append(proj)
-        self.transformer = MSDeformAttnEncoder(conv_dim, transformer_nheads, transformer_enc_layers,
-                                               transformer_dim_feedforward, transformer_dropout,
-                                               self.transformer_num_feature_levels, transformer_n_points)
+        self.transformer = MSDeformAttnTransformerEncoderOnly(
+            conv_dim, transformer_nheads, transformer_enc_layers, transformer_dim_feedforward, transformer_dropout,
+            self.transformer_num_feature_levels, transformer_n_points)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.mask_dim = mask_dim
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)
@@ -315,6 +360,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
 
     def forward_features(self, features):
+        """In float32 whatever autocast says, for any device (the official decorates this method
+        with ``torch.cuda.amp.autocast(enabled=False)``: "deformable detr does not support half
+        precision"); the input features are cast to float32."""
+        with autocast_off(next(iter(features.values())).device):
+            return self._forward_features(features)
+
+    def _forward_features(self, features):
         srcs, pos = [], []
         for i, name in enumerate(self.transformer_in_features):
             x = self.input_proj[i](features[name].float())

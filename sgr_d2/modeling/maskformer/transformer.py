@@ -19,11 +19,11 @@ __all__ = [
     "SelfAttentionLayer",
     "CrossAttentionLayer",
     "FFNLayer",
-    "DetrEncoderLayer",
-    "DetrDecoderLayer",
-    "DetrTransformer",
-    "DetrEncoder",
-    "DetrDecoder",
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "Transformer",
 ]
 
 
@@ -157,9 +157,12 @@ class FFNLayer(nn.Module):
 
 
 # ------------------------------------------------------------------ DETR transformer (MaskFormer)
-# The layers carry the names of DETR's (and MaskFormer's) TransformerEncoderLayer /
-# TransformerDecoderLayer, so official checkpoints load as they are.
-class DetrEncoderLayer(nn.Module):
+# The classes and their attributes carry MaskFormer's (and DETR's) names, so official checkpoints
+# load as they are. One difference is kept on purpose: the cloned layers of an encoder / decoder
+# start equal (each layer is initialised before it is copied), where the official re-initialises
+# every matrix after cloning. Only the random start differs (a published file replaces it), and
+# the MaskFormer numbers of docs/benchmarks.md were measured from this start.
+class TransformerEncoderLayer(nn.Module):
     """Self-attention and feed-forward, each with residual, dropout and (pre- or post-) LayerNorm."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
@@ -190,7 +193,7 @@ class DetrEncoderLayer(nn.Module):
         return src if self.normalize_before else self.norm2(src)
 
 
-class DetrDecoderLayer(nn.Module):
+class TransformerDecoderLayer(nn.Module):
     """Self-attention (``norm1``), cross-attention to the memory (``norm2``), feed-forward
     (``norm3``): DETR's order, each with residual, dropout and (pre- or post-) LayerNorm."""
 
@@ -234,15 +237,15 @@ def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
 
 
-class DetrEncoder(nn.Module):
-    """A stack of encoder layers (``layers``) and, with pre-norm, a final LayerNorm (``norm``)."""
+class TransformerEncoder(nn.Module):
+    """``num_layers`` copies of ``encoder_layer`` (``layers``) and an optional final LayerNorm
+    (``norm``; the pre-norm configurations have one)."""
 
-    def __init__(self, d_model, nhead, num_layers, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
         super().__init__()
-        self.layers = _clones(DetrEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                               normalize_before), num_layers)
-        self.norm = nn.LayerNorm(d_model) if normalize_before and num_layers > 0 else None
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
 
     def forward(self, src, src_key_padding_mask=None, pos=None):
         for layer in self.layers:
@@ -250,19 +253,32 @@ class DetrEncoder(nn.Module):
         return src if self.norm is None else self.norm(src)
 
 
-class DetrDecoder(nn.Module):
-    """A stack of decoder layers (``layers``) and the LayerNorm of their outputs (``norm``)."""
+class TransformerDecoder(nn.Module):
+    """``num_layers`` copies of ``decoder_layer`` (``layers``) and the LayerNorm of their outputs
+    (``norm``). ``forward`` returns (L, Q, B, C): the normalised output of every layer with
+    ``return_intermediate``, else of the last one only (L = 1)."""
 
-    def __init__(self, d_model, nhead, num_layers, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module,
+                 return_intermediate: bool = False):
         super().__init__()
-        self.layers = _clones(DetrDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                               normalize_before), num_layers)
-        self.norm = nn.LayerNorm(d_model)
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.return_intermediate = return_intermediate
+
+    def forward(self, tgt, memory, memory_key_padding_mask=None, pos=None, query_pos=None):
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+            if self.return_intermediate:
+                hs.append(self.norm(tgt))
+        if not self.return_intermediate:
+            hs.append(self.norm(tgt))
+        return torch.stack(hs)
 
 
-class DetrTransformer(nn.Module):
-    """DETR's encoder-decoder over a flattened feature map.
+class Transformer(nn.Module):
+    """DETR's encoder-decoder over a flattened feature map (MaskFormer's transformer predictor).
 
     ``forward(src (B, C, H, W), mask (B, H, W) or None, query_embed (Q, C), pos (B, C, H, W))``
     returns ``(hs, memory)``: ``hs`` (num_dec_layers, B, Q, C) the normalised output of every
@@ -275,11 +291,14 @@ class DetrTransformer(nn.Module):
                  dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,
                  return_intermediate_dec=False):
         super().__init__()
-        self.encoder = DetrEncoder(d_model, nhead, num_encoder_layers, dim_feedforward, dropout, activation,
-                                   normalize_before)
-        self.decoder = DetrDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout, activation,
-                                   normalize_before)
-        self.return_intermediate = return_intermediate_dec
+        encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                normalize_before)
+        encoder_norm = nn.LayerNorm(d_model) if normalize_before and num_encoder_layers > 0 else None
+        self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
+        decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                normalize_before)
+        self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model),
+                                          return_intermediate=return_intermediate_dec)
         self.d_model = d_model
         self.nhead = nhead
 
@@ -290,13 +309,6 @@ class DetrTransformer(nn.Module):
         query_pos = query_embed.unsqueeze(1).repeat(1, b, 1)  # (Q, B, C)
         key_padding = mask.flatten(1) if mask is not None else None
         memory = self.encoder(src, src_key_padding_mask=key_padding, pos=pos)
-        tgt = torch.zeros_like(query_pos)
-        hs = []
-        for layer in self.decoder.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask=key_padding, pos=pos, query_pos=query_pos)
-            if self.return_intermediate:
-                hs.append(self.decoder.norm(tgt))
-        if not self.return_intermediate:
-            hs.append(self.decoder.norm(tgt))
-        hs = torch.stack(hs).transpose(1, 2)  # (L, B, Q, C)
-        return hs, memory.permute(1, 2, 0).view(b, c, h, w)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, memory_key_padding_mask=key_padding, pos=pos,
+                          query_pos=query_pos)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).view(b, c, h, w)  # (L, B, Q, C)

@@ -27,10 +27,10 @@ from detectron2.utils.registry import Registry
 from .transformer import (
     MLP,
     CrossAttentionLayer,
-    DetrTransformer,
     FFNLayer,
     PositionEmbeddingSine,
     SelfAttentionLayer,
+    Transformer,
 )
 
 __all__ = [
@@ -90,7 +90,7 @@ class StandardTransformerDecoder(nn.Module):
         super().__init__()
         self.mask_classification = mask_classification
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.transformer = DetrTransformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout,
+        self.transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout,
                                            normalize_before=pre_norm, return_intermediate_dec=deep_supervision)
         self.num_queries = num_queries
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -144,6 +144,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     """Mask2Former's masked-attention decoder (DEC_LAYERS − 1 layers, DEC_LAYERS predictions:
     one from the learned queries before the first layer, one after each layer)."""
 
+    _version = 2  # the official decoder's: its files name the query features query_feat
+
     @configurable
     def __init__(self, in_channels: int, mask_classification: bool = True, *, num_classes: int, hidden_dim: int,
                  num_queries: int, nheads: int, dim_feedforward: int, dec_layers: int, pre_norm: bool,
@@ -186,12 +188,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         ret["dec_layers"] = cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1  # the first prediction needs no layer
         return ret
 
-    def prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor, attn_size):
-        """(Q, B, C) queries -> class logits (B, Q, K+1), mask logits (B, Q, h, w), attention mask."""
+    def forward_prediction_heads(self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size):
+        """(Q, B, C) queries -> class logits (B, Q, K+1), mask logits (B, Q, h, w), and the
+        attention mask of the next layer, whose memory is ``attn_mask_target_size`` (h', w')."""
         decoded = self.decoder_norm(output).transpose(0, 1)
         classes = self.class_embed(decoded)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
-        return classes, masks, attention_mask_from_predictions(masks, attn_size, self.num_heads)
+        return classes, masks, attention_mask_from_predictions(masks, attn_mask_target_size, self.num_heads)
 
     def forward(self, x: List[torch.Tensor], mask_features: torch.Tensor, mask: Optional[torch.Tensor] = None):
         if len(x) != self.num_feature_levels:
@@ -207,7 +210,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, b, 1)
         classes, masks = [], []
-        c, m, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        c, m, attn_mask = self.forward_prediction_heads(output, mask_features, sizes[0])
         classes.append(c)
         masks.append(m)
         for i in range(self.num_layers):
@@ -216,8 +219,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                                                     query_pos=query_embed)
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            c, m, attn_mask = self.prediction_heads(output, mask_features,
-                                                    sizes[(i + 1) % self.num_feature_levels])
+            c, m, attn_mask = self.forward_prediction_heads(output, mask_features,
+                                                            sizes[(i + 1) % self.num_feature_levels])
             classes.append(c)
             masks.append(m)
         out = {"pred_logits": classes[-1], "pred_masks": masks[-1]}
