@@ -124,12 +124,12 @@ class PreemptionHook(HookBase):
         t = self.trainer
         if t.iter >= t.max_iter - 1 or not self._agreed():
             return
-        signals = list(_received)
         name = f"model_{t.iter:07d}"
         if comm.get_world_size() > 1:
             t.gather_worker_rng(t.iter)
         t.save_checkpoint(name, t.iter)
         comm.synchronize()  # every worker leaves once the checkpoint is complete
+        signals = list(_received)
         saved = t.checkpointer.get_checkpoint_file() if comm.is_main_process() else None
         logger.warning(
             "Preempted (signals received by this worker: %s): stopped after iteration %d%s; the same "
