@@ -225,6 +225,16 @@ def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> List[str]:
     return [h for e in entries if e.strip() for h in _expand_one(e.strip())]
 
 
+def _slurm_tasks_per_node(env: Mapping[str, str], ntasks: int) -> int:
+    name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
+    per_node = _tasks_per_node(env.get(name, str(ntasks)), name)
+    if len(set(per_node)) != 1 or sum(per_node) != ntasks:
+        raise LaunchConflict(
+            f"{name}={env.get(name)} with SLURM_NTASKS={ntasks}: sgr_d2 (as detectron2) needs the same "
+            "number of tasks on every node, ranks numbered node by node; use --ntasks-per-node")
+    return per_node[0]
+
+
 def _d2_flags(num_gpus_per_machine, num_machines, machine_rank, dist_url) -> dict:
     """detectron2's launcher arguments that differ from its defaults."""
     from detectron2.engine import default_argument_parser
@@ -272,7 +282,9 @@ def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_u
         if srun:
             ntasks = _int(env, "SLURM_NTASKS")
             per_task = world.size == ntasks * world.local_size  # one torchrun per task, joined
-            exported = world.size == ntasks and world.rank == _int(env, "SLURM_PROCID")
+            # or SLURM's variables exported as torch's, one process per task
+            exported = (world.size, world.rank, world.local_size) == (ntasks, _int(env, "SLURM_PROCID"),
+                                                                     _slurm_tasks_per_node(env, ntasks))
             if not (per_task or exported):
                 raise LaunchConflict(
                     f"torchrun started this process inside an srun step of SLURM_NTASKS={ntasks} tasks "
@@ -297,18 +309,13 @@ def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_u
             "--num-machines, --machine-rank and --dist-url, or start one task per machine "
             "(`srun --ntasks-per-node 1`) with --num-machines $SLURM_NTASKS --machine-rank $SLURM_PROCID "
             "--dist-url tcp://<first host>:<port>.")
-    name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
-    per_node = _tasks_per_node(env.get(name, str(ntasks)), name)
-    if len(set(per_node)) != 1 or sum(per_node) != ntasks:
-        raise LaunchConflict(
-            f"{name}={env.get(name)} with SLURM_NTASKS={ntasks}: sgr_d2 (as detectron2) needs the same "
-            "number of tasks on every node, ranks numbered node by node; use --ntasks-per-node")
-    local_size = per_node[0]
-    node = procid // local_size
+    local_size = _slurm_tasks_per_node(env, ntasks)
+    node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else procid // local_size
     if procid != node * local_size + localid:
         raise LaunchConflict(
-            f"SLURM_PROCID={procid} and SLURM_LOCALID={localid} with {local_size} tasks per node: the ranks "
-            "are not numbered node by node (srun --distribution=block, the default, numbers them so)")
+            f"SLURM_PROCID={procid}, SLURM_NODEID={node} and SLURM_LOCALID={localid} with {local_size} tasks "
+            "per node: the ranks are not numbered node by node (srun --distribution=block, the default, "
+            "numbers them so)")
     nodelist_var = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST") if k in env), None)
     if "MASTER_ADDR" in env:
         master = env["MASTER_ADDR"]
