@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install --quiet -e ".[test,deploy]"
+	$(PY) -m pip install --quiet -e ".[test,deploy,cluster]"
 	touch $(STAMP)
 
 # Everything, slow tests included (what CI runs).

@@ -114,6 +114,64 @@ def test_submit_slurm_passes_train_net_arguments_with_resume_and_refuses_worker_
         submit_slurm.parse_args(["--", "--config-file", "c.yaml", "--num-gpus", "8"])
 
 
+def test_train_net_exits_with_the_launchers_error(monkeypatch):
+    """torchrun's variables and --num-gpus 2: train_net.py exits (status 1) with the one error,
+    before any process group exists."""
+    import runpy
+
+    for k, v in TORCHRUN.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["train_net.py", "--config-file", TOY_SGR, "--num-gpus", "2"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(REPO, "train_net.py"), run_name="__main__")
+    assert isinstance(e.value.code, str) and e.value.code.startswith("train_net.py: torchrun"), e.value.code
+    assert "RANK=3" in e.value.code and "--num-gpus 2" in e.value.code
+    assert not torch.distributed.is_initialized()
+
+
+def test_one_process_stops_at_the_signals_iteration_but_completes_its_last(tmp_path, one_thread):
+    """One process: a signal during iteration 0 stops training after it, with model_0000000.pth
+    (its random states included) tagged and exit code 75; resumed, a signal during the last
+    iteration lets the run complete (model_final.pth), and the handlers are given back."""
+    from detectron2.engine import HookBase
+    from detectron2.utils.env import seed_all_rng
+
+    from sgr_d2.config import load_config
+    from sgr_d2.engine.trainer import Trainer
+
+    class _SignalAt(HookBase):
+        def __init__(self, iteration, signum):
+            self.iteration, self.signum = iteration, signum
+
+        def before_step(self):
+            if self.trainer.iter == self.iteration:
+                os.kill(os.getpid(), self.signum)
+
+    def trainer(signal_at):
+        cfg = load_config(TOY_SGR, [*SMALL, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path)])
+        seed_all_rng(cfg.SEED)
+        t = Trainer(cfg)
+        t.register_hooks([_SignalAt(*signal_at)])
+        return t
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    t = trainer((0, signal.SIGUSR1))
+    t.resume_or_load(resume=False)
+    with pytest.raises(SystemExit) as e:
+        t.train()
+    assert (e.value.code, e.value.iteration, e.value.signals) == (75, 0, (signal.SIGUSR1,))
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    saved = torch.load(tmp_path / "model_0000000.pth", map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 0 and "torch" in saved["trainer"]["rng"]
+    for s in handlers:  # after a stop: ignored until the process exits
+        signal.signal(s, handlers[s])
+    t = trainer((2, signal.SIGTERM))
+    t.resume_or_load(resume=True)
+    t.train()
+    assert torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 2
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 # ----------------------------------------------------------------------------- one run per output folder
 def _bytes_and_times(folder: Path):
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -314,7 +372,7 @@ def test_torchrun_then_num_gpus_then_srun_continue_one_run_through_two_preemptio
     finally:
         if torchrun.poll() is None:
             torchrun.kill()
-    assert torchrun.returncode != 0
+    assert torchrun.returncode == 1  # torchrun reports its failed workers
     # torchrun's summary of its failed workers: both exited 75, none was killed
     assert len(re.findall(r"exitcode\s*: 75 \(pid: (\d+)\)", output)) == 2, output[-3000:]
     first = torch.load(out / (out / "last_checkpoint").read_text(),

@@ -85,9 +85,10 @@ class PreemptionHook(HookBase):
     """The hook of the module docstring; the trainer registers it last, so that its
     ``after_step`` runs after every other hook's (the checkpointer, the evaluation, the writers).
 
-    Once it has stopped training (``stopped``), the signals stay recorded-only until the process
-    exits: when one worker exits, torchrun and ``torch.multiprocessing`` send SIGTERM to the
-    others, which must still end their own exit (log, lock, process groups) with code 75."""
+    Once it has stopped training (``stopped``), the signals are ignored until the process exits:
+    when one worker exits, torchrun and ``torch.multiprocessing`` send SIGTERM to the others, which
+    must still finish their own exit (log, lock, process groups) with code 75. (Ignored, not
+    handled: Python puts the default action back for the signals it handles when it shuts down.)"""
 
     def __init__(self):
         self._previous: Dict[int, object] = {}
@@ -136,4 +137,6 @@ class PreemptionHook(HookBase):
             "command with --resume continues at iteration %d; exiting with code %d",
             _names(signals), t.iter, f", saved to {saved}" if saved else "", t.iter + 1, EXIT_CODE)
         self.stopped = True
+        for s in self._previous:  # ignored, not recorded: an ignored signal stays so while Python exits
+            signal.signal(s, signal.SIG_IGN)
         raise Preempted(t.iter, signals, saved)
