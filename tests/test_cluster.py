@@ -400,7 +400,7 @@ def test_torchrun_then_num_gpus_then_srun_continue_one_run_through_two_preemptio
     assert second["iteration"] > stopped and len(second["trainer"]["rng"]) == 2
     assert f"Starting training from iteration {stopped + 1}" in (out / "log.txt").read_text()
 
-    port, end = _free_port(), second["iteration"] + 3
+    port, end = _free_port(), second["iteration"] + 2
     tasks = [subprocess.Popen([sys.executable, *_train_net(out, end, "--resume")], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=_env(SLURM_JOB_ID="42", SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_PROCID=str(r),
@@ -426,7 +426,7 @@ def test_submit_slurm_on_the_local_executor_requeues_a_preempted_job_that_ends_l
     continues with --resume and ends with model_final.pth equal, bit for bit, to a run that was
     never stopped (trained here, in this process, as train_net.py does)."""
     pytest.importorskip("submitit")
-    out, max_iter = tmp_path / "run", 30
+    out, max_iter = tmp_path / "run", 20
     submit = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "submit_slurm.py"), "--cluster", "local",
                                "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "30",
                                "--folder", str(tmp_path / "submitit"), "--wait", "--",

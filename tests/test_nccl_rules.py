@@ -378,6 +378,8 @@ def test_the_trainer_obeys_ncclS_rule_on_two_workers(tmp_path):
                             "weights equal: True", reports[1][1]
     saved = torch.load(out / "preempt" / "model_0000000.pth", map_location="cpu", weights_only=True)
     assert saved["iteration"] == 0 and len(saved["trainer"]["rng"]) == 2  # both workers' random states
+    periodic = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=True)["trainer"]["rng"]
+    assert len(periodic) == 2 and not torch.equal(periodic[0]["torch"], periodic[1]["torch"])  # seeds SEED + rank
     # a SIGTERM to worker 0 while it evaluates after iteration 0: the evaluation finishes, both
     # stop after iteration 1 (the next boundary all workers know of), and the resumed run ends
     # bit-equal, its metrics.json holding the evaluations the uninterrupted run's holds (the
