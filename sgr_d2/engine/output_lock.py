@@ -221,6 +221,7 @@ class OutputLock:
             self._remove_created_dir()
             raise self._refusal(holder)
         self._fd = fd
+        self._stop = threading.Event()
         mine = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                 "started": time.time(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                 "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
