@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install --quiet -e ".[test,deploy]"
+	$(PY) -m pip install --quiet -e ".[test,deploy,cluster]"
 	# panopticapi for PQ, without its numpy<2 pin (datasets/README.md#pq-and-panopticapi)
 	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $(STAMP)

@@ -22,6 +22,7 @@ import torch
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.utils import comm
 
 from .sgr.components import COMPONENT_MODES
 from .sgr.matching import check_matching
@@ -384,6 +385,7 @@ def setup_cfg(args):
     cfg = load_config(args.config_file, args.opts)
     _check_eval_weights(cfg, args)
     pick_device(cfg)
-    sync_norms(cfg, args.num_gpus * args.num_machines)
+    # the workers of this run: detectron2's flags, or the process group torchrun / srun made
+    sync_norms(cfg, comm.get_world_size() if comm.get_world_size() > 1 else args.num_gpus * args.num_machines)
     cfg.freeze()
     return cfg

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -163,20 +164,23 @@ _MODEL_GROUP = None
 
 def _nccl_rule_worker(rank, world, init_file, out_dir, data_dir):
     """One worker: the default group refuses CPU tensors (NCCL's rule); detectron2's comm sees
-    "nccl" and builds its own gloo group for object collectives; the model's collectives get a
-    gloo group (on a cluster their tensors are on the GPU). Then the trainer's whole loop:
+    "nccl" and builds its own gloo group for object collectives; the model's collectives (DDP's,
+    the loss normalisers', synchronised BatchNorm's) get a gloo group (on a cluster their tensors
+    are on the GPU). Then the trainer's whole loop:
     training on two images, one of them without a labelled pixel (each worker gets one per
     iteration), with checkpoints and the final evaluation with the token metrics; then a resumed
-    run that a NaN on worker 1 stops on both workers."""
+    run that a NaN on worker 1 stops on both workers. Between them, two runs stopped by a
+    preemption signal (engine/preemption.py) and resumed."""
     global _MODEL_GROUP
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.engine import HookBase
+    from detectron2.engine import HookBase, hooks
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
+    from sgr_d2.config import sync_norms
     from sgr_d2.engine import Trainer
 
     torch.set_num_threads(1)
@@ -199,6 +203,21 @@ def _nccl_rule_worker(rank, world, init_file, out_dir, data_dir):
         return all_reduce(tensor, op=op, group=group, async_op=async_op)
 
     dist.all_reduce = model_all_reduce
+
+    class _OnModelGroup:  # naiveSyncBN's collectives (fvcore's), forward and backward: the model's
+        def __getattr__(self, name):
+            return getattr(dist, name)
+
+        def all_gather(self, tensors, tensor, async_op=False):
+            return all_gather(tensors, tensor, group=_MODEL_GROUP, async_op=async_op)
+
+        def all_reduce(self, tensor, op=dist.ReduceOp.SUM, async_op=False):
+            return all_reduce(tensor, op=op, group=_MODEL_GROUP, async_op=async_op)
+
+    import fvcore.nn.distributed
+
+    all_gather = dist.all_gather
+    fvcore.nn.distributed.dist = _OnModelGroup()
     ddp_init = DistributedDataParallel.__init__
 
     def ddp_on_model_group(self, module, *args, **kwargs):
@@ -219,21 +238,85 @@ def _nccl_rule_worker(rank, world, init_file, out_dir, data_dir):
     MetadataCatalog.get(val).set(**{k: v for k, v in MetadataCatalog.get("sgr_toy_sem_seg_val").as_dict().items()
                                     if k != "name"})
 
-    def trainer(max_iter):
-        cfg = tiny_toy_cfg(TOY_SGR, "OUTPUT_DIR", out_dir, "SOLVER.MAX_ITER", str(max_iter),
+    def trainer(max_iter, out=out_dir, eval_period=0):
+        cfg = tiny_toy_cfg(TOY_SGR, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter),
                            "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TRAIN", f"('{train}',)",
                            "DATASETS.TEST", f"('{val}',)", "TEST.TOKEN_SEMANTICS", "True",
-                           "INPUT.MIN_SIZE_TEST", "64")
+                           "INPUT.MIN_SIZE_TEST", "64", "TEST.EVAL_PERIOD", str(eval_period))
+        sync_norms(cfg, world)  # as train_net.py's setup_cfg: the workers' BatchNorm statistics agree
         seed_all_rng(cfg.SEED + rank)
         t = Trainer(cfg)
         t.model.module.register_forward_pre_hook(lambda *a: inside.append(1))
         t.model.module.register_forward_hook(lambda *a: inside.clear())
         return t
 
-    first = trainer(3)
+    def weights(t):
+        return {k: v.clone() for k, v in t.model.module.state_dict().items()}
+
+    first = trainer(3, eval_period=1)
     first.resume_or_load(resume=False)
     first.train()
     outcome = [f"trained to {first.iter}"]
+    reference = weights(first)
+
+    # Preemption (engine/preemption.py): a signal to one worker stops both at the same boundary
+    # with a checkpoint; --resume then ends with the uninterrupted run's weights, bit for bit.
+    class _SignalAt(HookBase):
+        def __init__(self, worker, iteration, signum):
+            self.worker, self.iteration, self.signum = worker, iteration, signum
+
+        def before_step(self):
+            if comm.get_rank() == self.worker and self.trainer.iter == self.iteration:
+                os.kill(os.getpid(), self.signum)
+
+    def preempted_then_resumed(name, signal_hook=None, signal_in_eval=None, signal_in_save=None):
+        out = Path(out_dir) / name
+        t = trainer(3, out, eval_period=1)
+        t.resume_or_load(resume=False)
+        if signal_hook:
+            t.register_hooks([signal_hook])
+        if signal_in_eval is not None and comm.get_rank() == signal_in_eval[0]:
+            evaluation = next(h for h in t._hooks if isinstance(h, hooks.EvalHook))
+            evaluate, at = evaluation._func, signal_in_eval[1]
+
+            def evaluate_after_a_signal():
+                if t.iter == at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return evaluate()
+
+            evaluation._func = evaluate_after_a_signal
+        if signal_in_save is not None and comm.get_rank() == signal_in_save:
+            checkpoint = t.checkpointer.save
+
+            def checkpoint_during_a_signal(*args, **kwargs):
+                save = torch.save
+
+                def save_after_a_signal(*a, **k):  # the temporary file is open: mid-write
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return save(*a, **k)
+
+                torch.save = save_after_a_signal
+                try:
+                    return checkpoint(*args, **kwargs)
+                finally:
+                    torch.save = save
+
+            t.checkpointer.save = checkpoint_during_a_signal
+        try:
+            t.train()
+            return f"{name}: not stopped"
+        except SystemExit as e:
+            stop = f"{name}: exit {e.code} after iteration {e.iteration}, signals here: " + \
+                   ",".join(signal.Signals(x).name for x in e.signals)
+        again = trainer(3, out, eval_period=1)
+        again.resume_or_load(resume=True)
+        again.train()
+        final = weights(again)
+        equal = all(torch.equal(final[k], reference[k]) for k in reference)
+        return f"{stop}; resumed to {again.iter}, weights equal: {equal}"
+
+    outcome.append(preempted_then_resumed("preempt", signal_hook=_SignalAt(1, 0, signal.SIGUSR1), signal_in_save=0))
+    outcome.append(preempted_then_resumed("preempt_in_eval", signal_in_eval=(0, 0)))
 
     class _NaNOnWorker1(HookBase):
         def before_step(self):
@@ -264,7 +347,13 @@ def test_the_trainer_obeys_ncclS_rule_on_two_workers(tmp_path):
     one worker has no labelled pixel at every iteration (every parameter is in the graph; else
     the other worker waits in the gradient all-reduce until the timeout); a NaN on worker 1 stops
     both workers at the same iteration (none waits in the next collective) with each worker's
-    terms, and the last good state is saved once and tagged."""
+    terms, and the last good state is saved once and tagged. Preemption: a signal on one worker
+    stops both at the same iteration boundary (agreed through the NaN guard's object gather),
+    with one checkpoint holding both workers' random states, and exit code 75; a second signal
+    during the save changes nothing; a signal during an evaluation lets it finish and stops at the
+    next boundary, its results kept; each run resumed with --resume ends with the weights of the
+    run that was never stopped, bit for bit (it fails when the workers' random states are not
+    restored: the crops, flips and dropout differ)."""
     import re
 
     import numpy as np
@@ -278,25 +367,50 @@ def test_the_trainer_obeys_ncclS_rule_on_two_workers(tmp_path):
         Image.fromarray(label.astype(np.uint8)).save(data / f"{stem}.png")
     out = tmp_path / "run"
     mp.spawn(_nccl_rule_worker, args=(2, str(tmp_path / "init"), str(out), str(data)), nprocs=2)
-    reports = [(out / f"rank{r}.txt").read_text().split("\n", 1) for r in (0, 1)]
-    assert reports[0] == reports[1], reports  # the same stop, with the same message, on both workers
-    trained, msg = reports[0]
-    assert trained == "trained to 3"
+    reports = [(out / f"rank{r}.txt").read_text().split("\n", 3) for r in (0, 1)]
+    msg = reports[0][3]
+    assert [r[0] for r in reports] == ["trained to 3"] * 2
+    # a signal to worker 1 before iteration 0 (and a SIGTERM to worker 0 while it writes the
+    # checkpoint): both stop after iteration 0, exit 75, and the resumed run ends bit-equal
+    assert reports[0][1] == "preempt: exit 75 after iteration 0, signals here: SIGTERM; resumed to 3, " \
+                            "weights equal: True", reports[0][1]
+    assert reports[1][1] == "preempt: exit 75 after iteration 0, signals here: SIGUSR1; resumed to 3, " \
+                            "weights equal: True", reports[1][1]
+    saved = torch.load(out / "preempt" / "model_0000000.pth", map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 0 and len(saved["trainer"]["rng"]) == 2  # both workers' random states
+    periodic = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=True)["trainer"]["rng"]
+    assert len(periodic) == 2 and not torch.equal(periodic[0]["torch"], periodic[1]["torch"])  # seeds SEED + rank
+    # a SIGTERM to worker 0 while it evaluates after iteration 0: the evaluation finishes, both
+    # stop after iteration 1 (the next boundary all workers know of), and the resumed run ends
+    # bit-equal, its metrics.json holding the evaluations the uninterrupted run's holds (the
+    # one after iteration 1 written by the stopped run), with the same results
+    assert reports[0][2] == "preempt_in_eval: exit 75 after iteration 1, signals here: SIGTERM; resumed to 3, " \
+                            "weights equal: True", reports[0][2]
+    assert reports[1][2] == "preempt_in_eval: exit 75 after iteration 1, signals here: ; resumed to 3, " \
+                            "weights equal: True", reports[1][2]
+    import json
+
+    def evaluations(folder):
+        return [{k: v for k, v in json.loads(line).items() if "/" in k or k == "iteration"}
+                for line in (folder / "metrics.json").read_text().splitlines() if "sem_seg/mIoU" in line]
+
+    # (metrics.json gets the latest evaluation at each write: after iteration 1, and the final one)
+    assert len(evaluations(out)) == 2 and evaluations(out)[0]["iteration"] == 1
+    assert evaluations(out / "preempt_in_eval") == evaluations(out)
+    assert reports[0][3] == reports[1][3], reports  # the same NaN stop, with the same message, on both workers
     assert msg.startswith("Loss became infinite or NaN at iteration 4 (non-finite: "), msg
     non_finite = re.search(r"\(non-finite: ([^)]*)\)", msg).group(1)  # worker 1's image may have no label
     assert non_finite in ("loss_sgr_cls, loss_sgr_div, loss_sgr_union",
                           "loss_sem_seg, loss_sgr_cls, loss_sgr_div, loss_sgr_union"), msg
     worker0 = re.search(r"worker 0: (.*?); worker 1: ", msg).group(1)
     worker1 = re.search(r"; worker 1: (.*?)\. The update", msg).group(1)
-    assert "nan" not in worker0 and "loss_sgr_union=" in worker0, worker0
+    # worker 0's own SGR terms are finite (its loss_sem_seg is not: synchronised BatchNorm in the
+    # head averages worker 1's NaN statistics in)
+    assert re.search(r"loss_sgr_union=\d", worker0) and re.search(r"loss_sgr_cls=\d", worker0), worker0
     assert "loss_sgr_union=nan" in worker1 and "loss_sem_seg=" in worker1, worker1
     assert (out / "last_checkpoint").read_text() == "model_last_good.pth"
     assert torch.load(out / "model_last_good.pth", map_location="cpu", weights_only=True)["iteration"] == 3
-    # the final evaluation of the first run gathered both workers' images: mIoU and token metrics
-    import json
-
-    evaluations = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()
-                   if "sem_seg/mIoU" in line]
-    assert len(evaluations) == 1
-    assert 0 < evaluations[0]["token_semantics/S_C"] <= 1 and "token_semantics/D_I" in evaluations[0]
+    # the evaluations of the first run gathered both workers' images: mIoU and token metrics
+    first = evaluations(out)
+    assert all(0 < e["token_semantics/S_C"] <= 1 and "token_semantics/D_I" in e for e in first)
     assert (out / "model_final.pth").is_file()

@@ -613,20 +613,3 @@ def test_sgr_criterion_split_over_two_gloo_workers_equals_one_process(two_gloo_w
     for r in (0, 1):
         assert torch.allclose(workers[r]["grad"] / 2, whole_grad[2 * r:2 * r + 2], rtol=1e-5, atol=1e-9)
 
-
-@pytest.mark.slow
-def test_train_net_with_two_cpu_workers(tmp_path):
-    """--num-gpus 2 on a CPU: gloo workers, naiveSyncBN (see
-    test_heads_backbones.py::test_sync_norms_converts_batchnorm_for_several_workers), DDP."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR, "--num-gpus", "2",
-           "--dist-url", f"file://{tmp_path / 'init'}", *CLI, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    log = (out / "log.txt").read_text()
-    assert "NaiveSyncBatchNorm(" in log and "BatchNorm2d(" not in log
-    assert (out / "log.txt.rank1").is_file()
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
-    assert final["iteration"] == 2
-    entries = _metrics(out / "metrics.json")
-    assert entries[-1]["iteration"] == 2 and math.isfinite(entries[-1]["total_loss"])

@@ -14,6 +14,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..files import read_weights
+from . import preemption
 
 __all__ = ["NonFiniteLossGuard", "FinalCheckpoint", "UnlabelledImagesMonitor", "state_problem",
            "MAX_NORM_GROWTH"]
@@ -72,6 +73,10 @@ class NonFiniteLossGuard:
         MODEL.WEIGHTS at iteration 0);
 
       and raises ``FloatingPointError`` naming the iteration, every loss term and what was kept.
+
+    With several workers, the gather of the flag also carries whether the worker received a
+    preemption signal (``stop_requested``: any worker did, at iteration ``agreed_at``), so that
+    :class:`~sgr_d2.engine.preemption.PreemptionHook` needs no collective of its own.
     """
 
     def __init__(self, trainer, filename: str = "model_last_good"):
@@ -82,6 +87,7 @@ class NonFiniteLossGuard:
         self._buffers: Dict[str, torch.Tensor] = {}
         self._param_names = {n for n, _ in self._module.named_parameters()}
         self.reference_norm = None
+        self.agreed_at, self.stop_requested = None, False
         self._handles = [model.register_forward_pre_hook(self._snapshot),
                          model.register_forward_hook(self._check)]
 
@@ -114,8 +120,13 @@ class NonFiniteLossGuard:
         if comm.get_world_size() > 1:
             # every worker learns whether any worker must stop (an object collective on
             # detectron2's gloo group: host-side code never puts a tensor on the default group,
-            # which is NCCL on a cluster and refuses CPU tensors)
-            bad = any(comm.all_gather(bad))
+            # which is NCCL on a cluster and refuses CPU tensors); with it, whether any worker
+            # must stop for a preemption signal
+            flags = comm.all_gather((bad, preemption.requested()))
+            bad = any(b for b, _ in flags)
+            trainer = self._trainer()
+            self.agreed_at = trainer.iter if trainer is not None else None
+            self.stop_requested = any(p for _, p in flags)
         if not bad:
             return
         self._stop({k: float(v) for k, v in zip(terms, values.tolist())})

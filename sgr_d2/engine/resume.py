@@ -8,7 +8,9 @@
   leaves it out; upstream main saves it under the same key, which is read either way;
 * ``data``: the training sampler's seed and the position in its index stream
   (:class:`ResumableSampler`);
-* ``rng``: the random states of Python, NumPy and torch (and CUDA), in one-process runs only.
+* ``rng``: the random states of Python, NumPy and torch (and CUDA); with several workers, a
+  list of every worker's, by rank (:func:`worker_rng_states`), which a resumed run of as many
+  workers puts back in each (:func:`own_rng_state`).
 
 On resume, the configuration's optimizer hyperparameters replace the checkpoint's
 (:func:`apply_config_hyperparameters`): ``SOLVER.BASE_LR`` given with ``--resume`` takes effect.
@@ -28,6 +30,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.utils import comm
 
 __all__ = ["ResumableSampler", "resumable_train_loader", "rng_state", "set_rng_state",
+           "worker_rng_states", "own_rng_state",
            "configured_hyperparameters", "apply_config_hyperparameters", "restart_data_loader"]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +130,31 @@ def set_rng_state(state: Dict) -> None:
             cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
+
+
+def worker_rng_states() -> Optional[List[Dict]]:
+    """Every worker's :func:`rng_state`, by rank, on the main process (None on the others): an
+    object gather on detectron2's gloo group, which every worker must call at the same point."""
+    states = comm.gather(rng_state(), dst=0)
+    return states if comm.is_main_process() else None
+
+
+def own_rng_state(saved) -> Optional[Dict]:
+    """This worker's random states in a checkpoint's ``rng`` (one process's dict, or a list by
+    rank), or None with a warning when the checkpoint was written by another number of workers."""
+    world = comm.get_world_size()
+    if isinstance(saved, (list, tuple)):
+        if len(saved) == world:
+            return saved[comm.get_rank()]
+        count = len(saved)
+    else:
+        if world == 1:
+            return saved
+        count = 1
+    logger.warning("resume: the checkpoint holds the random states of %d worker(s), this run has %d: "
+                   "the images continue where they stopped, their augmentations from fresh random "
+                   "states", count, world)
+    return None
 
 
 _NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")

@@ -8,7 +8,8 @@ earlier run's config and added to its logs. :class:`RunFiles` does what ``defaul
 (console logging, the environment and config in the log, seeding, cuDNN), but keeps the log in
 memory and writes nothing until :meth:`RunFiles.commit`: after the first training iteration
 (``Trainer``), or after an ``--eval-only`` evaluation. A run refused before that leaves
-``OUTPUT_DIR`` as it was.
+``OUTPUT_DIR`` as it was. With an :class:`~sgr_d2.engine.output_lock.OutputLock`, :meth:`RunFiles.commit`
+takes it before writing anything (one run per output folder).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class RunFiles:
     A context manager: on exit the run's log handlers are detached (the log of a run that never
     committed is dropped; the console had it)."""
 
-    def __init__(self, cfg, args):
+    def __init__(self, cfg, args, lock=None):
         self.cfg = cfg
+        self.lock = lock
         self.committed = False
         self._handler = None
         rank = comm.get_rank()
@@ -72,6 +74,8 @@ class RunFiles:
         (``log.txt.rank<r>`` for the other workers), which receives the rest of the run's log."""
         if self.committed:
             return
+        if self.lock is not None:
+            self.lock.acquire()
         self.committed = True
         out = self.cfg.OUTPUT_DIR
         loggers = [logging.getLogger(name) for name in LOGGERS]

@@ -23,8 +23,10 @@ from ..modeling import SemanticSegmentorWithTTA
 from .amp import build_step_trainer
 from .checkpoint import build_checkpointer
 from .hooks import FinalCheckpoint, NonFiniteLossGuard, UnlabelledImagesMonitor
-from .resume import (apply_config_hyperparameters, configured_hyperparameters, restart_data_loader,
-                     resumable_train_loader, rng_state, set_rng_state)
+from .output_lock import OutputLock
+from .preemption import PreemptionHook
+from .resume import (apply_config_hyperparameters, configured_hyperparameters, own_rng_state, restart_data_loader,
+                     resumable_train_loader, rng_state, set_rng_state, worker_rng_states)
 from .run_files import DeferredWriters, RunFiles
 from .solver import build_optimizer, build_poly_lr_scheduler
 from .workers import stop_with_launcher
@@ -69,6 +71,17 @@ class _CommitRunFiles(hooks.HookBase):
         self.run_files.commit()
 
 
+class _GatherWorkerRNG(hooks.HookBase):
+    """With several workers: every worker's random states to the main process at the iterations
+    where detectron2's ``PeriodicCheckpointer`` (the main process's only) saves, just before it."""
+
+    def after_step(self):
+        t = self.trainer
+        if comm.get_world_size() > 1 and ((t.iter + 1) % t.cfg.SOLVER.CHECKPOINT_PERIOD == 0
+                                          or t.iter >= t.max_iter - 1):
+            t.gather_worker_rng(t.iter)
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints.
 
@@ -78,7 +91,9 @@ class Trainer(DefaultTrainer):
     checkpointer. Also (docs/reliability.md): a NaN/inf loss stops training before its update,
     after saving ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an
     empty training dataset is a clear error; with ``run_files`` (``train_net.py``), nothing is
-    written into ``OUTPUT_DIR`` before the first iteration has finished.
+    written into ``OUTPUT_DIR`` before the first iteration has finished; SIGTERM, SIGUSR1 or
+    SIGUSR2 stop training at an iteration boundary with a checkpoint
+    (:class:`~sgr_d2.engine.preemption.PreemptionHook`).
     """
 
     def __init__(self, cfg, run_files: RunFiles = None):
@@ -101,6 +116,7 @@ class Trainer(DefaultTrainer):
         # the training sampler's stream position: restored on resume (docs/reliability.md)
         self._data_stream = getattr(data_loader, "resumable_sampler", None)
         self._data_start = 0
+        self._worker_rng = None  # (iteration, every worker's random states) on the main process
         self.register_hooks(self.build_hooks())
         self.loss_guard = NonFiniteLossGuard(self)
         self.label_monitor = UnlabelledImagesMonitor(self)
@@ -119,6 +135,11 @@ class Trainer(DefaultTrainer):
             if isinstance(h, hooks.PeriodicCheckpointer):
                 ret.insert(i + 1, FinalCheckpoint())
                 break
+        # where the main process's PeriodicCheckpointer is (the first hook that saves or evaluates)
+        i = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook,
+                                                                 hooks.PeriodicWriter))), len(ret))
+        ret.insert(i, _GatherWorkerRNG())
+        ret.append(PreemptionHook())  # last: after the evaluation and the writers of its iteration
         if self.run_files is not None:
             ret.insert(0, _CommitRunFiles(self.run_files))
         return ret
@@ -136,10 +157,17 @@ class Trainer(DefaultTrainer):
         self.checkpointer.save(name, iteration=iteration, trainer=self.state_dict(iteration))
 
     # ------------------------------------------------------------------ resume (resume.py)
+    def gather_worker_rng(self, iteration: int) -> None:
+        """Every worker's random states after ``iteration``, for the main process's next save of
+        that iteration (called by every worker at the same point)."""
+        states = worker_rng_states()
+        self._worker_rng = None if states is None else (iteration, states)
+
     def state_dict(self, iteration: int = None):
         """TrainerBase's (iteration, hooks: the LR scheduler), the optimizer under the key upstream
-        main's DefaultTrainer uses (v0.6's saves none), the data position and (one process) the
-        random states; ``iteration``: the one that finished (default ``self.iter``)."""
+        main's DefaultTrainer uses (v0.6's saves none), the data position and the random states
+        (several workers: every worker's, when :meth:`gather_worker_rng` gathered them after this
+        iteration); ``iteration``: the one that finished (default ``self.iter``)."""
         iteration = self.iter if iteration is None else iteration
         ret = TrainerBase.state_dict(self)
         ret["iteration"] = iteration
@@ -151,6 +179,8 @@ class Trainer(DefaultTrainer):
             ret["data"] = {"seed": self._data_stream.seed, "position": int(position)}
         if comm.get_world_size() == 1:
             ret["rng"] = rng_state()
+        elif self._worker_rng is not None and self._worker_rng[0] == iteration:
+            ret["rng"] = list(self._worker_rng[1])
         return ret
 
     def load_state_dict(self, state_dict):
@@ -170,7 +200,7 @@ class Trainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
 
     def _restore_stream(self, data, rng):
-        """The sampler's seed and position, then (one process) the random states: the last thing a
+        """The sampler's seed and position, then this worker's random states: the last thing a
         resume does (nothing draws random numbers after the checkpoint's trainer state is loaded)."""
         log = logging.getLogger("sgr_d2")
         stream = self._data_stream
@@ -185,7 +215,8 @@ class Trainer(DefaultTrainer):
             else:
                 log.warning("resume: the checkpoint does not record the data stream (written by an "
                             "earlier sgr_d2): the sampler starts again from its first index")
-        if rng is None or comm.get_world_size() != 1:
+        rng = None if rng is None else own_rng_state(rng)
+        if rng is None:
             return
         if stream is not None and data and self.cfg.DATALOADER.NUM_WORKERS == 0:
             # The data loader draws from torch's generator when its iterator starts (at the first
@@ -246,10 +277,13 @@ def run(args):
     """The body of ``train_net.py`` (one worker)."""
     stop_with_launcher()
     cfg = setup_cfg(args)
-    with RunFiles(cfg, args) as run_files:
+    lock = OutputLock(cfg.OUTPUT_DIR)  # one run per output folder (engine/output_lock.py)
+    with lock, RunFiles(cfg, args, lock) as run_files:
+        lock.check()
         if args.eval_only:
             model = Trainer.build_model(cfg)
             build_checkpointer(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            lock.acquire()  # the evaluation writes OUTPUT_DIR/inference
             res = Trainer.test(cfg, model)
             if cfg.TEST.AUG.ENABLED:
                 res.update(Trainer.test_with_TTA(cfg, model))

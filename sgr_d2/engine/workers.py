@@ -12,22 +12,48 @@ called first thing in each worker, makes them exit with it.
 :func:`run_then_release` is what :func:`launch` runs in each worker: the main function, then
 :func:`release_process_groups`, so that a worker whose main function returned exits cleanly
 instead of aborting in the interpreter's shutdown.
+
+**Cluster launchers** (docs/multi_gpu.md#cluster). :func:`launch` also joins the workers that a
+cluster launcher started, one process each, instead of starting its own:
+
+* ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``): torch's ``env://`` rendezvous;
+* ``srun`` (a task of a SLURM job step of ``SLURM_NTASKS`` > 1 tasks): the same, with ``RANK``
+  from ``SLURM_PROCID``, ``WORLD_SIZE`` from ``SLURM_NTASKS``, the local rank from
+  ``SLURM_LOCALID``, the tasks per node from ``SLURM_STEP_TASKS_PER_NODE`` and the master
+  from the first host of ``SLURM_STEP_NODELIST`` (:func:`expand_nodelist`); ``MASTER_ADDR``
+  and ``MASTER_PORT``, when set, win (the default port is derived from ``SLURM_JOB_ID``).
+
+:func:`cluster_world` reads them and refuses, with one error naming the variables and the
+arguments, every combination that would start duplicates: detectron2's ``--num-gpus /
+--num-machines / --machine-rank / --dist-url`` with either launcher (except ``srun`` with one task
+per machine and ``--num-machines`` / ``--machine-rank`` equal to ``SLURM_NTASKS`` /
+``SLURM_PROCID``, where detectron2's launcher starts the workers), or ``torchrun`` inside ``srun``
+unless the torchrun agents of the step's tasks form one group together.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import multiprocessing
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import List, Mapping, Optional
 
 from .. import compat
+from .preemption import EXIT_CODE, SIGNALS, Preempted
 
-__all__ = ["launch", "release_process_groups", "run_then_release", "stop_with_launcher"]
+__all__ = ["LaunchConflict", "World", "cluster_world", "expand_nodelist", "launch", "release_process_groups",
+           "run_then_release", "stop_with_launcher"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _started = False
@@ -106,63 +132,302 @@ def release_process_groups() -> bool:
 
 
 def run_then_release(main_func, *args):
-    """``main_func(*args)``, then, once it has returned, :func:`release_process_groups`.
+    """``main_func(*args)``, then, once it has returned, :func:`release_process_groups`; also
+    when it stopped for a preemption (:class:`~sgr_d2.engine.preemption.Preempted`: every worker
+    has left its collectives behind a barrier).
 
-    Not when it raises: a failing worker may leave a collective in flight (DDP's gradient
-    all-reduce), which joining the group's threads would wait for until the collective timeout,
-    while the launcher should learn of the failure at once; it reports the worker's own error
-    (written before the process exits) even if an abort follows."""
-    result = main_func(*args)
+    Not when it raises anything else: a failing worker may leave a collective in flight (DDP's
+    gradient all-reduce), which joining the group's threads would wait for until the collective
+    timeout, while the launcher should learn of the failure at once; it reports the worker's own
+    error (written before the process exits) even if an abort follows."""
+    try:
+        result = main_func(*args)
+    except Preempted:
+        release_process_groups()
+        raise
     release_process_groups()
     return result
+
+
+# ----------------------------------------------------------------------------- cluster launchers
+class LaunchConflict(ValueError):
+    """The environment (a cluster launcher's variables) and the arguments describe different runs."""
+
+
+@dataclass(frozen=True)
+class World:
+    """The worker this process is, as a cluster launcher started it."""
+
+    launcher: str  # "torchrun" or "srun"
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    master_addr: str
+    master_port: int
+
+
+_D2_DEFAULTS = {"--num-gpus": 1, "--num-machines": 1, "--machine-rank": 0}
+
+
+def _int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise LaunchConflict(f"{name}={environ[name]!r} is not an integer") from None
+
+
+def _tasks_per_node(text: str, name: str) -> List[int]:
+    """SLURM's tasks-per-node list: ``"4(x2),3"`` -> ``[4, 4, 3]``."""
+    counts = []
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise LaunchConflict(f"{name}={text!r} is not a SLURM task count list such as '4(x2)' or '4,4'")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def _expand_one(entry: str) -> List[str]:
+    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", entry)
+    if not m:
+        if "[" in entry or "]" in entry:
+            raise ValueError(f"cannot expand the SLURM host list entry {entry!r} (one [..] group per host "
+                             "name is understood; put scontrol on PATH or set MASTER_ADDR)")
+        return [entry]
+    prefix, ranges, suffix = m.groups()
+    hosts = []
+    for r in ranges.split(","):
+        lo, _, hi = r.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cannot expand the SLURM host list entry {entry!r}: {r!r} is not N or N-M")
+        for i in range(int(lo), int(hi or lo) + 1):
+            hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+    return hosts
+
+
+def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> List[str]:
+    """The host names of a SLURM node list (``"gpu[01-03,07],login1"``): ``scontrol show
+    hostnames`` when it is on PATH (and ``use_scontrol``), else sgr_d2's own reading of the
+    forms with one bracket group per host name (``prefix[1-3,07]suffix``, zero-padded)."""
+    scontrol = shutil.which("scontrol") if use_scontrol else None
+    if scontrol:
+        out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+        return out.split()
+    entries, depth, start = [], 0, 0
+    for i, c in enumerate(nodelist):  # split at the commas outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            entries.append(nodelist[start:i])
+            start = i + 1
+    entries.append(nodelist[start:])
+    return [h for e in entries if e.strip() for h in _expand_one(e.strip())]
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str], ntasks: int) -> int:
+    name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
+    per_node = _tasks_per_node(env.get(name, str(ntasks)), name)
+    if len(set(per_node)) != 1 or sum(per_node) != ntasks:
+        raise LaunchConflict(
+            f"{name}={env.get(name)} with SLURM_NTASKS={ntasks}: sgr_d2 (as detectron2) needs the same "
+            "number of tasks on every node, ranks numbered node by node; use --ntasks-per-node")
+    return per_node[0]
+
+
+def _d2_flags(num_gpus_per_machine, num_machines, machine_rank, dist_url) -> dict:
+    """detectron2's launcher arguments that differ from its defaults."""
+    from detectron2.engine import default_argument_parser
+
+    given = {k: v for k, v in zip(_D2_DEFAULTS, (num_gpus_per_machine, num_machines, machine_rank))
+             if v != _D2_DEFAULTS[k]}
+    if dist_url not in (None, default_argument_parser().get_default("dist_url")):
+        given["--dist-url"] = dist_url
+    return given
+
+
+def _fmt(items: Mapping) -> str:
+    return ", ".join(f"{k}={v}" if k.isupper() else f"{k} {v}" for k, v in items.items())
+
+
+def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_url=None,
+                  environ: Optional[Mapping[str, str]] = None) -> Optional[World]:
+    """The :class:`World` that a cluster launcher (torchrun, srun) made this process part of, or
+    None where none did (detectron2's arguments then decide). Raises :class:`LaunchConflict`
+    when the environment and the arguments disagree (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    flags = _d2_flags(num_gpus_per_machine, num_machines, machine_rank, dist_url)
+    torch_vars = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in env}
+    srun = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    slurm = {k: env[k] for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID") if k in env} if srun else {}
+
+    if torch_vars:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if k not in env]
+        if missing:
+            raise LaunchConflict(
+                f"{_fmt(torch_vars)} are set (a launcher such as torchrun started this process), but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: torch's env:// rendezvous "
+                "needs RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Start "
+                "train_net.py with torchrun, or unset these variables and use --num-gpus.")
+        world = World("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK"),
+                      _int(env, "LOCAL_WORLD_SIZE"), env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+        if flags:
+            raise LaunchConflict(
+                f"torchrun (or another launcher) started this process as worker {world.rank} of "
+                f"{world.size} ({_fmt(torch_vars)}), and {_fmt(flags)} asks detectron2's launcher to "
+                "start workers too: each process would start a run of its own. Leave out --num-gpus, "
+                "--num-machines, --machine-rank and --dist-url under torchrun (its --nproc_per_node and "
+                "--nnodes say how many workers run).")
+        if srun:
+            ntasks = _int(env, "SLURM_NTASKS")
+            per_task = world.size == ntasks * world.local_size  # one torchrun per task, joined
+            # or SLURM's variables exported as torch's, one process per task
+            exported = (world.size, world.rank, world.local_size) == (ntasks, _int(env, "SLURM_PROCID"),
+                                                                     _slurm_tasks_per_node(env, ntasks))
+            if not (per_task or exported):
+                raise LaunchConflict(
+                    f"torchrun started this process inside an srun step of SLURM_NTASKS={ntasks} tasks "
+                    f"({_fmt(slurm)}), but its group ({_fmt(torch_vars)}) holds only "
+                    f"{world.size} workers, not the {ntasks} x {world.local_size} that the step's "
+                    "torchrun agents start together: the tasks would train separate runs. Either let srun "
+                    "start the workers (`srun --ntasks-per-node <GPUs> python train_net.py ...`, no "
+                    "torchrun), or run one torchrun per node joined by --nnodes and --rdzv_endpoint.")
+        return world
+
+    if not srun:
+        return None
+    ntasks, procid, localid = (_int(env, k) for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
+    if flags:
+        if set(flags) <= {"--num-gpus", "--num-machines", "--machine-rank", "--dist-url"} \
+                and num_machines == ntasks and machine_rank == procid and "--dist-url" in flags:
+            return None  # one task per machine; detectron2's launcher starts each machine's workers
+        raise LaunchConflict(
+            f"srun started this process as task {procid} of SLURM_NTASKS={ntasks} ({_fmt(slurm)}), and "
+            f"{_fmt(flags)} asks detectron2's launcher to start workers too: each task would start a "
+            "run of its own. Either let srun start one task per GPU and leave out --num-gpus, "
+            "--num-machines, --machine-rank and --dist-url, or start one task per machine "
+            "(`srun --ntasks-per-node 1`) with --num-machines $SLURM_NTASKS --machine-rank $SLURM_PROCID "
+            "--dist-url tcp://<first host>:<port>.")
+    local_size = _slurm_tasks_per_node(env, ntasks)
+    node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else procid // local_size
+    if procid != node * local_size + localid:
+        raise LaunchConflict(
+            f"SLURM_PROCID={procid}, SLURM_NODEID={node} and SLURM_LOCALID={localid} with {local_size} tasks "
+            "per node: the ranks are not numbered node by node (srun --distribution=block, the default, "
+            "numbers them so)")
+    nodelist_var = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST") if k in env), None)
+    if "MASTER_ADDR" in env:
+        master = env["MASTER_ADDR"]
+    elif nodelist_var is None:
+        raise LaunchConflict("srun started this process but neither SLURM_STEP_NODELIST nor SLURM_NODELIST "
+                             "is set: set MASTER_ADDR to the host of task 0")
+    else:
+        master = expand_nodelist(env[nodelist_var])[0]
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000
+    return World("srun", procid, ntasks, localid, local_size, master, port)
+
+
+def _join(backend, init_method, world_size, rank, local_size, timeout):
+    """This worker's default process group and detectron2's local group of its machine's workers,
+    as detectron2's ``_distributed_worker`` creates them."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout)
+    for i in range(world_size // local_size):
+        group = dist.new_group(list(range(i * local_size, (i + 1) * local_size)))
+        if i == rank // local_size:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+
+
+def _run_in_world(main_func, world: World, args, timeout):
+    import torch
+
+    if world.size == 1:
+        return main_func(*args)
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count < world.local_size and count != 1:
+            raise LaunchConflict(
+                f"{world.launcher} runs {world.local_size} workers on this machine, which sees {count} GPUs "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): one GPU per worker")
+        torch.cuda.set_device(world.local_rank if count > 1 else 0)
+    os.environ.setdefault("MASTER_ADDR", world.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(world.master_port))
+    _join("nccl" if torch.cuda.is_available() else "gloo", "env://", world.size, world.rank, world.local_size,
+          timeout)
+    return run_then_release(main_func, *args)
+
+
+@contextlib.contextmanager
+def _forwarding_signals():
+    """In the launcher of spawned workers: pass SIGTERM, SIGUSR1 and SIGUSR2 on to the workers
+    (they save and exit 75, ``sgr_d2.engine.preemption``); a worker's exit code 75 becomes the
+    launcher's."""
+    import torch.multiprocessing as mp
+
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        yield
+    except mp.ProcessExitedException as e:
+        if e.exit_code == EXIT_CODE:
+            raise SystemExit(EXIT_CODE) from e
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
            timeout=timedelta(minutes=30)):
     """detectron2's ``launch`` (same arguments), with each worker's ``main_func`` run through
     :func:`run_then_release`; on a machine without CUDA whose detectron2 launcher needs it
-    (v0.6), the workers are started here and join a gloo group (:func:`_cpu_worker`)."""
+    (v0.6), the workers are started here and join a gloo group (:func:`_cpu_worker`). In a
+    process that torchrun or srun started (:func:`cluster_world`), this process is the worker:
+    it joins the launcher's group (gloo on the CPU, NCCL with CUDA) and runs ``main_func``."""
     import torch
     from detectron2.engine import launch as d2_launch
 
+    world = cluster_world(num_gpus_per_machine, num_machines, machine_rank, dist_url)
+    if world is not None:
+        return _run_in_world(main_func, world, args, timeout)
     world_size = num_machines * num_gpus_per_machine
-    if world_size > 1:  # each worker destroys its process groups before exiting
-        main_func = functools.partial(run_then_release, main_func)
-    if world_size <= 1 or torch.cuda.is_available() or not compat.launch_needs_cuda():
-        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
-                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
-    import torch.multiprocessing as mp
+    if world_size <= 1:
+        return main_func(*args)
+    main_func = functools.partial(run_then_release, main_func)  # each worker destroys its groups before exiting
+    with _forwarding_signals():
+        if torch.cuda.is_available() or not compat.launch_needs_cuda():
+            return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                             machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+        import torch.multiprocessing as mp
 
-    if dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url=auto is not supported for several machines")
-        from detectron2.engine.launch import _find_free_port
+        if dist_url == "auto":
+            if num_machines != 1:
+                raise ValueError("dist_url=auto is not supported for several machines")
+            from detectron2.engine.launch import _find_free_port
 
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-    )
+            dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        mp.start_processes(
+            _cpu_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+            daemon=False,
+        )
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
                 timeout):
     """One worker of :func:`launch` on the CPU: a gloo process group of ``world_size`` and
     detectron2's local group of this machine's workers, then ``main_func(*args)``."""
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
     compat.apply()
-    global_rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
-                            timeout=timeout)
-    num_machines = world_size // num_per_machine
-    for i in range(num_machines):
-        ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
-        group = dist.new_group(ranks)
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-    comm.synchronize()
+    _join("gloo", dist_url, world_size, machine_rank * num_per_machine + local_rank, num_per_machine, timeout)
     main_func(*args)
