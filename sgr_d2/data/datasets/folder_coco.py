@@ -330,12 +330,13 @@ def check_instances(options: _Options, cats: Categories) -> None:
             problems.append(f"the {split} split is empty: {rel} lists no image")
         bad = _lacking(images, _IMAGE_KEYS)
         if bad:
-            problems.append(f"{rel}: {_plural(len(bad), 'image')} of `images` lack {', '.join(_IMAGE_KEYS)} "
-                            f"(at index {_some(bad, '')})")
+            problems.append(f"{rel}: {_plural(len(bad), 'image')} of `images` lack{'s' if len(bad) == 1 else ''} "
+                            f"one of {', '.join(_IMAGE_KEYS)} (at index {_some(bad, '')})")
         bad = _lacking(annotations, _ANNOTATION_KEYS, nonempty=("segmentation", "bbox"))
         if bad:
-            problems.append(f"{rel}: {_plural(len(bad), 'annotation')} lack {', '.join(_ANNOTATION_KEYS)} (a "
-                            f"non-empty segmentation and bbox) (at index {_some(bad, '')})")
+            problems.append(f"{rel}: {_plural(len(bad), 'annotation')} lack{'s' if len(bad) == 1 else ''} one of "
+                            f"{', '.join(_ANNOTATION_KEYS)}, or ha{'s' if len(bad) == 1 else 've'} an empty "
+                            f"segmentation or bbox (at index {_some(bad, '')})")
         image_ids = {im["id"] for im in images if isinstance(im, dict) and "id" in im}
         ann_ids = Counter(a["id"] for a in annotations if isinstance(a, dict) and "id" in a)
         twice = sorted(str(i) for i, n in ann_ids.items() if n > 1)
@@ -431,9 +432,9 @@ def check_panoptic(options: _Options, cats: Categories) -> None:
             and isinstance(a.get("segments_info"), list)
             and all(isinstance(s, dict) and _is_int(s.get("id")) and "category_id" in s for s in a["segments_info"]))]
         if bad:
-            problems.append(f"{rel}: {_plural(len(bad), 'annotation')} lack file_name, image_id or segments_info "
-                            f"(a list of objects with an integer id and a category_id) (at index "
-                            f"{_some([str(i) for i in bad], '')})")
+            problems.append(f"{rel}: {_plural(len(bad), 'annotation')} lack{'s' if len(bad) == 1 else ''} one of "
+                            "file_name, image_id and segments_info (a list of objects with an integer id and a "
+                            f"category_id) (at index {_some([str(i) for i in bad], '')})")
         missing_images, missing_pngs, skip = [], [], set(bad)
         for k, ann in enumerate(annotations):
             if k in skip:
