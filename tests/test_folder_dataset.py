@@ -90,7 +90,8 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     """The documented command (with CPU-sized inputs) trains 20 iterations and evaluates on the
     val split, the IoUs named by classes.txt; a folder with six problems is refused by
     train_net.py in ONE error that lists each (with its file), and its OUTPUT_DIR keeps exactly
-    the earlier run's file."""
+    the earlier run's file. Beside them, the R-18 panoptic folder config trains 6 iterations on
+    a COCO-panoptic folder and reports PQ, mask AP and mIoU (under the categories' names)."""
     good = make_folder(tmp_path / "good")
     bad = make_folder(tmp_path / "bad", counts=(5, 1))
     Image.fromarray(np.full((64, 64), 7, np.uint8)).save(bad / "masks" / "train" / "001.png")
@@ -102,10 +103,14 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     refused_out = tmp_path / "refused"
     refused_out.mkdir()
     (refused_out / "log.txt").write_text("an earlier run's log\n")
+    coco = tmp_path / "coco"
+    make_coco_folder(coco, counts=(4, 2))
     command = ["train_net.py", "--config-file", "configs/folder/dil_fcn_r18_sgr.yaml", "DATASETS.FOLDER.ROOT"]
-    (code, output), (refused, message) = _run_all([
+    (code, output), (refused, message), (pan_code, pan_output) = _run_all([
         [*command, str(good), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(tmp_path / "run"), *FAST],
         [*command, str(bad), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(refused_out), *FAST],
+        ["train_net.py", "--config-file", "configs/folder/mask2former_r18_panoptic_sgr.yaml", "DATASETS.FOLDER.ROOT",
+         str(coco), "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(tmp_path / "panoptic"), *FAST],
     ], env=_env())
     assert code == 0, output[-3000:]
     results = re.findall(r"Evaluation results for folder_sem_seg_val", output)
@@ -128,6 +133,14 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     ]:
         assert message.count(problem) == 1, (problem, message[-3000:])
     assert _snapshot(refused_out) == {"log.txt": b"an earlier run's log\n"}
+
+    assert pan_code == 0, pan_output[-3000:]
+    assert pan_output.count("Evaluation results for folder_panoptic_val_with_sem_seg in csv format") == 1
+    for task, keys in (("panoptic_seg", "PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st"), ("segm", "AP,AP50,AP75"),
+                       ("sem_seg", "mIoU,fwIoU")):
+        assert re.search(rf"copypaste: Task: {task}\n.*copypaste: {keys}", pan_output), (task, pan_output[-3000:])
+    assert all(f"'IoU-{name}'" in pan_output for name in PAN_NAMES)
+    assert "NUM_CLASSES: 6\n" in (tmp_path / "panoptic" / "config.yaml").read_text()
 
 
 # ----------------------------------------------------------------------------- each problem
@@ -585,3 +598,27 @@ def test_the_categories_are_checked_when_the_config_loads(tmp_path, edit, opts, 
     edit(root)
     with pytest.raises(ValueError, match=expected):
         load_config(FOLDER_PAN_R18, ["DATASETS.FOLDER.ROOT", str(root), *opts])
+
+
+def test_each_folder_config_is_the_config_it_inherits_from_on_the_folder():
+    """Every configs/folder/*.yaml is its _BASE_ with only the datasets (the folder's, of the
+    base's task), MODEL.SEM_SEG_HEAD.NUM_CLASSES -1 (resolved from the folder) and OUTPUT_DIR
+    changed (docs/own_data.md)."""
+    import yaml
+    from conftest import folder_opts
+
+    names = sorted(Path(REPO, "configs", "folder").glob("*.yaml"))
+    assert len(names) == 14
+    for path in names:
+        cfg = load_config(str(path), folder_opts(str(path)))
+        base = load_config(str(path.parent / yaml.safe_load(path.read_text())["_BASE_"]))
+        task = "panoptic" if "_panoptic" in path.name else "instance" if "_instance" in path.name else "sem_seg"
+        assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (
+            (f"folder_{task}_train",), ("folder_panoptic_val_with_sem_seg" if task == "panoptic" else f"folder_{task}_val",))
+        assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == {"panoptic": 4, "instance": 2, "sem_seg": 3}[task]
+        assert cfg.OUTPUT_DIR == f"./output/folder/{path.stem}"
+        for c in (cfg, base):
+            c.defrost()
+            c.DATASETS.TRAIN = c.DATASETS.TEST = ()
+            c.DATASETS.FOLDER.ROOT, c.MODEL.SEM_SEG_HEAD.NUM_CLASSES, c.OUTPUT_DIR = "", 0, ""
+        assert cfg == base, path.name
