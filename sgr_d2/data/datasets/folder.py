@@ -26,6 +26,9 @@ in ``<ROOT>/.sgr_d2_cache/scan-<format>.json`` keyed on each file's size and mod
 with the converted colour masks (``.sgr_d2_cache/masks/<split>/<stem>.png``, tied to the
 content of ``classes.txt``). A later run, and every other worker of the same run, reads only
 what changed; one process scans while the others wait (:func:`sgr_d2.files.exclusive_lock`).
+
+COCO-format instance and panoptic JSON files in the same folder: :mod:`.folder_coco`, with
+this module's error and scan cache (:func:`cached_scan`).
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ from ...files import atomic_write, atomic_write_text, exclusive_lock
 from .layout import INSTANCE_FROM_COMPONENTS, replace_dataset
 
 __all__ = ["FOLDER_DATASETS", "MASK_FORMATS", "NUM_CLASSES_FROM_FOLDER", "CACHE_DIR", "FolderClasses",
-           "FolderDatasetError", "read_classes", "register_folder", "load_folder_split", "scan_folder"]
+           "FolderDatasetError", "read_classes", "register_folder", "load_folder_split", "scan_folder",
+           "cached_scan", "image_record", "set_num_classes"]
 
 logger = logging.getLogger(__name__)
 
