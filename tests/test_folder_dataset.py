@@ -446,7 +446,8 @@ def test_a_panoptic_folder_is_registered_by_detectron2_with_derived_semantic_map
     for split, name in (("train", "folder_panoptic_train"), ("val", "folder_panoptic_val_with_sem_seg")):
         dicts = DatasetCatalog.get(name)
         assert [(d["image_id"], d["file_name"]) for d in dicts] == [
-            (image_id, str(root / "images" / split / f"{i:03d}.jpg")) for i, (image_id, _, _) in enumerate(truth[split])]
+            (image_id, str(root / "images" / split / f"{i:03d}.jpg"))
+            for i, (image_id, _, _) in enumerate(truth[split])]
         for d, (_, pan, segments) in zip(dicts, truth[split]):
             assert [(s["id"], s["category_id"], s["isthing"]) for s in d["segments_info"]] == [
                 (s["id"], CONTIGUOUS[s["category_id"]], s["category_id"] in THINGS) for s in segments]
@@ -457,7 +458,8 @@ def test_a_panoptic_folder_is_registered_by_detectron2_with_derived_semantic_map
     assert [(a["image_id"], a["category_id"], a["iscrowd"]) for a in derived["annotations"]] == [
         (image_id, s["category_id"], s["iscrowd"]) for image_id, s in things]
     crowd = next(a for a in derived["annotations"] if a["iscrowd"])
-    assert np.array_equal(mask_util.decode(crowd["segmentation"]).astype(bool), truth["val"][0][1] == things[0][1]["id"])
+    crowd_mask = truth["val"][0][1] == things[0][1]["id"]
+    assert np.array_equal(mask_util.decode(crowd["segmentation"]).astype(bool), crowd_mask)
     assert sorted(c["id"] for c in derived["categories"]) == list(THINGS)
 
     reads = []
@@ -613,8 +615,8 @@ def test_each_folder_config_is_the_config_it_inherits_from_on_the_folder():
         cfg = load_config(str(path), folder_opts(str(path)))
         base = load_config(str(path.parent / yaml.safe_load(path.read_text())["_BASE_"]))
         task = "panoptic" if "_panoptic" in path.name else "instance" if "_instance" in path.name else "sem_seg"
-        assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (
-            (f"folder_{task}_train",), ("folder_panoptic_val_with_sem_seg" if task == "panoptic" else f"folder_{task}_val",))
+        val = "folder_panoptic_val_with_sem_seg" if task == "panoptic" else f"folder_{task}_val"
+        assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == ((f"folder_{task}_train",), (val,))
         assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == {"panoptic": 4, "instance": 2, "sem_seg": 3}[task]
         assert cfg.OUTPUT_DIR == f"./output/folder/{path.stem}"
         for c in (cfg, base):

@@ -53,7 +53,7 @@ from .layout import INSTANCE_FROM_COMPONENTS, replace_dataset
 
 __all__ = ["FOLDER_DATASETS", "MASK_FORMATS", "NUM_CLASSES_FROM_FOLDER", "CACHE_DIR", "FolderClasses",
            "FolderDatasetError", "read_classes", "register_folder", "load_folder_split", "scan_folder",
-           "cached_scan", "image_record", "set_num_classes"]
+           "cached_scan", "image_record", "set_num_classes", "size_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +445,12 @@ def _listed(problems: List[str], found: List[str], more: str) -> None:
         problems.append(f"... and {len(found) - SHOWN} more {more}")
 
 
+def size_mismatch(label: str, label_size: List[int], image: str, image_size: List[int]) -> str:
+    """The problem of a label file (a mask, a panoptic PNG) whose [height, width] is not its image's."""
+    (h, w), (ih, iw) = label_size, image_size
+    return f"{label} is {w}x{h} (WxH) but its image {image} is {iw}x{ih}"
+
+
 def _problems(options: _Options, classes: FolderClasses, listings, records) -> List[str]:
     problems: List[str] = []
     n, ignore = len(classes.names), options.ignore_label
@@ -478,8 +484,7 @@ def _problems(options: _Options, classes: FolderClasses, listings, records) -> L
             if "error" in img or "error" in mask:
                 continue
             if img["size"] != mask["size"]:
-                (h, w), (mh, mw) = img["size"], mask["size"]
-                sizes.append(f"{mask_rel} is {mw}x{mh} (WxH) but its image {image_rel} is {w}x{h}")
+                sizes.append(size_mismatch(mask_rel, mask["size"], image_rel, img["size"]))
             if options.mask_format == "ids" and mask["channels"] != 1:
                 channels.append(mask_rel)
             elif options.mask_format == "ids":

@@ -66,7 +66,7 @@ from ..labels import panoptic_maps, rgb2id
 from ..prepare import write_label_png
 from ..toy_instances import coco_mask_annotation
 from .folder import (FolderClasses, _error, _listed, _Options, _some, _stat, cached_scan, image_record,
-                     set_num_classes)
+                     set_num_classes, size_mismatch)
 from .layout import INSTANCE_FROM_PANOPTIC, unregister
 
 __all__ = ["INSTANCE_DATASETS", "PANOPTIC_DATASETS", "PANOPTIC_WITH_SEM_SEG", "COCO_FOLDER_DATASETS",
@@ -170,8 +170,9 @@ def _categories(data: dict, rel: str, task: str, problems: List[str]) -> Optiona
         return None
     twice = sorted(i for i, n in Counter(c["id"] for c in cats).items() if n > 1)
     if twice:
-        problems.append(f"{rel}: category id{'s' if len(twice) > 1 else ''} {twice} appear{'' if len(twice) > 1 else 's'} "
-                        "more than once in `categories`")
+        many = len(twice) > 1
+        problems.append(f"{rel}: category id{'s' if many else ''} {twice} appear{'' if many else 's'} more than once "
+                        "in `categories`")
         return None
     out = []
     for c in cats:
@@ -485,13 +486,13 @@ def check_panoptic(options: _Options, cats: Categories) -> None:
         if "error" in pan or "error" in img:
             continue
         if pan["size"] != img["size"]:
-            (h, w), (ih, iw) = pan["size"], img["size"]
-            sizes.append(f"{png} is {w}x{h} (WxH) but its image {image} is {iw}x{ih}")
+            sizes.append(size_mismatch(png, pan["size"], image, img["size"]))
         listed = {s["id"] for s in ann["segments_info"]}
         extra = [i for i in pan["ids"] if i not in listed]
         if extra:
-            unlisted.append(f"{png} holds segment id{'s' if len(extra) > 1 else ''} {_some([str(i) for i in extra], '')} "
-                            f"that its segments_info in {json_rel('panoptic', split)} does not list")
+            unlisted.append(f"{png} holds segment id{'s' if len(extra) > 1 else ''} "
+                            f"{_some([str(i) for i in extra], '')} that its segments_info in "
+                            f"{json_rel('panoptic', split)} does not list")
         gone = sorted(listed - set(pan["ids"]))
         if gone:
             absent.append(f"{json_rel('panoptic', split)}: the segments_info of {ann['file_name']} lists segment "
