@@ -205,7 +205,9 @@ def add_sgr_config(cfg):
     # A folder with classes.txt, images/{train,val}/ and masks/{train,val}/: load_config registers
     # it as folder_sem_seg_train / folder_sem_seg_val (sgr_d2/data/datasets/folder.py), and a
     # MODEL.SEM_SEG_HEAD.NUM_CLASSES of -1 becomes the number of classes of classes.txt. The
-    # masks' ignore label is MODEL.SEM_SEG_HEAD.IGNORE_VALUE.
+    # masks' ignore label is MODEL.SEM_SEG_HEAD.IGNORE_VALUE. COCO-format instance or panoptic
+    # JSON files in the same folder need no key: a config that uses folder_instance_* or
+    # folder_panoptic_* registers them (sgr_d2/data/datasets/folder_coco.py).
     cfg.DATASETS.FOLDER = CN()
     cfg.DATASETS.FOLDER.ROOT = ""  # "": no folder dataset
     # "ids": single-channel masks of class ids (class k: line k of classes.txt, from 0) |

@@ -25,10 +25,12 @@ TOY_BASE = os.path.join(REPO, "configs", "toy", "dil_fcn_r18.yaml")
 
 def folder_opts(config_file):
     """What a configs/folder/*.yaml needs to load: a DATASETS.FOLDER.ROOT (tests/data/folder has
-    only the classes.txt that loading reads; 3 classes)."""
+    only the classes.txt that loading reads, 3 classes; tests/data/folder_coco only the
+    categories of its annotations/{instances,panoptic}_{train,val}.json, 2 and 4 classes)."""
     if os.path.basename(os.path.dirname(os.path.abspath(config_file))) != "folder":
         return []
-    return ["DATASETS.FOLDER.ROOT", os.path.join(REPO, "tests", "data", "folder")]
+    coco = any(task in os.path.basename(config_file) for task in ("_instance", "_panoptic"))
+    return ["DATASETS.FOLDER.ROOT", os.path.join(REPO, "tests", "data", "folder_coco" if coco else "folder")]
 
 
 def tiny_toy_cfg(config_file=TOY_SGR, *opts):

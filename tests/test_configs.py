@@ -277,7 +277,8 @@ def test_config_builds_trains_and_infers(rel, device):
     baseline_rel = rel.replace("_sgr.yaml", ".yaml")
     if with_sgr and baseline_rel in CONFIGS:
         # the SGR config is its baseline with SGR: the backbone wrapper and MODEL.SGR, nothing else
-        assert _without_sgr(cfg) == _without_sgr(load_config(os.path.join(CONFIG_DIR, baseline_rel), SHRINK)), rel
+        assert _without_sgr(cfg) == _without_sgr(load_config(os.path.join(CONFIG_DIR, baseline_rel),
+                                                              SHRINK + folder_opts(baseline_rel))), rel
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -4,6 +4,7 @@ iteration, OUTPUT_DIR untouched), the palette form, the scan's cache, and fine-t
 other classes on it."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from conftest import REPO, TOY_SGR, log_records
@@ -21,7 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from sgr_d2.config import load_config, setup_cfg
-from sgr_d2.data.datasets import folder
+from sgr_d2.data.datasets import folder, folder_coco
 from sgr_d2.data.labels import read_id_map
 from sgr_d2.data.datasets.folder import FolderDatasetError
 from sgr_d2.engine.trainer import Trainer, argument_parser, run
@@ -66,18 +68,18 @@ def make_folder(root: Path, *, colors: bool = False, counts=(4, 2)) -> Path:
     return root
 
 
-def _args(root, out, *opts):
-    return argument_parser().parse_args(["--config-file", FOLDER_R18, "DATASETS.FOLDER.ROOT", str(root),
+def _args(root, out, *opts, config=FOLDER_R18):
+    return argument_parser().parse_args(["--config-file", config, "DATASETS.FOLDER.ROOT", str(root),
                                          "OUTPUT_DIR", str(out), *FAST, *opts])
 
 
-def _refused(tmp_path, root, *opts, error=FolderDatasetError) -> str:
+def _refused(tmp_path, root, *opts, error=FolderDatasetError, config=FOLDER_R18) -> str:
     """``train_net.py``'s body on ``root``: refused, OUTPUT_DIR as the earlier run left it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"an earlier run's weights")
     with pytest.raises(error) as e:
-        run(_args(root, out, *opts))
+        run(_args(root, out, *opts, config=config))
     assert _snapshot(out) == {"model_final.pth": b"an earlier run's weights"}
     return str(e.value)
 
@@ -88,7 +90,8 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     """The documented command (with CPU-sized inputs) trains 20 iterations and evaluates on the
     val split, the IoUs named by classes.txt; a folder with six problems is refused by
     train_net.py in ONE error that lists each (with its file), and its OUTPUT_DIR keeps exactly
-    the earlier run's file."""
+    the earlier run's file. Beside them, the R-18 panoptic folder config trains 6 iterations on
+    a COCO-panoptic folder and reports PQ, mask AP and mIoU (under the categories' names)."""
     good = make_folder(tmp_path / "good")
     bad = make_folder(tmp_path / "bad", counts=(5, 1))
     Image.fromarray(np.full((64, 64), 7, np.uint8)).save(bad / "masks" / "train" / "001.png")
@@ -100,10 +103,14 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     refused_out = tmp_path / "refused"
     refused_out.mkdir()
     (refused_out / "log.txt").write_text("an earlier run's log\n")
+    coco = tmp_path / "coco"
+    make_coco_folder(coco, counts=(4, 2))
     command = ["train_net.py", "--config-file", "configs/folder/dil_fcn_r18_sgr.yaml", "DATASETS.FOLDER.ROOT"]
-    (code, output), (refused, message) = _run_all([
+    (code, output), (refused, message), (pan_code, pan_output) = _run_all([
         [*command, str(good), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(tmp_path / "run"), *FAST],
         [*command, str(bad), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(refused_out), *FAST],
+        ["train_net.py", "--config-file", "configs/folder/mask2former_r18_panoptic_sgr.yaml", "DATASETS.FOLDER.ROOT",
+         str(coco), "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(tmp_path / "panoptic"), *FAST],
     ], env=_env())
     assert code == 0, output[-3000:]
     results = re.findall(r"Evaluation results for folder_sem_seg_val", output)
@@ -126,6 +133,14 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     ]:
         assert message.count(problem) == 1, (problem, message[-3000:])
     assert _snapshot(refused_out) == {"log.txt": b"an earlier run's log\n"}
+
+    assert pan_code == 0, pan_output[-3000:]
+    assert pan_output.count("Evaluation results for folder_panoptic_val_with_sem_seg in csv format") == 1
+    for task, keys in (("panoptic_seg", "PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st"), ("segm", "AP,AP50,AP75"),
+                       ("sem_seg", "mIoU,fwIoU")):
+        assert re.search(rf"copypaste: Task: {task}\n.*copypaste: {keys}", pan_output), (task, pan_output[-3000:])
+    assert all(f"'IoU-{name}'" in pan_output for name in PAN_NAMES)
+    assert "NUM_CLASSES: 6\n" in (tmp_path / "panoptic" / "config.yaml").read_text()
 
 
 # ----------------------------------------------------------------------------- each problem
@@ -343,3 +358,269 @@ def test_fine_tuning_a_model_of_other_classes_names_the_fresh_layers(tmp_path):
     trainer.train()
     losses = trainer.storage.history("total_loss").values()
     assert [it for _, it in losses] == [0, 1] and all(np.isfinite(v) for v, _ in losses)
+
+
+# ----------------------------------------------------------------------------- COCO-format instance and panoptic data
+FOLDER_PAN_R18 = os.path.join(REPO, "configs", "folder", "mask2former_r18_panoptic_sgr.yaml")
+FOLDER_INST_R50 = os.path.join(REPO, "configs", "folder", "mask2former_r50_instance.yaml")
+# the panoptic toy's categories under other ids: sorted by id, stuff and things would interleave
+COCO_IDS = {"ball": 5, "box": 9, "kite": 20, "sky": 1, "grass": 8, "wall": 12}
+THINGS = (5, 9, 20)
+CONTIGUOUS = {5: 0, 9: 1, 20: 2, 1: 3, 8: 4, 12: 5}  # the things by id, then the stuff by id
+PAN_NAMES = ["ball", "box", "kite", "sky", "grass", "wall"]
+# an instance R-18 run: the panoptic R-18 folder config on the instance datasets
+INSTANCE_R18 = ("DATASETS.TRAIN", "('folder_instance_train',)", "DATASETS.TEST", "('folder_instance_val',)",
+                "INPUT.DATASET_MAPPER_NAME", "mask_former_instance")
+
+
+def make_coco_folder(root: Path, counts=(3, 2)) -> dict:
+    """The panoptic toy's 128x128 scenes in both COCO formats: images/<split>/NNN.jpg,
+    panoptic/<split>/NNN.png with annotations/panoptic_<split>.json, and the things as RLE
+    instances in annotations/instances_<split>.json (categories listed neither by id nor things
+    first). The first thing of val image 0 is a crowd segment. Returns split -> [(image id,
+    segment ids (H, W), segments_info)]."""
+    from sgr_d2.data.toy_instances import coco_mask_annotation
+    from sgr_d2.data.toy_panoptic import PANOPTIC_CATEGORIES, draw_panoptic_scene, id2rgb
+
+    new_id = {c["id"]: COCO_IDS[c["name"]] for c in PANOPTIC_CATEGORIES}
+    cats = [dict(c, id=COCO_IDS[c["name"]]) for c in PANOPTIC_CATEGORIES]
+    cats = [cats[i] for i in (5, 0, 3, 2, 4, 1)]
+    (root / "annotations").mkdir(parents=True)
+    truth = {}
+    for split, n, seed in zip(("train", "val"), counts, (9000, 9100)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "panoptic" / split).mkdir(parents=True)
+        images, panoptic, instances, truth[split] = [], [], [], []
+        for i in range(n):
+            rgb, pan, segments = draw_panoptic_scene(seed + i)
+            segments = [dict(s, category_id=new_id[s["category_id"]]) for s in segments]
+            if split == "val" and i == 0:
+                next(s for s in segments if s["category_id"] in THINGS)["iscrowd"] = 1
+            image_id = 100 * (split == "val") + 7 * i + 3
+            Image.fromarray(rgb).save(root / "images" / split / f"{i:03d}.jpg")
+            Image.fromarray(id2rgb(pan)).save(root / "panoptic" / split / f"{i:03d}.png")
+            images.append({"id": image_id, "file_name": f"{i:03d}.jpg", "height": 128, "width": 128})
+            panoptic.append({"image_id": image_id, "file_name": f"{i:03d}.png", "segments_info": segments})
+            for s in segments:
+                if s["category_id"] in THINGS:
+                    instances.append(dict(coco_mask_annotation(pan == s["id"], len(instances) + 1, image_id,
+                                                               s["category_id"]), iscrowd=s["iscrowd"]))
+            truth[split].append((image_id, pan, segments))
+        for task, anns, categories in (("panoptic", panoptic, cats),
+                                       ("instances", instances, [c for c in cats if c["isthing"]])):
+            (root / "annotations" / f"{task}_{split}.json").write_text(
+                json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return truth
+
+
+def _edit_json(root: Path, name: str, edit) -> None:
+    path = root / "annotations" / name
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_panoptic_folder_is_registered_by_detectron2_with_derived_semantic_maps_and_instances(tmp_path,
+                                                                                                 monkeypatch):
+    """The categories give the class ids (things by id, then stuff by id) and NUM_CLASSES; the
+    dicts are detectron2's with those ids; the val split's derived semantic maps are each
+    segment's class (crowd too, 255 on void) and its instances JSON the things (crowd flagged);
+    a second load reads no file, and a segment's new category re-derives only its PNG."""
+    root = tmp_path / "data"
+    truth = make_coco_folder(root)
+    cfg = load_config(FOLDER_PAN_R18, ["DATASETS.FOLDER.ROOT", str(root)])
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 6
+    meta = MetadataCatalog.get("folder_panoptic_val_with_sem_seg")
+    assert meta.stuff_classes == PAN_NAMES and meta.thing_classes == PAN_NAMES[:3]
+    assert meta.thing_dataset_id_to_contiguous_id == {5: 0, 9: 1, 20: 2}
+    assert meta.stuff_dataset_id_to_contiguous_id == CONTIGUOUS
+    assert MetadataCatalog.get("folder_panoptic_val").stuff_dataset_id_to_contiguous_id == {1: 3, 8: 4, 12: 5}
+    assert (meta.evaluator_type, meta.ignore_label, meta.label_divisor) == ("coco_panoptic_seg", 255, 1000)
+
+    def expected_sem(pan, segments):
+        sem = np.full(pan.shape, 255, np.uint8)
+        for s in segments:
+            sem[pan == s["id"]] = CONTIGUOUS[s["category_id"]]
+        return sem
+
+    for split, name in (("train", "folder_panoptic_train"), ("val", "folder_panoptic_val_with_sem_seg")):
+        dicts = DatasetCatalog.get(name)
+        assert [(d["image_id"], d["file_name"]) for d in dicts] == [
+            (image_id, str(root / "images" / split / f"{i:03d}.jpg"))
+            for i, (image_id, _, _) in enumerate(truth[split])]
+        for d, (_, pan, segments) in zip(dicts, truth[split]):
+            assert [(s["id"], s["category_id"], s["isthing"]) for s in d["segments_info"]] == [
+                (s["id"], CONTIGUOUS[s["category_id"]], s["category_id"] in THINGS) for s in segments]
+            if split == "val":
+                assert np.array_equal(np.array(Image.open(d["sem_seg_file_name"])), expected_sem(pan, segments))
+    derived = json.loads(Path(meta.json_file).read_text())
+    things = [(image_id, s) for image_id, _, segments in truth["val"] for s in segments if s["category_id"] in THINGS]
+    assert [(a["image_id"], a["category_id"], a["iscrowd"]) for a in derived["annotations"]] == [
+        (image_id, s["category_id"], s["iscrowd"]) for image_id, s in things]
+    crowd = next(a for a in derived["annotations"] if a["iscrowd"])
+    crowd_mask = truth["val"][0][1] == things[0][1]["id"]
+    assert np.array_equal(mask_util.decode(crowd["segmentation"]).astype(bool), crowd_mask)
+    assert sorted(c["id"] for c in derived["categories"]) == list(THINGS)
+
+    reads = []
+    read_png, read_image = folder_coco._read_panoptic, folder_coco.image_record
+    monkeypatch.setattr(folder_coco, "_read_panoptic", lambda p, *a: reads.append(p) or read_png(p, *a))
+    monkeypatch.setattr(folder_coco, "image_record", lambda p: reads.append(p) or read_image(p))
+    DatasetCatalog.get("folder_panoptic_val_with_sem_seg")
+    assert reads == []
+    _, pan, segments = truth["val"][1]
+    sky = next(s for s in segments if s["category_id"] == 1)
+    sky["category_id"] = 8  # sky becomes grass
+    _edit_json(root, "panoptic_val.json", lambda data: data["annotations"][1].update(segments_info=segments))
+    d = DatasetCatalog.get("folder_panoptic_val_with_sem_seg")[1]
+    assert reads == [str(root / "panoptic" / "val" / "001.png")]
+    assert np.array_equal(np.array(Image.open(d["sem_seg_file_name"])), expected_sem(pan, segments))
+
+
+def test_an_instance_folder_is_registered_by_detectron2(tmp_path):
+    """The categories sorted by id give the class ids and NUM_CLASSES; load_coco_json's dicts
+    hold every thing with that class and its mask."""
+    root = tmp_path / "data"
+    truth = make_coco_folder(root, counts=(2, 1))
+    cfg = load_config(FOLDER_INST_R50, ["DATASETS.FOLDER.ROOT", str(root)])
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 3
+    meta = MetadataCatalog.get("folder_instance_val")
+    assert meta.thing_classes == PAN_NAMES[:3] and meta.thing_dataset_id_to_contiguous_id == {5: 0, 9: 1, 20: 2}
+    assert (meta.evaluator_type, meta.json_file) == ("coco", str(root / "annotations" / "instances_val.json"))
+    for split, name in folder_coco.INSTANCE_DATASETS.items():
+        dicts = DatasetCatalog.get(name)
+        assert [d["image_id"] for d in dicts] == [image_id for image_id, _, _ in truth[split]]
+        for d, (_, pan, segments) in zip(dicts, truth[split]):
+            things = [s for s in segments if s["category_id"] in THINGS]
+            assert [a["category_id"] for a in d["annotations"]] == [CONTIGUOUS[s["category_id"]] for s in things]
+            assert all(np.array_equal(mask_util.decode(a["segmentation"]).astype(bool), pan == s["id"])
+                       for a, s in zip(d["annotations"], things))
+
+
+def _break_panoptic(root):
+    (root / "images/train/000.jpg").unlink()
+    (root / "panoptic/train/001.png").unlink()
+
+    def edit(data):
+        anns = data["annotations"]
+        anns[2]["segments_info"].pop()
+        anns[3]["segments_info"].append({"id": 4242, "category_id": 1, "iscrowd": 0})
+        anns[3]["segments_info"][0]["category_id"] = 99
+    _edit_json(root, "panoptic_train.json", edit)
+    png = root / "panoptic/train/004.png"
+    Image.fromarray(np.pad(np.array(Image.open(png)), ((0, 16), (0, 0), (0, 0)))).save(png)
+    _edit_json(root, "panoptic_val.json", lambda data: data.update(annotations=[]))
+
+
+def test_each_problem_of_a_panoptic_folder_is_named_in_one_error_before_training(tmp_path):
+    """A missing image and PNG, a PNG segment the segments_info does not list and the other way
+    round, an unknown category, a PNG of another size, an empty split: train_net.py's body
+    refuses the folder with all seven, each naming its file, and writes nothing."""
+    root = tmp_path / "data"
+    truth = make_coco_folder(root, counts=(5, 1))
+    _break_panoptic(root)
+    message = _refused(tmp_path, root, config=FOLDER_PAN_R18)
+    dropped = truth["train"][2][2][-1]["id"]
+    for problem in [
+        "1 image named by annotations/panoptic_train.json does not exist: images/train/000.jpg (detectron2's "
+        "load_coco_panoptic_json reads images/train/<the stem of each PNG's file_name>.jpg)",
+        "1 panoptic PNG named by annotations/panoptic_train.json does not exist: panoptic/train/001.png",
+        f"panoptic/train/002.png holds segment id {dropped} that its segments_info in "
+        "annotations/panoptic_train.json does not list",
+        "annotations/panoptic_train.json: the segments_info of 003.png lists segment id 4242 that "
+        "panoptic/train/003.png does not hold",
+        f"annotations/panoptic_train.json: segment {truth['train'][3][2][0]['id']} of 003.png has category id 99, "
+        "which is not in its categories (ids [1, 5, 8, 9, 12, 20])",
+        "panoptic/train/004.png is 128x144 (WxH) but its image images/train/004.jpg is 128x128",
+        "the val split is empty: annotations/panoptic_val.json has no annotation",
+    ]:
+        assert message.count(problem) == 1, (problem, message)
+    assert f"the folder dataset {root} (DATASETS.FOLDER.ROOT) has 7 problems:" in message
+
+
+def _break_instances(root):
+    (root / "images/train/000.jpg").unlink()
+
+    def edit(data):
+        anns = data["annotations"]
+        anns[0]["category_id"] = 99
+        anns[1]["image_id"] = 777
+        del anns[2]["segmentation"]
+        anns[3]["id"] = anns[4]["id"]
+        data["images"][1]["height"] = 100
+    _edit_json(root, "instances_train.json", edit)
+    _edit_json(root, "instances_val.json", lambda data: data.update(images=[], annotations=[]))
+
+
+def test_each_problem_of_an_instance_folder_is_named_in_one_error_before_training(tmp_path):
+    """A missing image, an unknown category, an annotation of an image not in `images`, one
+    without its segmentation, a repeated annotation id, an image of another size than the JSON
+    says, an empty split: refused with all seven, OUTPUT_DIR untouched."""
+    root = tmp_path / "data"
+    make_coco_folder(root, counts=(3, 1))
+    _break_instances(root)
+    message = _refused(tmp_path, root, *INSTANCE_R18, config=FOLDER_PAN_R18)
+    for problem in [
+        "1 image named by annotations/instances_train.json does not exist: images/train/000.jpg",
+        "annotations/instances_train.json: annotation 1 (image 3) has category id 99, which is not in its "
+        "categories (ids [5, 9, 20])",
+        "annotations/instances_train.json: annotation 2 is of image id 777, which is not in its `images`",
+        "annotations/instances_train.json: 1 annotation lacks one of id, image_id, category_id, segmentation, bbox, "
+        "area, or has an empty segmentation or bbox (at index 2)",
+        "annotations/instances_train.json: annotation ids appear more than once: 5",
+        "images/train/001.jpg is 128x128 (WxH) but annotations/instances_train.json says 128x100",
+        "the val split is empty: annotations/instances_val.json lists no image",
+    ]:
+        assert message.count(problem) == 1, (problem, message)
+    assert "has 7 problems:" in message
+
+
+@pytest.mark.parametrize("edit, opts, expected", [
+    (lambda root: (root / "annotations/panoptic_val.json").unlink(), [],
+     r"has 1 problem:\n  - annotations/panoptic_val.json does not exist"),
+    (lambda root: (root / "annotations/panoptic_train.json").write_text("{"), [],
+     r"annotations/panoptic_train.json cannot be read as JSON \(JSONDecodeError"),
+    (lambda root: _edit_json(root, "panoptic_train.json", lambda d: d["categories"][2].pop("isthing")), [],
+     r"panoptic_train.json: 1 category of `categories` lacks id, name, isthing or an integer id \(at index 2\)"),
+    (lambda root: _edit_json(root, "panoptic_val.json", lambda d: d["categories"].append(d["categories"][0])), [],
+     r"panoptic_val.json: category id \[12\] appears more than once"),
+    (lambda root: _edit_json(root, "panoptic_val.json", lambda d: d["categories"][0].update(name="walls")), [],
+     r"different categories \(only in train: 12 'wall'; only in val: 12 'walls'\): both splits need the same"),
+    (lambda root: (root / "classes.txt").write_text("\n".join(sorted(PAN_NAMES))), [],
+     r"classes.txt names \['ball', 'box', 'grass', 'kite', 'sky', 'wall'\] but the categories of "
+     r"annotations/panoptic_train.json in the order of the class ids \(the things sorted by id, then the stuff "
+     r"sorted by id\) are \['ball', 'box', 'kite', 'sky', 'grass', 'wall'\]"),
+    (lambda root: None, ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "5"],
+     r"NUM_CLASSES is 5 but .*annotations/panoptic_train.json names 6 classes: set MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+     r"-1 to take the number from its categories"),
+], ids=["missing_json", "not_json", "isthing", "repeated_id", "splits_differ", "classes_txt", "num_classes"])
+def test_the_categories_are_checked_when_the_config_loads(tmp_path, edit, opts, expected):
+    root = tmp_path / "data"
+    make_coco_folder(root, counts=(1, 1))
+    edit(root)
+    with pytest.raises(ValueError, match=expected):
+        load_config(FOLDER_PAN_R18, ["DATASETS.FOLDER.ROOT", str(root), *opts])
+
+
+def test_each_folder_config_is_the_config_it_inherits_from_on_the_folder():
+    """Every configs/folder/*.yaml is its _BASE_ with only the datasets (the folder's, of the
+    base's task), MODEL.SEM_SEG_HEAD.NUM_CLASSES -1 (resolved from the folder) and OUTPUT_DIR
+    changed (docs/own_data.md)."""
+    import yaml
+    from conftest import folder_opts
+
+    names = sorted(Path(REPO, "configs", "folder").glob("*.yaml"))
+    assert len(names) == 14
+    for path in names:
+        cfg = load_config(str(path), folder_opts(str(path)))
+        base = load_config(str(path.parent / yaml.safe_load(path.read_text())["_BASE_"]))
+        task = "panoptic" if "_panoptic" in path.name else "instance" if "_instance" in path.name else "sem_seg"
+        val = "folder_panoptic_val_with_sem_seg" if task == "panoptic" else f"folder_{task}_val"
+        assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == ((f"folder_{task}_train",), (val,))
+        assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == {"panoptic": 4, "instance": 2, "sem_seg": 3}[task]
+        assert cfg.OUTPUT_DIR == f"./output/folder/{path.stem}"
+        for c in (cfg, base):
+            c.defrost()
+            c.DATASETS.TRAIN = c.DATASETS.TEST = ()
+            c.DATASETS.FOLDER.ROOT, c.MODEL.SEM_SEG_HEAD.NUM_CLASSES, c.OUTPUT_DIR = "", 0, ""
+        assert cfg == base, path.name

@@ -14,7 +14,9 @@ Registered names (see ``datasets/README.md`` for the folder layouts and preparat
   root when they run and completes their metadata, see :mod:`.register_cityscapes`).
 
 ``folder_sem_seg_train`` / ``folder_sem_seg_val`` (your own folder, docs/own_data.md) are
-registered by :mod:`.folder` when a config with ``DATASETS.FOLDER.ROOT`` is loaded.
+registered by :mod:`.folder` when a config with ``DATASETS.FOLDER.ROOT`` is loaded, and
+``folder_instance_*`` / ``folder_panoptic_*`` (COCO-format JSON in that folder) by
+:mod:`.folder_coco` when the config uses them.
 
 Registration never touches the disk. Each loader resolves the dataset root when it *runs*:
 the root given to ``register_all_*`` if any, else ``$DETECTRON2_DATASETS`` at call time

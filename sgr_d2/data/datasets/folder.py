@@ -26,6 +26,9 @@ in ``<ROOT>/.sgr_d2_cache/scan-<format>.json`` keyed on each file's size and mod
 with the converted colour masks (``.sgr_d2_cache/masks/<split>/<stem>.png``, tied to the
 content of ``classes.txt``). A later run, and every other worker of the same run, reads only
 what changed; one process scans while the others wait (:func:`sgr_d2.files.exclusive_lock`).
+
+COCO-format instance and panoptic JSON files in the same folder: :mod:`.folder_coco`, with
+this module's error and scan cache (:func:`cached_scan`).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -49,7 +52,8 @@ from ...files import atomic_write, atomic_write_text, exclusive_lock
 from .layout import INSTANCE_FROM_COMPONENTS, replace_dataset
 
 __all__ = ["FOLDER_DATASETS", "MASK_FORMATS", "NUM_CLASSES_FROM_FOLDER", "CACHE_DIR", "FolderClasses",
-           "FolderDatasetError", "read_classes", "register_folder", "load_folder_split", "scan_folder"]
+           "FolderDatasetError", "read_classes", "register_folder", "load_folder_split", "scan_folder",
+           "cached_scan", "image_record", "set_num_classes", "size_mismatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +174,29 @@ def _options(cfg) -> _Options:
                     ignore_label=int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE), ignore_colors=tuple(ignore_colors))
 
 
+def set_num_classes(cfg, n: int, source: str, what: str) -> None:
+    """``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` -1 becomes ``n``, the number of classes ``source`` (a
+    file) names; any other value must equal it."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    if head.NUM_CLASSES == NUM_CLASSES_FROM_FOLDER:
+        head.NUM_CLASSES = n
+    elif head.NUM_CLASSES != n:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {head.NUM_CLASSES} but {source} names {n} classes: set "
+            f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {NUM_CLASSES_FROM_FOLDER} to take the number from {what} (as "
+            "configs/folder/*.yaml do), or make them agree")
+
+
 def register_folder(cfg) -> None:
-    """Register ``folder_sem_seg_{train,val}`` from ``DATASETS.FOLDER.ROOT`` (nothing when it is
-    empty), and set or check ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` when the config trains or tests
-    on them. ``cfg`` must not be frozen."""
-    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in FOLDER_DATASETS.values()]
+    """Register the datasets of ``DATASETS.FOLDER.ROOT`` (nothing when it is empty):
+    ``folder_sem_seg_{train,val}`` when the folder has a classes.txt or the config trains or
+    tests on them, the instance and panoptic ones (:mod:`.folder_coco`) when the config trains or
+    tests on them; and set or check ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` from the classes of the
+    datasets the config uses. ``cfg`` must not be frozen."""
+    from .folder_coco import COCO_FOLDER_DATASETS, register_coco_folder
+
+    tasks = {**{name: "semantic" for name in FOLDER_DATASETS.values()}, **COCO_FOLDER_DATASETS}
+    used = [n for n in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST) if n in tasks]
     if not cfg.DATASETS.FOLDER.ROOT:
         if used:
             raise ValueError(f"the config trains or tests on {used} but DATASETS.FOLDER.ROOT is empty: give the "
@@ -184,31 +206,29 @@ def register_folder(cfg) -> None:
     if not os.path.isdir(options.root):
         raise FileNotFoundError(f"DATASETS.FOLDER.ROOT {cfg.DATASETS.FOLDER.ROOT!r} is not a folder "
                                 f"({options.root} does not exist); expected a folder with classes.txt, "
-                                "images/{train,val}/ and masks/{train,val}/ (docs/own_data.md)")
-    classes = read_classes(options.root, options.mask_format, options.ignore_label)
-    if used:
-        head = cfg.MODEL.SEM_SEG_HEAD
-        if head.NUM_CLASSES == NUM_CLASSES_FROM_FOLDER:
-            head.NUM_CLASSES = len(classes.names)
-        elif head.NUM_CLASSES != len(classes.names):
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {head.NUM_CLASSES} but {classes.path} names "
-                f"{len(classes.names)} classes: set MODEL.SEM_SEG_HEAD.NUM_CLASSES {NUM_CLASSES_FROM_FOLDER} "
-                "to take the number from classes.txt (as configs/folder/*.yaml do), or make them agree")
-    for split, name in FOLDER_DATASETS.items():
-        meta = dict(
-            stuff_classes=list(classes.names),
-            image_root=os.path.join(options.root, "images", split),
-            sem_seg_root=(os.path.join(options.root, "masks", split) if options.mask_format == "ids"
-                          else os.path.join(options.cache, "masks", split)),
-            classes_file=classes.path,
-            evaluator_type="sem_seg",
-            ignore_label=options.ignore_label,
-            instance_source=INSTANCE_FROM_COMPONENTS,
-        )
-        if classes.colors:
-            meta["stuff_colors"] = [list(c) for c in classes.colors]
-        replace_dataset(name, functools.partial(load_folder_split, split, options, classes), meta)
+                                "images/{train,val}/ and masks/{train,val}/, or COCO-format annotations/ "
+                                "(docs/own_data.md)")
+    used_tasks = {tasks[n] for n in used}
+    classes = None
+    if "semantic" in used_tasks or os.path.isfile(os.path.join(options.root, "classes.txt")):
+        classes = read_classes(options.root, options.mask_format, options.ignore_label)
+        if "semantic" in used_tasks:
+            set_num_classes(cfg, len(classes.names), classes.path, "classes.txt")
+        for split, name in FOLDER_DATASETS.items():
+            meta = dict(
+                stuff_classes=list(classes.names),
+                image_root=os.path.join(options.root, "images", split),
+                sem_seg_root=(os.path.join(options.root, "masks", split) if options.mask_format == "ids"
+                              else os.path.join(options.cache, "masks", split)),
+                classes_file=classes.path,
+                evaluator_type="sem_seg",
+                ignore_label=options.ignore_label,
+                instance_source=INSTANCE_FROM_COMPONENTS,
+            )
+            if classes.colors:
+                meta["stuff_colors"] = [list(c) for c in classes.colors]
+            replace_dataset(name, functools.partial(load_folder_split, split, options, classes), meta)
+    register_coco_folder(cfg, options, used_tasks, classes)
 
 
 def load_folder_split(split: str, options: _Options, classes: FolderClasses) -> List[dict]:
@@ -262,6 +282,16 @@ def _color(code: int) -> Tuple[int, int, int]:
     return (code >> 16) & 255, (code >> 8) & 255, code & 255
 
 
+def image_record(path: str) -> dict:
+    """What the checks need of an image: its ``stat``, and its ``size`` or the read ``error``."""
+    rec = {"stat": _stat(path)}
+    try:
+        rec["size"] = _image_size(path)
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        rec["error"] = f"{type(e).__name__}: {e}"
+    return rec
+
+
 class _Scanner:
     """Reads one file and returns its record (what the checks need)."""
 
@@ -280,12 +310,7 @@ class _Scanner:
                 self.table[_codes(np.array(c))] = k
 
     def image(self, path: str) -> dict:
-        rec = {"stat": _stat(path)}
-        try:
-            rec["size"] = _image_size(path)
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-            rec["error"] = f"{type(e).__name__}: {e}"
-        return rec
+        return image_record(path)
 
     def mask(self, path: str, converted: Optional[str]) -> dict:
         rec = {"stat": _stat(path)}
@@ -331,16 +356,16 @@ def _converted_path(options: _Options, split: str, stem: str) -> str:
     return os.path.join(options.cache, "masks", split, f"{stem}.png")
 
 
-def scan_folder(options: _Options, classes: FolderClasses) -> Dict[str, List[dict]]:
-    """The dataset dicts of both splits, after reading every image header and mask that is not
-    in the cache as it is now (in threads, with a progress bar) and checking all of them; every
-    problem in one :class:`FolderDatasetError`."""
-    root = options.root
-    listings = {split: _listing(root, split) for split in FOLDER_DATASETS}
-    colors = options.mask_format == "colors"
-    key = options.key(classes)
+def cached_scan(options: _Options, kind: str, wanted: Dict[str, Tuple[Optional[str], Optional[str]]],
+                reader: Callable[[], Callable[[str], dict]], desc: str) -> Dict[str, dict]:
+    """The records of the files ``wanted`` (paths under the folder -> (key, output)), reading
+    (``reader()(rel)``, in threads, with a progress bar) only those that are not in
+    ``<ROOT>/.sgr_d2_cache/scan-<kind>.json`` as they are now: same size and modification time
+    and, for a record that wrote a derived file (``"converted"``), the same ``key`` (what the
+    output depends on besides the file) and its ``output`` still there. One process scans while
+    the others wait (the cache's lock)."""
     os.makedirs(options.cache, exist_ok=True)
-    cache_file = os.path.join(options.cache, f"scan-{options.mask_format}.json")
+    cache_file = os.path.join(options.cache, f"scan-{kind}.json")
     with exclusive_lock(os.path.join(options.cache, ".lock")):
         try:
             with open(cache_file) as f:
@@ -348,35 +373,52 @@ def scan_folder(options: _Options, classes: FolderClasses) -> Dict[str, List[dic
             records = cached["files"] if cached.get("version") == CACHE_VERSION else {}
         except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: scan again
             records = {}
-        wanted, todo = {}, []
-        for split, (images, masks) in listings.items():
-            for stem, names in images.items():
-                for name in names:
-                    wanted[f"images/{split}/{name}"] = None
-            for stem, name in masks.items():
-                wanted[f"masks/{split}/{name}"] = _converted_path(options, split, stem) if colors else None
-        for rel, converted in wanted.items():
+        todo = []
+        for rel, (key, output) in wanted.items():
             rec = records.get(rel)
-            fresh = rec is not None and rec.get("stat") == _stat(os.path.join(root, rel))
-            if fresh and converted and "error" not in rec:
-                # read again when classes.txt (the palette) changed, or the converted mask is gone
-                fresh = rec.get("key") == key and (not rec.get("converted") or os.path.isfile(converted))
+            fresh = rec is not None and rec.get("stat") == _stat(os.path.join(options.root, rel))
+            if fresh and output and "error" not in rec:
+                # read again when what the output depends on changed, or the output is gone
+                fresh = rec.get("key") == key and (not rec.get("converted") or os.path.isfile(output))
             if not fresh:
                 todo.append(rel)
         if todo:
-            scanner = _Scanner(options, classes)
-
-            def read(rel):
-                path = os.path.join(root, rel)
-                return rel, (scanner.image(path) if rel.startswith("images/") else scanner.mask(path, wanted[rel]))
-
-            desc = f"sgr_d2: {'reading and converting' if colors else 'reading'} the folder dataset {root}"
+            read = reader()
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                for rel, rec in tqdm(pool.map(read, todo), total=len(todo), desc=desc, unit="file"):
+                for rel, rec in tqdm(zip(todo, pool.map(read, todo)), total=len(todo), desc=desc, unit="file"):
                     records[rel] = rec
         if todo or set(records) != set(wanted):
             records = {rel: records[rel] for rel in wanted}
             atomic_write_text(cache_file, json.dumps({"version": CACHE_VERSION, "files": records}))
+    return records
+
+
+def scan_folder(options: _Options, classes: FolderClasses) -> Dict[str, List[dict]]:
+    """The dataset dicts of both splits, after reading every image header and mask that is not
+    in the cache as it is now (:func:`cached_scan`) and checking all of them; every problem in
+    one :class:`FolderDatasetError`."""
+    root = options.root
+    listings = {split: _listing(root, split) for split in FOLDER_DATASETS}
+    colors = options.mask_format == "colors"
+    key = options.key(classes) if colors else None
+    wanted = {}
+    for split, (images, masks) in listings.items():
+        for stem, names in images.items():
+            for name in names:
+                wanted[f"images/{split}/{name}"] = (None, None)
+        for stem, name in masks.items():
+            wanted[f"masks/{split}/{name}"] = (key, _converted_path(options, split, stem) if colors else None)
+
+    def reader():
+        scanner = _Scanner(options, classes)
+
+        def read(rel):
+            path = os.path.join(root, rel)
+            return scanner.image(path) if rel.startswith("images/") else scanner.mask(path, wanted[rel][1])
+        return read
+
+    desc = f"sgr_d2: {'reading and converting' if colors else 'reading'} the folder dataset {root}"
+    records = cached_scan(options, options.mask_format, wanted, reader, desc)
     problems = _problems(options, classes, listings, records)
     if problems:
         raise _error(root, problems)
@@ -401,6 +443,12 @@ def _listed(problems: List[str], found: List[str], more: str) -> None:
     problems.extend(found[:SHOWN])
     if len(found) > SHOWN:
         problems.append(f"... and {len(found) - SHOWN} more {more}")
+
+
+def size_mismatch(label: str, label_size: List[int], image: str, image_size: List[int]) -> str:
+    """The problem of a label file (a mask, a panoptic PNG) whose [height, width] is not its image's."""
+    (h, w), (ih, iw) = label_size, image_size
+    return f"{label} is {w}x{h} (WxH) but its image {image} is {iw}x{ih}"
 
 
 def _problems(options: _Options, classes: FolderClasses, listings, records) -> List[str]:
@@ -436,8 +484,7 @@ def _problems(options: _Options, classes: FolderClasses, listings, records) -> L
             if "error" in img or "error" in mask:
                 continue
             if img["size"] != mask["size"]:
-                (h, w), (mh, mw) = img["size"], mask["size"]
-                sizes.append(f"{mask_rel} is {mw}x{mh} (WxH) but its image {image_rel} is {w}x{h}")
+                sizes.append(size_mismatch(mask_rel, mask["size"], image_rel, img["size"]))
             if options.mask_format == "ids" and mask["channels"] != 1:
                 channels.append(mask_rel)
             elif options.mask_format == "ids":

@@ -19,6 +19,7 @@ __all__ = [
     "require_dir",
     "require_file",
     "replace_dataset",
+    "unregister",
     "refresh_metadata_paths",
     "register_paths",
     "refresh_paths",
@@ -72,6 +73,14 @@ def require_file(path: str, *, dataset: str, layout: str, prepare: Optional[str]
         raise _layout_error(path, "file", dataset, layout, prepare)
 
 
+def unregister(name: str) -> None:
+    """Remove ``name`` from detectron2's dataset and metadata catalogs (nothing where it is not)."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+
+
 def replace_dataset(name: str, loader: Callable[[], list], metadata: Mapping[str, object]) -> None:
     """Register ``loader`` and ``metadata`` under ``name``, replacing any earlier registration.
 
@@ -79,10 +88,7 @@ def replace_dataset(name: str, loader: Callable[[], list], metadata: Mapping[str
     import time with loaders bound to the root of that moment; we replace them rather than
     registering a second name for the same data.
     """
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
+    unregister(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
 
