@@ -250,7 +250,6 @@ def run(args):
     """The body of ``train_net.py`` (one worker)."""
     stop_with_launcher()
     cfg = setup_cfg(args)
-    check_test_time_augmentation(cfg)  # before anything runs: a long training would fail at its end
     with RunFiles(cfg, args) as run_files:
         if args.eval_only:
             model = Trainer.build_model(cfg)
