@@ -12,8 +12,9 @@ configs whose ``MODEL`` nodes are equal up to NUM_CLASSES, WEIGHTS and RESNETS.D
 training and inference steps once, on its representative; the other members assert that
 equality, build their model (with their class count and depth) and check its structure.
 
-The panoptic and instance task folders (``<dataset>_{panoptic,instance}/``) and the panoptic toy
-are grouped further (:data:`FOLDED`): up to their backbone (R-50 / Swin-T, which
+The panoptic and instance task folders (``<dataset>_{panoptic,instance}/``), the panoptic toy and
+the panoptic / instance configs of configs/folder/ (their bases on a folder) are grouped further
+(:data:`FOLDED`): up to their backbone (R-50 / Swin-T, which
 test_panoptic_and_instance_recipes_are_the_official_ones finds to be their only difference), the
 ResNet norm (BN / FrozenBN) and SGR (an ``_sgr`` config is its baseline plus SGR, checked here),
 so that each inference setting (all outputs; instance only) runs one step, on an ``_sgr`` config;
@@ -82,7 +83,7 @@ SHRINK = [  # widths a quarter or less of the configs' (keys a config does not u
 
 
 # configs grouped up to their backbone, ResNet norm and SGR (the module docstring)
-FOLDED = re.compile(r"^(\w+_(panoptic|instance)/|toy/mask2former_r18_panoptic)")
+FOLDED = re.compile(r"^(\w+_(panoptic|instance)/|(toy|folder)/mask2former_\w*(panoptic|instance))")
 
 
 def _is_sgr(rel) -> bool:
