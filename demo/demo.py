@@ -13,8 +13,9 @@ the PyTorch model (the config still gives the class names, colours and input for
         --input 'datasets/sgr_toy/images/val/*.jpg' --output out/
 
 ``--input`` takes image files, folders (every image inside) and glob patterns. For each image
-``<stem>.jpg`` the demo writes ``<output>/<stem>_seg.png`` (the predicted classes over the image,
-detectron2's ``Visualizer.draw_sem_seg``, the image's size) and, for a model with SGR,
+``<stem>.jpg`` the demo writes ``<output>/<stem>_seg.png`` (the prediction over the image, at the
+image's size: detectron2's ``Visualizer`` draws the panoptic segmentation of a panoptic model, else
+the predicted classes and the instances, as the official demo does) and, for a model with SGR,
 ``<output>/<stem>_regions.png`` (``sgr_d2.visualization.concept_region_figure``).
 """
 import argparse

@@ -382,10 +382,14 @@ def sync_norms(cfg, world_size: int) -> None:
 
 def setup_cfg(args):
     """The frozen config of a ``train_net.py`` run: :func:`load_config` of ``--config-file`` and
-    the overrides, refused up front when ``--eval-only`` would evaluate random weights, moved to
-    the CPU when CUDA is missing, with synchronised BatchNorm across several workers."""
+    the overrides, refused up front when ``--eval-only`` would evaluate random weights or
+    test-time augmentation has nothing to evaluate (a long training would fail at its end), moved
+    to the CPU when CUDA is missing, with synchronised BatchNorm across several workers."""
+    from .evaluation import check_test_time_augmentation
+
     cfg = load_config(args.config_file, args.opts)
     _check_eval_weights(cfg, args)
+    check_test_time_augmentation(cfg)
     pick_device(cfg)
     # the workers of this run: detectron2's flags, or the process group torchrun / srun made
     sync_norms(cfg, comm.get_world_size() if comm.get_world_size() > 1 else args.num_gpus * args.num_machines)

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
+__all__ = ["OUTPUT_SWITCHES", "check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
 
 
 def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
@@ -86,9 +86,24 @@ def dataset_item(dataset_name: str, index: int):
     return d, image, labels, instances
 
 
-def predict(predictor, image_rgb: np.ndarray) -> Dict[str, torch.Tensor]:
-    """Run a ``DefaultPredictor`` on an RGB image; returns its output dict (on the CPU)."""
+# the config switch that makes a model return each output
+OUTPUT_SWITCHES = {
+    "sem_seg": "MODEL.MASK_FORMER.TEST.SEMANTIC_ON True (a MaskFormer)",
+    "panoptic_seg": "MODEL.MASK_FORMER.TEST.PANOPTIC_ON True",
+    "instances": "MODEL.MASK_FORMER.TEST.INSTANCE_ON True",
+    "sgr_regions": "MODEL.BACKBONE.NAME 'build_sgr_backbone' (a model with SGR)",
+}
+
+
+def predict(predictor, image_rgb: np.ndarray, require: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Run a ``DefaultPredictor`` on an RGB image; returns its output dict (tensors on the CPU).
+    ``require``: the outputs the caller reads; one the model does not return is a KeyError naming
+    the config switch that turns it on."""
     image = check_image(image_rgb)
     bgr = np.ascontiguousarray(image[:, :, ::-1])
     out = predictor(bgr)
+    missing = [k for k in require if k not in out]
+    if missing:
+        raise KeyError(f"the model returned {sorted(out)} but not {missing}; it returns "
+                       + "; ".join(f"{k!r} with {OUTPUT_SWITCHES.get(k, 'its config')}" for k in missing))
     return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}

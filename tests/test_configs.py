@@ -11,10 +11,19 @@ The three datasets' copies of a model differ only in NUM_CLASSES (and the recipe
 configs whose ``MODEL`` nodes are equal up to NUM_CLASSES, WEIGHTS and RESNETS.DEPTH runs the
 training and inference steps once, on its representative; the other members assert that
 equality, build their model (with their class count and depth) and check its structure.
+
+The panoptic and instance task folders (``<dataset>_{panoptic,instance}/``), the panoptic toy and
+the panoptic / instance configs of configs/folder/ (their bases on a folder) are grouped further
+(:data:`FOLDED`): up to their backbone (R-50 / Swin-T, which
+test_panoptic_and_instance_recipes_are_the_official_ones finds to be their only difference), the
+ResNet norm (BN / FrozenBN) and SGR (an ``_sgr`` config is its baseline plus SGR, checked here),
+so that each inference setting (all outputs; instance only) runs one step, on an ``_sgr`` config;
+the steps of those backbones under Mask2Former's head run in the semantic configs.
 """
 import glob
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -73,9 +82,19 @@ SHRINK = [  # widths a quarter or less of the configs' (keys a config does not u
 ]
 
 
+# configs grouped up to their backbone, ResNet norm and SGR (the module docstring)
+FOLDED = re.compile(r"^(\w+_(panoptic|instance)/|(toy|folder)/mask2former_\w*(panoptic|instance))")
+
+
+def _is_sgr(rel) -> bool:
+    """An SGR config by its name: ``*_sgr.yaml`` or ``*_sgr_<variant>.yaml``."""
+    return re.search(r"_sgr(_|$)", os.path.splitext(os.path.basename(rel))[0]) is not None
+
+
 def _model_key(rel):
     """The config's MODEL node without NUM_CLASSES and WEIGHTS (configs that fail to load get a
-    key of their own, so the test reports the error)."""
+    key of their own, so the test reports the error); :data:`FOLDED` ones also without the
+    backbone, its norm and SGR."""
     try:
         cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel))
     except Exception:  # noqa: BLE001 - reported by the test itself
@@ -85,6 +104,9 @@ def _model_key(rel):
     model.SEM_SEG_HEAD.NUM_CLASSES = 0
     model.WEIGHTS = ""
     model.RESNETS.DEPTH = 0  # R-101 is R-50 with more res4 blocks: the same code runs the step
+    if FOLDED.match(rel):
+        model.BACKBONE.NAME = model.RESNETS.NORM = ""
+        del model["SGR"], model["SWIN"]
     return model.dump()
 
 
@@ -101,9 +123,10 @@ def _without_sgr(cfg):
 
 
 def _representatives():
-    """rel -> the config of its group that runs the steps (a FAST one where there is one)."""
+    """rel -> the config of its group that runs the steps (a FAST one where there is one, else
+    an SGR one)."""
     groups = {}
-    for rel in sorted(CONFIGS, key=lambda r: (r not in FAST, "r101" in r, r)):
+    for rel in sorted(CONFIGS, key=lambda r: (r not in FAST, "r101" in r, not _is_sgr(r), r)):
         groups.setdefault(_model_key(rel), []).append(rel)
     return {rel: members[0] for members in groups.values() for rel in members}
 
@@ -271,10 +294,10 @@ def test_config_builds_trains_and_infers(rel, device):
     if arch in NOT_SEMANTIC:
         pytest.skip(f"{rel}: META_ARCHITECTURE {arch} is not one of sgr_d2's semantic segmentors "
                     "(detection transfer configs are tested with their own task)")
-    with_sgr = os.path.splitext(rel)[0].endswith("_sgr")
+    with_sgr = _is_sgr(rel)
     assert (cfg.MODEL.BACKBONE.NAME == "build_sgr_backbone") == with_sgr, \
         f"{rel}: the name says SGR={with_sgr} but MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME}"
-    baseline_rel = rel.replace("_sgr.yaml", ".yaml")
+    baseline_rel = re.sub(r"_sgr(_\w+)?\.yaml$", ".yaml", rel)
     if with_sgr and baseline_rel in CONFIGS:
         # the SGR config is its baseline with SGR: the backbone wrapper and MODEL.SGR, nothing else
         assert _without_sgr(cfg) == _without_sgr(load_config(os.path.join(CONFIG_DIR, baseline_rel),

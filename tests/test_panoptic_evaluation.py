@@ -159,8 +159,8 @@ def test_eval_reports_pq_ap_and_miou_as_the_official_definitions(layouts, datase
 
 
 def test_build_evaluators_follows_the_inference_switches(layouts, tmp_path, monkeypatch):
-    def kinds(dataset, *opts):
-        ev = build_evaluators(_cfg(dataset, tmp_path, *opts), dataset)
+    def kinds(dataset, *opts, semantic_only=False):
+        ev = build_evaluators(_cfg(dataset, tmp_path, *opts), dataset, semantic_only=semantic_only)
         return [type(e) for e in getattr(ev, "_evaluators", [ev])]
 
     off = ["MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False", "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"]
@@ -171,6 +171,14 @@ def test_build_evaluators_follows_the_inference_switches(layouts, tmp_path, monk
     assert kinds("cityscapes_fine_panoptic_val", *off) == [SGRSemSegEvaluator, CityscapesScriptsSemSegEvaluator]
     with pytest.raises(NotImplementedError, match="PANOPTIC_ON"):
         kinds("coco_2017_val_panoptic", *off)
+    # a MaskFormer without the semantic output gets no mIoU (ADE20K's is there by default)
+    mask_former = ["MODEL.META_ARCHITECTURE", "MaskFormer"]
+    assert kinds("ade20k_panoptic_val", *mask_former, "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "False") == \
+        [COCOPanopticEvaluator, InstanceSegEvaluator]
+    # test-time augmentation: the evaluators of the semantic output alone
+    assert kinds("ade20k_panoptic_val", *mask_former, semantic_only=True) == [SGRSemSegEvaluator]
+    assert kinds("cityscapes_fine_panoptic_val", *mask_former, semantic_only=True) == \
+        [SGRSemSegEvaluator, CityscapesScriptsSemSegEvaluator]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "panopticapi" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps panopticapi-lite"):

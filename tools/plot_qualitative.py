@@ -51,9 +51,10 @@ def main(argv=None):
     for config_file, weights in zip(args.config_files, args.weights):
         predictor = build_predictor(predictor_config(config_file, weights, args.opts))
         for row in rows:
-            out = predict(predictor, row["image"])
-            if "sem_seg" not in out:
-                raise ValueError(f"the model of {config_file} returned no 'sem_seg'")
+            try:
+                out = predict(predictor, row["image"], require=("sem_seg",))
+            except KeyError as e:
+                raise KeyError(f"the model of {config_file}: {e.args[0]}") from e
             row["predictions"].append(out["sem_seg"].argmax(dim=0).numpy())
         del predictor
     path = qualitative_figure(rows, names, args.output, MetadataCatalog.get(args.dataset),

@@ -18,7 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import is_detection, setup_cfg
 from ..data import build_mapper
-from ..evaluation import build_evaluators
+from ..evaluation import build_evaluators, check_test_time_augmentation
 from ..modeling import SemanticSegmentorWithTTA
 from .amp import build_step_trainer
 from .checkpoint import build_checkpointer
@@ -263,10 +263,14 @@ class Trainer(DefaultTrainer):
             logger.info(f"Running multi-scale + flip inference, sizes {list(cfg.TEST.AUG.MIN_SIZES)}")
             tta = GeneralizedRCNNWithTTA(cfg, model)
         else:
-            logger.info(f"Running multi-scale + flip inference, scales {list(cfg.TEST.AUG.SCALES)}")
+            check_test_time_augmentation(cfg)
+            logger.info(f"Running multi-scale + flip inference, scales {list(cfg.TEST.AUG.SCALES)} (the semantic "
+                        "output; its mIoU only)")
             tta = SemanticSegmentorWithTTA.from_config(cfg, model)
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
         evaluators = [
-            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            cls.build_evaluator(cfg, name, output_folder=folder) if is_detection(cfg)
+            else build_evaluators(cfg, name, folder, semantic_only=True)
             for name in cfg.DATASETS.TEST
         ]
         res = cls.test(cfg, tta, evaluators)

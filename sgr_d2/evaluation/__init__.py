@@ -1,7 +1,7 @@
 """Evaluation: mIoU with a fixed definition (sem_seg.py), the token-semantics metrics
 (docs/method.md#token-semantics-metrics-s_c-d_c-s_i-d_i), mask AP of a panoptic dataset's things
 (instance.py), and which evaluators a dataset gets (build.py: :func:`build_evaluators`)."""
-from .build import build_evaluators  # noqa: F401
+from .build import build_evaluators, check_test_time_augmentation  # noqa: F401
 from .instance import InstanceSegEvaluator  # noqa: F401
 from .sem_seg import SGRSemSegEvaluator, sem_seg_metrics  # noqa: F401
 from .token_semantics import (  # noqa: F401
@@ -20,6 +20,7 @@ from .token_semantics import (  # noqa: F401
 
 __all__ = [
     "build_evaluators",
+    "check_test_time_augmentation",
     "InstanceSegEvaluator",
     "SGRSemSegEvaluator",
     "sem_seg_metrics",

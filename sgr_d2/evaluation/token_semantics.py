@@ -254,7 +254,8 @@ class TokenSemanticsEvaluator(DatasetEvaluator):
         for d in DatasetCatalog.get(dataset_name):
             if "sem_seg_file_name" not in d:
                 raise KeyError(f"dataset {dataset_name!r}: the dict of {d.get('file_name')} has no "
-                               "'sem_seg_file_name'; token semantics need ground-truth label maps")
+                               "'sem_seg_file_name'; token semantics (TEST.TOKEN_SEMANTICS) need ground-truth "
+                               "label maps, which an instance-only dataset does not have (a panoptic one does)")
             instances = instance_map_path(d)
             if instances is None and "pan_seg_file_name" in d:
                 instances = (d["pan_seg_file_name"], d["segments_info"])

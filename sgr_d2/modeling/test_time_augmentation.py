@@ -1,4 +1,6 @@
-"""Multi-scale + flip test-time augmentation for any model that returns ``sem_seg`` probabilities."""
+"""Multi-scale + flip test-time augmentation for any model that returns ``sem_seg`` probabilities
+(the semantic output only, as the official Mask2Former's; which panoptic and instance configs can
+use it: :func:`sgr_d2.evaluation.check_test_time_augmentation`)."""
 from __future__ import annotations
 
 from typing import Sequence
