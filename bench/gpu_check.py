@@ -56,6 +56,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
 CONFIG_DIR = REPO / "configs" / "ade20k"
 BENCH_PAIRS = ["mask2former_r50", "mask2former_swin_t"]
@@ -365,7 +366,7 @@ class PeakMemory:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back first
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        from sgr_d2.engine.experiments import proc_status_mib
+        from experiments import proc_status_mib
 
         self.rss0 = proc_status_mib("VmRSS")
 
@@ -374,7 +375,7 @@ class PeakMemory:
 
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20
-        from sgr_d2.engine.experiments import proc_status_mib
+        from experiments import proc_status_mib
 
         return proc_status_mib("VmHWM") - self.rss0
 

@@ -1,17 +1,20 @@
-"""tools/compare_sgr.py (``make compare``) and the shared runner sgr_d2/engine/experiments.py:
+"""tools/compare_sgr.py (``make compare``) and the shared runner tools/experiments.py:
 the statistics against hand-computed values, the tables, the learning curve and the files from
 known per-seed figures, and (slow) a real pair with its DeepLabV3 control trained at two budgets."""
 import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 from conftest import REPO
 from PIL import Image
 
 from sgr_d2.data.toy import TOY_CLASSES
-from sgr_d2.engine import experiments
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import experiments  # noqa: E402
 
 COMPARE_BUDGET = 1000  # make compare's SOLVER.MAX_ITER: the first budget where SGR's gap exceeds 3 std (docs/evidence.md)
 

@@ -8,7 +8,7 @@
 
 A pair ``P`` is ``configs/toy/P.yaml`` (the baseline) and ``configs/toy/P_sgr.yaml`` (the same
 recipe with SGR); semantic-segmentation pairs only. Each model is trained with ``SEED`` 1..N
-(``--seeds N``, default 3) by ``sgr_d2.engine.experiments.train_and_evaluate`` (a child process
+(``--seeds N``, default 3) by ``tools/experiments.py::train_and_evaluate`` (a child process
 running the body of ``train_net.py``, log in ``<run>/train_stdout.log``), then evaluated on the
 config's test set single-scale (with the token metrics S_C, D_C, S_I, D_I for SGR) and with the
 config's multi-scale + flip.
@@ -60,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # experiments.py
 
 DEFAULT_PAIRS = ["dil_fcn_r18", "dil_fcn_r18_context"]
 # variant: (label, config of the pair it starts from, its overrides)
@@ -336,7 +337,7 @@ def main(argv=None):
     import sgr_d2  # noqa: F401
     from detectron2.data import MetadataCatalog
 
-    from sgr_d2.engine.experiments import read_run, train_and_evaluate
+    from experiments import read_run, train_and_evaluate
 
     if args.seeds < 1:
         raise ValueError(f"--seeds is {args.seeds}; expected at least 1")
