@@ -167,7 +167,7 @@ def add_sgr_config(cfg):
     # True: the class-specific output layers of MODEL.WEIGHTS (class_embed, the per-pixel
     # classifier, SGR's class term, Mask R-CNN's predictors) are not loaded but start from their
     # initialisation, to fine-tune a model on other classes. False: the file must give them a
-    # value (sgr_d2/engine/weights_fit.py).
+    # value (the fit check of sgr_d2/engine/checkpoint.py).
     cfg.MODEL.WEIGHTS_NEW_CLASSES = False
 
     # ---------------------------------------------------------------- solver
