@@ -1,7 +1,7 @@
 """``VisualizationDemo``: detectron2's ``DefaultPredictor`` plus drawing, for sgr_d2 models.
 
 In the style of detectron2's and Mask2Former's ``demo/predictor.py`` (the weights are loaded by
-``sgr_d2.engine.build_predictor``, through the same fit check as training): the segmentation is drawn
+``sgr_d2.predict.build_predictor``, through the same fit check as training): the segmentation is drawn
 by ``Visualizer.draw_sem_seg`` in the dataset's colours; a model with SGR also returns its
 concept-region maps, drawn by :func:`sgr_d2.visualization.concept_region_figure`.
 """
@@ -16,7 +16,7 @@ import sgr_d2  # noqa: F401  (before any detectron2 import)
 from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from sgr_d2.engine import build_predictor
+from sgr_d2.predict import build_predictor
 from sgr_d2.visualization import concept_region_figure
 
 __all__ = ["VisualizationDemo"]

@@ -2,8 +2,8 @@
 figure tools, the demo and ``tools/demo_toy.py`` hand to the drawing functions
 (:mod:`sgr_d2.visualization`).
 
-The predictor is :func:`sgr_d2.engine.build_predictor` (detectron2's ``DefaultPredictor``, its
-weights loaded through the fit check); :func:`predictor_config` reads the config it is built from.
+The predictor is :func:`build_predictor` (detectron2's ``DefaultPredictor``, its weights loaded
+through the fit check); :func:`predictor_config` reads the config it is built from.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
+__all__ = ["build_predictor", "check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
 
 
 def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
@@ -45,6 +45,23 @@ def predictor_config(config_file: str, weights: str, opts: Sequence[str] = ()):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def build_predictor(cfg):
+    """detectron2's ``DefaultPredictor`` for ``cfg`` (input format, test resize, eval mode), its
+    weights ``cfg.MODEL.WEIGHTS`` loaded by :func:`sgr_d2.engine.load_weights` (``DefaultPredictor`` alone would
+    load them with detectron2's unchecked checkpointer)."""
+    from detectron2.engine import DefaultPredictor
+
+    from .engine.checkpoint import load_weights
+
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    predictor = DefaultPredictor(bare)
+    load_weights(cfg, predictor.model)
+    predictor.cfg = cfg
+    return predictor
 
 
 def read_labelled_image(image_path: str, label_path: str, num_classes: Optional[int] = None,

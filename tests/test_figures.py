@@ -164,7 +164,7 @@ def test_demo_writes_segmentation_and_concept_regions(toy_model, tmp_path):
 @pytest.mark.slow
 def test_token_semantics_tool_matches_the_per_image_function(toy_model, tmp_path):
     tool = _load("tools/token_semantics.py")
-    from sgr_d2.engine import build_predictor
+    from sgr_d2.predict import build_predictor
     from sgr_d2.predict import predict, predictor_config
 
     rows = tool.main(["--config-file", toy_model["config"], "--weights", toy_model["weights"], "--dataset", TINY,

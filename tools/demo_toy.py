@@ -25,8 +25,7 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from sgr_d2.config import load_config  # noqa: E402
-from sgr_d2.engine import build_predictor  # noqa: E402
-from sgr_d2.predict import dataset_item, predict  # noqa: E402
+from sgr_d2.predict import build_predictor, dataset_item, predict  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
 from experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402

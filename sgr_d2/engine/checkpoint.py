@@ -58,7 +58,7 @@ from ..files import atomic_torch_save, atomic_write_text, read_weights
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LoadSummary", "OFFICIAL_ONLY", "build_checkpointer",
-           "build_predictor", "load_weights", "read_checkpoint_file",
+           "load_weights", "read_checkpoint_file",
            # the fit check
            "CLASS_LAYERS", "FitReport", "ModelParts", "check_fit", "group_names", "format_groups", "is_weight",
            "mismatch_message", "model_parts"]
@@ -352,21 +352,6 @@ def load_weights(cfg, model, path: Optional[str] = None) -> LoadSummary:
     checkpointer = build_checkpointer(cfg, model)
     checkpointer.load(path)
     return checkpointer.last_load
-
-
-def build_predictor(cfg):
-    """detectron2's ``DefaultPredictor`` for ``cfg`` (input format, test resize, eval mode), its
-    weights ``cfg.MODEL.WEIGHTS`` loaded by :func:`load_weights` (``DefaultPredictor`` alone would
-    load them with detectron2's unchecked checkpointer)."""
-    from detectron2.engine import DefaultPredictor
-
-    bare = cfg.clone()
-    bare.defrost()
-    bare.MODEL.WEIGHTS = ""
-    predictor = DefaultPredictor(bare)
-    load_weights(cfg, predictor.model)
-    predictor.cfg = cfg
-    return predictor
 
 
 # ----------------------------------------------------------------------------- the fit check
