@@ -4,7 +4,7 @@
     python bench/amp_toy.py --model dil_fcn --iters 300 --seed 43
     python bench/amp_toy.py --model mask2former --iters 60 --seed 42
 
-Runs the slow test's own routine (``bench/amp_runs.py::train_evaluate_export``, which
+Runs the slow test's own routine (``tools/amp_runs.py::train_evaluate_export``, which
 ``tests/test_amp.py`` runs too) twice, side by side in two processes of one thread each: same
 seed, weights and data order, float32 and bfloat16 autocast; prints one JSON line with both
 mIoUs (and the onnxruntime mIoU of each trained model). ``--seed`` and ``--iters`` override the config's ``SEED`` and
@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # amp_runs.py
 
 from amp_runs import DIL_FCN_SGR, MASK2FORMER_SGR, train_evaluate_export  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The toy SGR models learn, and training in bfloat16 ends where float32 does.
 
-Four runs of ``bench/amp_runs.py::train_evaluate_export`` (train on one thread, evaluate on
+Four runs of ``tools/amp_runs.py::train_evaluate_export`` (train on one thread, evaluate on
 ``sgr_toy_sem_seg_val``, export to ONNX and evaluate that with onnxruntime), two at a time in two
 worker processes, the two long ones first:
 
@@ -22,7 +22,6 @@ from conftest import REPO
 
 from detectron2.data import DatasetCatalog
 
-sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 from amp_runs import DIL_FCN_SGR, TOY, train_evaluate_export  # noqa: E402
 from demo_toy import majority_class_miou  # noqa: E402

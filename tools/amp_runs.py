@@ -1,6 +1,7 @@
 """float32 against bfloat16 autocast on the toy SGR models: the routines that ``tests/test_amp.py``
-asserts on and ``bench/amp_toy.py`` / ``bench/amp_loss_spread.py`` tabulate (a module, not a
-script: the test and the benches import it, with ``bench/`` on ``sys.path``).
+and ``tests/test_toy_training.py`` assert on and ``bench/amp_toy.py`` / ``bench/amp_loss_spread.py``
+tabulate (a module, not a script: the tests and the benches import it, with ``tools/`` on
+``sys.path``).
 
 * :func:`float32_and_bf16_losses` — one training forward of a batch in both precisions, and the
   tolerance (:data:`REL_TOL`, :data:`ABS_TOL`) within which the test wants the SGR terms;
