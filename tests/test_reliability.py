@@ -455,7 +455,8 @@ def test_nan_loss_stops_with_the_terms_after_saving_the_last_good_state(tmp_path
 # =========================================================================== 4. several workers
 def _criterion_batch():
     """Region maps, token logits and component targets of 4 images with 2, 0, 5 and 3 components
-    (worker r gets images 2r and 2r+1: 2 vs 7 components, 4 vs 8 matched tokens)."""
+    (worker r gets images 2r and 2r+1: 2 vs 7 components, 4 vs 8 matched tokens, 3 vs 11 pairs of
+    matched tokens of different components)."""
     g = torch.Generator().manual_seed(0)
     k, h, size, num_classes = 8, 8, 32, 6
     logits = torch.randn(4, k, h, h, generator=g)
@@ -471,7 +472,7 @@ def _criterion_batch():
 def _criterion_losses(logits, token_logits, targets):
     regions = logits.softmax(1).detach().requires_grad_(True)
     losses = SGRCriterion(num_matched=4)({"region_maps": regions, "token_logits": token_logits}, targets)
-    (losses["loss_sgr_union"] + losses["loss_sgr_cls"]).backward()
+    sum(losses.values()).backward()
     return {k: v.item() for k, v in losses.items()}, regions.grad
 
 
@@ -546,17 +547,15 @@ def test_sgr_criterion_split_over_two_gloo_workers_equals_one_process(two_gloo_w
     whole, whole_grad = _criterion_losses(logits, token_logits, targets)
     # each worker's share in this (non-distributed) process: normalised by its own counts
     local = [_criterion_losses(logits[s], token_logits[s], targets[s])[0] for s in (slice(0, 2), slice(2, 4))]
-    for k in ("loss_sgr_union", "loss_sgr_cls"):
+    for k in ("loss_sgr_union", "loss_sgr_cls", "loss_sgr_div"):
         # DDP averages the workers' losses: with the counts averaged across workers, that mean is
         # the loss of the whole batch in one process ...
         mean = (workers[0]["losses"][k] + workers[1]["losses"][k]) / 2
         assert mean == pytest.approx(whole[k], rel=1e-5), k
-        # ... which normalising by each worker's own count would miss
+        # ... which normalising by each worker's own count would miss (the diversity term: 3 and
+        # 11 pairs, (0.1174 + 0.1116) / 2 against 0.1129)
         assert (local[0][k] + local[1][k]) / 2 != pytest.approx(whole[k], rel=1e-3), k
-    # the diversity term is normalised by each worker's own token pairs
-    for r in (0, 1):
-        assert workers[r]["losses"]["loss_sgr_div"] == pytest.approx(local[r]["loss_sgr_div"], rel=1e-6)
-    # and the gradient DDP applies (the mean of the workers') is the one-process gradient
+    # and the gradient DDP applies (the mean of the workers'), all three terms, is the one-process gradient
     for r in (0, 1):
         assert torch.allclose(workers[r]["grad"] / 2, whole_grad[2 * r:2 * r + 2], rtol=1e-5, atol=1e-9)
 
