@@ -161,23 +161,6 @@ def rectangle_label_map(rng, size: int, num_classes: int, rectangles: int = 4) -
     return sem
 
 
-def mapped_batch(cfg, seed: int = 0):
-    """The first ``SOLVER.IMS_PER_BATCH`` images of the training set through the training mapper,
-    its random augmentation seeded (numpy's global generator is restored afterwards)."""
-    from detectron2.data import DatasetCatalog
-
-    from sgr_d2.data import SemSegDatasetMapper
-
-    mapper = SemSegDatasetMapper(cfg, True)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:cfg.SOLVER.IMS_PER_BATCH]
-        return [mapper(d) for d in dicts]
-    finally:
-        np.random.set_state(state)
-
-
 def repeated(batch):
     """An endless data loader of copies of one batch."""
     while True:
@@ -249,6 +232,8 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
     import torch
     from detectron2.utils.events import EventStorage
 
+    from sgr_d2.predict import training_batch
+
     start = time.perf_counter()
     losses, error, skipped = [], "", 0
     model = trainer = None
@@ -259,7 +244,7 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
                        data.dataset(size, batch, plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES), lr + list(opts))
         torch.manual_seed(0)
         model = build_training_model(cfg)
-        trainer = build_trainer(cfg, model, mapped_batch(cfg))
+        trainer = build_trainer(cfg, model, training_batch(cfg))
         handle = record_losses(model, losses)
         scaler = getattr(trainer, "grad_scaler", None)
         try:
@@ -393,6 +378,8 @@ def bench_model(config: Path, device: str, s, data: SyntheticData):
     import torch
     from detectron2.utils.events import EventStorage
 
+    from sgr_d2.predict import training_batch
+
     size, batch = s["bench_size"], s["bench_batch"]
     memory = PeakMemory(device)
     memory.start()
@@ -400,7 +387,7 @@ def bench_model(config: Path, device: str, s, data: SyntheticData):
     cfg = make_cfg(config, device, size, batch, data.dataset(size, batch, classes))
     torch.manual_seed(0)
     model = build_training_model(cfg)
-    images = mapped_batch(cfg)
+    images = training_batch(cfg)
     trainer = build_trainer(cfg, model, images)
     times = []
     with EventStorage(0) as storage:

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["build_predictor", "check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
+__all__ = ["build_predictor", "check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image",
+           "training_batch"]
 
 
 def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
@@ -101,6 +102,26 @@ def dataset_item(dataset_name: str, index: int):
     inst_path = instance_map_path(d)
     instances = read_instance_map(inst_path, labels.shape) if inst_path else None
     return d, image, labels, instances
+
+
+def training_batch(cfg, start: int = 0, n: Optional[int] = None, seed: int = 0):
+    """Images ``start:start + n`` (default ``n``: ``SOLVER.IMS_PER_BATCH``) of ``cfg``'s first
+    training dataset through the training mapper (``SemSegDatasetMapper(cfg, True)``), its random
+    augmentation drawn from NumPy's generator seeded with ``seed`` (the global state is restored
+    afterwards), so a batch does not depend on what was drawn before: what the tests, the AMP
+    benches and ``bench/gpu_check.py`` train and compare on."""
+    from detectron2.data import DatasetCatalog
+
+    from .data import SemSegDatasetMapper
+
+    n = cfg.SOLVER.IMS_PER_BATCH if n is None else n
+    mapper = SemSegDatasetMapper(cfg, True)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
+    finally:
+        np.random.set_state(state)
 
 
 def predict(predictor, image_rgb: np.ndarray) -> Dict[str, torch.Tensor]:

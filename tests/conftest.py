@@ -34,22 +34,10 @@ def tiny_toy_cfg(config_file=TOY_SGR, *opts):
 
 
 def toy_batch(cfg, start=0, n=4, seed=0):
-    """Images ``start:start + n`` of ``cfg``'s training split through the training mapper, its
-    augmentation drawn from numpy's RNG seeded with ``seed`` (the global RNG is restored after),
-    so the batch does not depend on what earlier tests drew."""
-    import numpy as np
+    """4 images of ``cfg``'s training split, their augmentation seeded (``sgr_d2.predict.training_batch``)."""
+    from sgr_d2.predict import training_batch
 
-    from detectron2.data import DatasetCatalog
-
-    from sgr_d2.data import SemSegDatasetMapper
-
-    mapper = SemSegDatasetMapper(cfg, True)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
-    finally:
-        np.random.set_state(state)
+    return training_batch(cfg, start, n, seed)
 
 
 def pytest_addoption(parser):
