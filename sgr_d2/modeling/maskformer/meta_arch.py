@@ -27,7 +27,6 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ...config import validate_config
 from ...sgr import SGRCriterion
 from ..backbone.sgr_backbone import SGR_OUTPUTS, SGRBackbone
 from ..sgr_outputs import attach_sgr_regions, build_sgr_criterion, pad_component_targets, sgr_losses
@@ -93,7 +92,6 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        validate_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER
