@@ -12,6 +12,7 @@ from conftest import REPO
 from PIL import Image
 
 from sgr_d2.data.toy import TOY_CLASSES
+from sgr_d2.evaluation import METRIC_KEYS
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import experiments  # noqa: E402
@@ -167,7 +168,7 @@ def test_compare_trains_a_pair_and_its_control_at_two_budgets(tmp_path):
             assert f"NAME: {'DeepLabV3Head' if v == 'aspp' else 'DilatedFCNHead'}" in head
             assert any(k.startswith("sem_seg_head.aspp.") for k in final["model"]) == (v == "aspp")
     sgr = budgets["5"]["sgr"]["runs"][0]
-    assert all(0.0 <= sgr[k] <= 1.0 for k in ("S_C", "D_C", "S_I", "D_I"))
+    assert all(0.0 <= sgr[k] <= 1.0 for k in METRIC_KEYS)
     assert all(math.isnan(budgets["5"]["aspp"]["runs"][0][k]) for k in ("S_C", "D_I"))
     log = (tmp_path / "dil_fcn_r18" / "it5" / "aspp" / "seed1" / "train_stdout.log").read_text().splitlines()[0]
     assert "SEED 1" in log and "SOLVER.MAX_ITER 5" in log and "MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head" in log

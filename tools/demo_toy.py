@@ -25,10 +25,11 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from sgr_d2.config import load_config  # noqa: E402
+from sgr_d2.evaluation import METRIC_KEYS  # noqa: E402
 from sgr_d2.predict import build_predictor, dataset_item, predict  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
 
-from experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402
+from experiments import read_run, train_and_evaluate  # noqa: E402
 
 
 def majority_class_miou(train_name: str, val_name: str, num_classes: int, ignore: int = 255) -> float:
@@ -86,7 +87,7 @@ def main(argv=None):
     print(f"mIoU single-scale           : {single['sem_seg/mIoU']:.2f}")
     print(f"mIoU multi-scale + flip     : {multi['sem_seg_TTA/mIoU']:.2f}")
     print(f"mIoU majority-class baseline: {chance:.2f}")
-    ts = {k: single[f"token_semantics/{k}"] for k in TOKEN_METRICS if f"token_semantics/{k}" in single}
+    ts = {k: single[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in single}
     if ts:
         print("token semantics             : " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
     if figure_ok:

@@ -34,12 +34,11 @@ REPO = str(Path(__file__).resolve().parents[1])
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
 from sgr_d2.files import atomic_write_text  # noqa: E402
 
 __all__ = ["peak_rss_mib", "read_last_evaluation", "read_final_metrics", "median_step_time",
-           "train_and_evaluate", "TOKEN_METRICS"]
-
-TOKEN_METRICS = ("S_C", "D_C", "S_I", "D_I")
+           "train_and_evaluate"]
 
 
 def proc_status_mib(field: str) -> float:
@@ -91,7 +90,7 @@ def read_final_metrics(output_dir: str) -> dict:
     """mIoU and S_C, D_C, S_I, D_I (nan when absent) of the last evaluation of a run."""
     last = read_last_evaluation(output_dir)
     out = {"mIoU": last["sem_seg/mIoU"]}
-    for k in TOKEN_METRICS:
+    for k in METRIC_KEYS:
         out[k] = last.get(f"token_semantics/{k}", math.nan)
     return out
 

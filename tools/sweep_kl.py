@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.join(REPO, "tools"))  # experiments.py
 
 from experiments import read_final_metrics, train_and_evaluate  # noqa: E402
 
-COLUMNS = ("K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I")
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
+
+COLUMNS = ("K", "L", "mIoU", *METRIC_KEYS)
 
 
 def get_parser():
