@@ -41,6 +41,7 @@ the model does not have are listed (not an error). Pixel mean/std and BatchNorm'
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -94,7 +95,7 @@ def read_checkpoint_file(path: str, *, mmap: bool = False) -> Dict:
 
 
 def _is_official_only(key: str, model_keys) -> bool:
-    return (key == "criterion.empty_weight" or key.endswith(".relative_position_index")
+    return (any(fnmatch.fnmatchcase(key, pattern) for pattern in OFFICIAL_ONLY)
             or (key.endswith(".num_batches_tracked") and key not in model_keys))
 
 
