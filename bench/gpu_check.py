@@ -5,7 +5,7 @@ checkpoints, resumes, evaluates and stops on a NaN loss on the device. Prints Ma
 
     python bench/gpu_check.py                        # on a machine with one CUDA GPU
     python bench/gpu_check.py --out gpu_check.md     # also write the tables to a file
-    python bench/gpu_check.py --tiny                 # CPU smoke run (CI): < 1 minute
+    python bench/gpu_check.py --tiny                 # CPU smoke run (CI)
 
 (a) Training check. Each ADE20K semantic config (``configs/ade20k/*.yaml`` without the
     ``Base-*`` files; ``finetune_*`` are skipped: they only change the weights and the schedule
@@ -40,7 +40,7 @@ checkpoints, resumes, evaluates and stops on a NaN loss on the device. Prints Ma
     run files, hooks, the NaN guard, the LR schedule, atomic checkpoints) trains
     ``--trainer-config`` (default mask2former_r50_sgr, AMP) on a synthetic dataset for 2
     iterations; ``--resume`` with ``SOLVER.MAX_ITER 4`` continues at iteration 2 and ends with
-    ``model_final.pth`` and the evaluation on a synthetic test set (mIoU in ``metrics.json``);
+    ``model_final.pth`` and the evaluation (of the training images: mIoU in ``metrics.json``);
     a third run, whose loss is made NaN at iteration 2, stops with the guard's
     ``FloatingPointError`` after saving ``model_last_good.pth`` (iteration 1) and tagging it.
 
@@ -628,7 +628,7 @@ def environment_lines(device: str, tiny: bool):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="a small run on the CPU (CI): under a minute")
+    p.add_argument("--tiny", action="store_true", help="a small run on the CPU (CI)")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     p.add_argument("--configs", nargs="+",
                    help="(a): config names of configs/ade20k (e.g. dil_fcn_r50_sgr) or files "
