@@ -15,7 +15,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tools"))  # amp_runs.py
 
 
 def main():
@@ -23,12 +23,16 @@ def main():
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))  # the toy is generated there
+    import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
     import torch
-    from conftest import tiny_toy_cfg, toy_batch  # (sets a private DETECTRON2_DATASETS if none is set)
     from amp_runs import (ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY,
                           float32_and_bf16_losses)
 
     from detectron2.modeling import build_model
+
+    from sgr_d2.config import load_config
+    from sgr_d2.predict import training_batch
 
     torch.set_num_threads(args.threads)
     configs = {"dil_fcn_r18_sgr": DIL_FCN_SGR, "maskformer_r18_sgr": os.path.join(TOY, "maskformer_r18_sgr.yaml"),
@@ -38,12 +42,12 @@ def main():
           "| seed 0 (the test's batch) |")
     print("|---|---|---|---|---|---|")
     for name, config in configs.items():
-        cfg = tiny_toy_cfg(config)
+        cfg = load_config(config, ["MODEL.DEVICE", "cpu"])  # the test's model and batches (tests/conftest.py)
         torch.manual_seed(0)
         model = build_model(cfg).train()
         rows = {k: [] for k in SGR_KEYS}
         for seed in range(args.batches):
-            ref, got = float32_and_bf16_losses(model, toy_batch(cfg, seed=seed))
+            ref, got = float32_and_bf16_losses(model, training_batch(cfg, n=4, seed=seed))
             for k in SGR_KEYS:
                 a, b = ref[k].item(), got[k].item()
                 rows[k].append((abs(a - b) / abs(a), abs(a - b), abs(a - b) / max(REL_TOL * abs(a), ABS_TOL)))

@@ -4,11 +4,12 @@
     python bench/amp_toy.py --model dil_fcn --iters 300 --seed 43
     python bench/amp_toy.py --model mask2former --iters 60 --seed 42
 
-Runs the slow test's own routine (``bench/amp_runs.py::train_evaluate_export``, which
-``tests/test_amp.py`` runs too) twice, side by side in two processes of one thread each: same
+Runs ``tools/amp_runs.py::train_evaluate_export`` (the routine ``tests/test_toy_training.py``
+trains its float32 models with) twice, side by side in two processes of one thread each: same
 seed, weights and data order, float32 and bfloat16 autocast; prints one JSON line with both
-mIoUs (and the onnxruntime mIoU of each trained model). ``--seed`` and ``--iters`` override the config's ``SEED`` and
-``SOLVER.MAX_ITER``, which the test keeps at 42 and 300.
+mIoUs (and the onnxruntime mIoU of each trained model). ``--seed`` and ``--iters`` override the
+config's ``SEED`` (42) and ``SOLVER.MAX_ITER`` (300). Whole schedules in bfloat16 take hours on a
+CPU without bfloat16 instructions; the test compares a few steps instead (bench/amp_steps.py).
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # amp_runs.py
 
 from amp_runs import DIL_FCN_SGR, MASK2FORMER_SGR, train_evaluate_export  # noqa: E402
 

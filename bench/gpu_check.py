@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""GPU check of sgr_d2: every ADE20K model trains under AMP, the device tests pass on CUDA, and
-what SGR costs Mask2Former in step time, memory and inference speed. Prints Markdown tables.
+"""GPU check of sgr_d2: every ADE20K model trains under AMP, the device tests pass on CUDA, what
+SGR costs Mask2Former in step time, memory and inference speed, and the real ``Trainer`` trains,
+checkpoints, resumes, evaluates and stops on a NaN loss on the device. Prints Markdown tables.
 
     python bench/gpu_check.py                        # on a machine with one CUDA GPU
     python bench/gpu_check.py --out gpu_check.md     # also write the tables to a file
-    python bench/gpu_check.py --tiny                 # CPU smoke run (CI): < 1 minute
+    python bench/gpu_check.py --tiny                 # CPU smoke run (CI)
 
 (a) Training check. Each ADE20K semantic config (``configs/ade20k/*.yaml`` without the
     ``Base-*`` files; ``finetune_*`` are skipped: they only change the weights and the schedule
@@ -17,24 +18,38 @@ what SGR costs Mask2Former in step time, memory and inference speed. Prints Mark
     ``build_step_trainer`` (detectron2's ``AMPTrainer`` on CUDA, bfloat16 ``CPUAutocastTrainer``
     on the CPU) with ``build_optimizer``: the config's optimizer, parameter groups and
     multipliers, at ``--lr-scale`` (default 0.1) times its ``SOLVER.BASE_LR``. A config passes
-    when every loss term is finite at every iteration and the total loss of the last iteration
-    is below that of the first. (At the full learning rate a randomly initialised model on one
-    batch oscillates: sem_fpn_r50_sgr went 9.0, 7.3, 14.2, 6.4, 5.2, 8.2 over six CPU
-    iterations at 64x64, so "last below first" would be a coin toss; at 0.1x it fell at every step.)
+    when every loss term is finite at every iteration and the loss falls over the *applied*
+    updates (:func:`judge`): float16's ``GradScaler`` skips the updates whose gradients
+    overflow (its first ones, while its scale comes down from 65536; seen as a drop of the
+    scale), and Mask2Former's point-sampled losses and Swin's drop-path make single losses
+    noisy, so the mean total loss of the last ``window`` iterations whose update was applied
+    must be below that of the first ``window``. (At the full learning rate a randomly
+    initialised model on one batch oscillates: sem_fpn_r50_sgr went 9.0, 7.3, 14.2, 6.4, 5.2, 8.2
+    over six CPU iterations at 64x64; at 0.1x it fell at every step.)
 (b) Device tests: ``pytest -m "uses_device and (slow or not slow)" --device cuda`` (the tests
     that take the ``device`` fixture of tests/conftest.py); pass / fail counts. None collected
     is a FAIL (nothing was checked).
 (c) Cost of SGR: Mask2Former R-50 and Swin-T with and without SGR, 512x512, batch 4, AMP:
     median training step (``torch.cuda.synchronize`` around each step, after warm-up), peak
     ``torch.cuda.max_memory_allocated`` over the training steps (reset before each model is
-    built, so weights, gradients and optimizer state count), and inference images/s (eval mode,
-    batch 1, ``torch.no_grad``, under the same autocast as training: float16 on CUDA).
+    built, so weights, gradients and optimizer state count), and inference images/s of what
+    ``--eval-only`` runs: detectron2's ``inference_on_dataset`` with sgr_d2's test loader and
+    evaluator (``Trainer.build_test_loader`` / ``build_evaluator``) on synthetic images, batch 1,
+    in float32 (evaluation never runs under autocast), after a warm-up pass.
+(d) The real ``Trainer`` on the device: ``train_net.py``'s body (``sgr_d2.engine.trainer.run``:
+    run files, hooks, the NaN guard, the LR schedule, atomic checkpoints) trains
+    ``--trainer-config`` (default mask2former_r50_sgr, AMP) on a synthetic dataset for 2
+    iterations; ``--resume`` with ``SOLVER.MAX_ITER 4`` continues at iteration 2 and ends with
+    ``model_final.pth`` and the evaluation (of the training images: mIoU in ``metrics.json``);
+    a third run, whose loss is made NaN at iteration 2, stops with the guard's
+    ``FloatingPointError`` after saving ``model_last_good.pth`` (iteration 1) and tagging it.
 
-``--tiny`` runs all three on the CPU, small: (a) for two configs at 64x64, batch 2, 3 iterations
-(AMP is bfloat16 autocast there); (b) the device tests of ``tests/test_sgr_core.py`` with
-``--device cpu``; (c) one pair at 64x64, batch 1, 2 timed steps, where the memory
-column is the growth of the process's peak resident memory over the model's build and steps
-(the CPU has no allocator statistics).
+``--tiny`` runs all four on the CPU, small: (a) for two configs at 64x64, batch 2, 3 iterations
+(AMP is bfloat16 autocast there), judged on the first and the last iteration; (b) the device
+tests of ``tests/test_sgr_core.py`` with ``--device cpu``; (c) one pair at 64x64, batch 1, 2 timed
+steps, where the memory column is the growth of the process's peak resident memory over the
+model's build and steps (the CPU has no allocator statistics); (d) with dil_fcn_r50_sgr at 64x64
+in float32 (bfloat16 is many times slower on a CPU without bfloat16 instructions).
 The exit status is 1 when any check failed, 2 without CUDA and without ``--tiny``.
 """
 import argparse
@@ -42,6 +57,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import json
 import math
 import os
 import statistics
@@ -56,6 +72,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
 CONFIG_DIR = REPO / "configs" / "ade20k"
 BENCH_PAIRS = ["mask2former_r50", "mask2former_swin_t"]
@@ -64,10 +81,12 @@ TINY_PAIRS = ["mask2former_r50"]
 
 # what each mode runs; the command line overrides any of these
 SETTINGS = {
-    "gpu": dict(device="cuda", size=256, batch=2, iters=6, tests=None,
-                bench_size=512, bench_batch=4, warmup=3, steps=10, infer_warmup=3, infer_iters=20),
-    "tiny": dict(device="cpu", size=64, batch=2, iters=3, tests=["tests/test_sgr_core.py"],
-                 bench_size=64, bench_batch=1, warmup=1, steps=2, infer_warmup=1, infer_iters=2),
+    "gpu": dict(device="cuda", size=256, batch=2, iters=12, window=3, tests=None,
+                bench_size=512, bench_batch=4, warmup=3, steps=10, infer_iters=20,
+                trainer_config="mask2former_r50_sgr", trainer_size=256, trainer_amp=True),
+    "tiny": dict(device="cpu", size=64, batch=2, iters=3, window=1, tests=["tests/test_sgr_core.py"],
+                 bench_size=64, bench_batch=1, warmup=1, steps=2, infer_iters=2,
+                 trainer_config="dil_fcn_r50_sgr", trainer_size=64, trainer_amp=False),
 }
 
 
@@ -87,19 +106,24 @@ def ade20k_configs():
             [p for p in files if p.name.startswith("finetune_")])
 
 
-def make_cfg(config: Path, device: str, size: int, batch: int, dataset: str = None, opts=()):
-    """The config with AMP on, no weights, ``size`` crops of a single scale, ``batch`` images,
-    the training set ``dataset`` and ``opts`` last."""
-    from sgr_d2.config import load_config
-
-    over = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.AMP.ENABLED", "True",
+def overrides(device: str, size: int, batch: int, dataset: str = None, amp: bool = True):
+    """``KEY VALUE`` overrides: AMP on, no weights, ``size`` crops of a single scale, ``batch``
+    images, the training set ``dataset`` (no test set)."""
+    over = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.AMP.ENABLED", str(amp),
             "SOLVER.IMS_PER_BATCH", str(batch), "DATALOADER.NUM_WORKERS", "0",
             "INPUT.CROP.SIZE", f"({size}, {size})", "INPUT.MIN_SIZE_TRAIN", f"({size},)",
             "INPUT.MAX_SIZE_TRAIN", str(4 * size), "INPUT.MIN_SIZE_TEST", str(size),
             "INPUT.MAX_SIZE_TEST", str(4 * size)]
     if dataset:
         over += ["DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", "()"]
-    return load_config(str(config), over + list(opts))
+    return over
+
+
+def make_cfg(config: Path, device: str, size: int, batch: int, dataset: str = None, opts=()):
+    """The config with :func:`overrides`, then ``opts``."""
+    from sgr_d2.config import load_config
+
+    return load_config(str(config), overrides(device, size, batch, dataset) + list(opts))
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -160,23 +184,6 @@ def rectangle_label_map(rng, size: int, num_classes: int, rectangles: int = 4) -
     return sem
 
 
-def mapped_batch(cfg, seed: int = 0):
-    """The first ``SOLVER.IMS_PER_BATCH`` images of the training set through the training mapper,
-    its random augmentation seeded (numpy's global generator is restored afterwards)."""
-    from detectron2.data import DatasetCatalog
-
-    from sgr_d2.data import SemSegDatasetMapper
-
-    mapper = SemSegDatasetMapper(cfg, True)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:cfg.SOLVER.IMS_PER_BATCH]
-        return [mapper(d) for d in dicts]
-    finally:
-        np.random.set_state(state)
-
-
 def repeated(batch):
     """An endless data loader of copies of one batch."""
     while True:
@@ -222,9 +229,13 @@ def release(device: str):
         torch.cuda.empty_cache()
 
 
-def judge(losses, iters: int, error: str = ""):
+def judge(losses, iters: int, error: str = "", applied=None, window: int = 1):
     """(ok, note) of a training check: ``iters`` iterations recorded, every term finite at every
-    iteration, and the last total loss below the first."""
+    iteration, and the loss falling over the applied updates. ``applied``: whether each
+    iteration's update was applied (default: all; the GradScaler skips some). Of the iterations
+    whose update was applied, the mean total loss of the last ``window`` must be below that of
+    the first ``window`` (each loss is measured before its iteration's update, so a skipped
+    update's loss repeats the next one's weights and only adds noise)."""
     for i, terms in enumerate(losses, 1):
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
@@ -235,21 +246,31 @@ def judge(losses, iters: int, error: str = ""):
         return False, f"{len(losses)} of {iters} iterations recorded"
     if not losses or not losses[0]:
         return False, "the model returned no losses"
-    first, last = sum(losses[0].values()), sum(losses[-1].values())
+    applied = [True] * len(losses) if applied is None else list(applied)
+    totals = [sum(t.values()) for t, a in zip(losses, applied) if a]
+    if len(totals) < 2 * window:
+        return False, (f"{len(totals)} of {len(losses)} updates applied (the GradScaler skipped the others); "
+                       f"judging needs {2 * window}")
+    first, last = statistics.fmean(totals[:window]), statistics.fmean(totals[-window:])
     if not last < first:
-        return False, f"the last total loss ({last:.4g}) is not below the first ({first:.4g})"
+        if window == 1:
+            return False, f"the last total loss ({last:.4g}) is not below the first ({first:.4g})"
+        return False, (f"the mean total loss of the last {window} applied updates ({last:.4g}) is not below "
+                       f"that of the first {window} ({first:.4g})")
     return True, ""
 
 
 def train_check(config: Path, device: str, size: int, batch: int, iters: int, data: SyntheticData,
-                opts=(), lr_scale: float = 1.0):
+                opts=(), lr_scale: float = 1.0, window: int = 1):
     """Train ``config`` for ``iters`` iterations on one repeated synthetic batch at ``lr_scale``
-    times its base learning rate (``opts`` come last); a result row."""
+    times its base learning rate (``opts`` come last), judged by :func:`judge`; a result row."""
     import torch
     from detectron2.utils.events import EventStorage
 
+    from sgr_d2.predict import training_batch
+
     start = time.perf_counter()
-    losses, error, skipped = [], "", 0
+    losses, applied, error = [], [], ""
     model = trainer = None
     try:
         plain = make_cfg(config, device, size, batch, opts=opts)
@@ -258,7 +279,7 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
                        data.dataset(size, batch, plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES), lr + list(opts))
         torch.manual_seed(0)
         model = build_training_model(cfg)
-        trainer = build_trainer(cfg, model, mapped_batch(cfg))
+        trainer = build_trainer(cfg, model, training_batch(cfg))
         handle = record_losses(model, losses)
         scaler = getattr(trainer, "grad_scaler", None)
         try:
@@ -268,33 +289,39 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
                     storage.iter = i
                     scale = scaler.get_scale() if scaler is not None else None
                     trainer.run_step()
-                    if scaler is not None and scaler.get_scale() < scale:
-                        skipped += 1  # the GradScaler found inf/NaN gradients and skipped the update
+                    # the GradScaler lowers its scale exactly when it found inf/NaN gradients and
+                    # skipped the optimizer's step
+                    applied.append(scaler is None or not scaler.get_scale() < scale)
         finally:
             handle.remove()
     except Exception as e:  # a crash, an out-of-memory or detectron2's non-finite loss error
         first_line = (str(e).strip().splitlines() or [""])[0]
         error = f"{type(e).__name__}: {first_line[:160]}"
-    ok, note = judge(losses, iters, error)
+    ok, note = judge(losses, iters, error, applied + [True] * (len(losses) - len(applied)), window)
+    skipped = applied.count(False)
     if skipped:
         note = "; ".join(filter(None, [note, f"{skipped} update(s) skipped by the GradScaler"]))
-    totals = [sum(t.values()) for t in losses]
+    totals = [sum(t.values()) for t, a in zip(losses, applied) if a]
     del model, trainer
     release(device)
-    return {"config": config.stem, "device": device, "iters": len(losses), "first": totals[0] if totals else None,
-            "last": totals[-1] if totals else None, "ok": ok, "note": note,
-            "seconds": time.perf_counter() - start}
+    ends = (statistics.fmean(totals[:window]), statistics.fmean(totals[-window:])) if totals else (None, None)
+    return {"config": config.stem, "device": device, "iters": len(losses), "applied": len(totals),
+            "first": ends[0], "last": ends[1], "ok": ok, "note": note, "seconds": time.perf_counter() - start}
 
 
-def check_table(rows, size, batch, device, lr_scale):
+def check_table(rows, size, batch, device, lr_scale, window=1):
     precision = "float16 AMP" if device.startswith("cuda") else "bfloat16 autocast"
+    ends = ("first", "last") if window == 1 else (f"first {window}", f"last {window}")
     lines = [f"### (a) Training check: {size}x{size}, batch {batch}, {device}, {precision}, one repeated "
              f"synthetic batch, MODEL.WEIGHTS \"\", {lr_scale:g} x SOLVER.BASE_LR", "",
-             "| config | iterations | first total loss | last total loss | result | time (s) | note |",
-             "|---|---|---|---|---|---|---|"]
+             f"Pass: every loss finite, and the mean total loss of the {ends[1]} applied updates below that "
+             f"of the {ends[0]}.", "",
+             f"| config | iterations | updates applied | total loss, {ends[0]} | total loss, {ends[1]} | result "
+             "| time (s) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")
-        lines.append(f"| {r['config']} | {r['iters']} | {fmt(r['first'])} | {fmt(r['last'])} | "
+        lines.append(f"| {r['config']} | {r['iters']} | {r['applied']} | {fmt(r['first'])} | {fmt(r['last'])} | "
                      f"{'OK' if r['ok'] else 'FAIL'} | {r['seconds']:.1f} | {r['note']} |")
     return lines
 
@@ -365,7 +392,7 @@ class PeakMemory:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back first
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        from sgr_d2.engine.experiments import proc_status_mib
+        from experiments import proc_status_mib
 
         self.rss0 = proc_status_mib("VmRSS")
 
@@ -374,23 +401,43 @@ class PeakMemory:
 
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20
-        from sgr_d2.engine.experiments import proc_status_mib
+        from experiments import proc_status_mib
 
         return proc_status_mib("VmHWM") - self.rss0
 
 
-def autocast(device: str):
-    import torch
+def eval_only_images_per_second(cfg, model, data: SyntheticData, count: int) -> float:
+    """Images/s of what ``--eval-only`` runs (``Trainer.test``): detectron2's
+    ``inference_on_dataset`` over sgr_d2's test loader (batch 1, the test-time resize) with its
+    evaluator, the model in eval mode under ``torch.no_grad`` and in float32, on ``count``
+    synthetic images of the config's size; timed on a second pass (the first warms up)."""
+    from detectron2.evaluation import inference_on_dataset
 
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    from sgr_d2.engine import Trainer
+
+    size = cfg.INPUT.MIN_SIZE_TEST
+    name = data.dataset(size, count, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = (name,)
+    seconds = []
+    for _ in range(2):
+        loader = Trainer.build_test_loader(cfg, name)
+        evaluator = Trainer.build_evaluator(cfg, name, output_folder=str(data.root / "eval"))
+        sync(cfg.MODEL.DEVICE)
+        t = time.perf_counter()
+        inference_on_dataset(model, loader, evaluator)
+        sync(cfg.MODEL.DEVICE)
+        seconds.append(time.perf_counter() - t)
+    return count / seconds[-1]
 
 
 def bench_model(config: Path, device: str, s, data: SyntheticData):
     """Median training step (s), peak training memory (MiB) and inference images/s of one model."""
     import torch
     from detectron2.utils.events import EventStorage
+
+    from sgr_d2.predict import training_batch
 
     size, batch = s["bench_size"], s["bench_batch"]
     memory = PeakMemory(device)
@@ -399,7 +446,7 @@ def bench_model(config: Path, device: str, s, data: SyntheticData):
     cfg = make_cfg(config, device, size, batch, data.dataset(size, batch, classes))
     torch.manual_seed(0)
     model = build_training_model(cfg)
-    images = mapped_batch(cfg)
+    images = training_batch(cfg)
     trainer = build_trainer(cfg, model, images)
     times = []
     with EventStorage(0) as storage:
@@ -413,17 +460,7 @@ def bench_model(config: Path, device: str, s, data: SyntheticData):
             if i >= s["warmup"]:
                 times.append(time.perf_counter() - t)
     peak = memory.peak()
-    model.eval()
-    one = [{"image": images[0]["image"], "height": size, "width": size}]
-    with torch.no_grad(), autocast(device):
-        for _ in range(s["infer_warmup"]):
-            model(one)
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(s["infer_iters"]):
-            model(one)
-        sync(device)
-        ips = s["infer_iters"] / (time.perf_counter() - t)
+    ips = eval_only_images_per_second(cfg, model, data, s["infer_iters"])
     del model, trainer, images
     release(device)
     return statistics.median(times), peak, ips
@@ -460,11 +497,13 @@ def bench_table(rows, device, s):
     precision = "float16" if cuda else "bfloat16"
     fmt = (lambda v, spec: "—" if v is None else format(v, spec))
     lines = [f"### (c) Cost of SGR: {s['bench_size']}x{s['bench_size']}, batch {s['bench_batch']}, {device}, "
-             f"{precision} AMP", "",
+             f"training in {precision} AMP, evaluation in float32", "",
              f"Step: median of {s['steps']} training steps after {s['warmup']} warm-up (synchronised). "
-             f"Memory: {mem}. Inference: eval mode, batch 1, torch.no_grad, {precision} autocast, "
-             f"{s['infer_iters']} images after {s['infer_warmup']} warm-up.", "",
-             "| model | step (ms) | SGR/baseline step | peak train mem (MiB) | SGR/baseline mem | inference img/s |",
+             f"Memory: {mem}. Evaluation: what --eval-only runs (inference_on_dataset with sgr_d2's test "
+             f"loader and evaluator, batch 1, eval mode, torch.no_grad, float32) over {s['infer_iters']} "
+             "images, after a warm-up pass.", "",
+             "| model | step (ms) | SGR/baseline step | peak train mem (MiB) | SGR/baseline mem "
+             "| evaluation img/s (float32, as --eval-only) |",
              "|---|---|---|---|---|---|"]
     for name, step, rt, peak, rm, ips, err in rows:
         if err:
@@ -472,6 +511,102 @@ def bench_table(rows, device, s):
             continue
         lines.append(f"| {name} | {1000 * step:.1f} | {fmt(rt, '.3f')} | {peak:.0f} | {fmt(rm, '.3f')} | "
                      f"{ips:.2f} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- (d) the Trainer
+def trainer_check(config: Path, device: str, size: int, amp: bool, data: SyntheticData, out: Path,
+                  lr_scale: float = 0.1):
+    """``train_net.py``'s body (:func:`sgr_d2.engine.trainer.run`) on the device: train 2
+    iterations, ``--resume`` to 4 with the final evaluation, and a run whose loss turns NaN at
+    iteration 2. One row ``(step, ok, note, seconds)`` per run."""
+    import torch
+
+    from sgr_d2.config import setup_cfg
+    from sgr_d2.engine import Trainer
+    from sgr_d2.engine.trainer import argument_parser, run
+
+    plain = make_cfg(config, device, size, 2)
+    train = data.dataset(size, 4, plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    opts = overrides(device, size, 2, train, amp) + [
+        "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
+        "SOLVER.BASE_LR", repr(plain.SOLVER.BASE_LR * lr_scale), "SOLVER.WARMUP_ITERS", "0"]
+
+    def args(folder, max_iter, *flags, test=()):
+        return argument_parser().parse_args(["--config-file", str(config), *flags, *opts, "SOLVER.MAX_ITER",
+                                             str(max_iter), "DATASETS.TEST", repr(tuple(test)),
+                                             "OUTPUT_DIR", str(folder)])
+
+    def final_iteration(folder):
+        return torch.load(folder / "model_final.pth", map_location="cpu", weights_only=True)["iteration"]
+
+    def step(name, body):
+        start = time.perf_counter()
+        try:
+            note = body()
+            ok = not note
+        except Exception as e:
+            ok, note = False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        release(device)
+        return (name, ok, note, time.perf_counter() - start)
+
+    run_dir = out / "run"
+
+    def first():
+        run(args(run_dir, 2))
+        if final_iteration(run_dir) != 1 or (run_dir / "last_checkpoint").read_text() != "model_final.pth":
+            return "model_final.pth is not iteration 1, or not tagged in last_checkpoint"
+        return ""
+
+    def resumed():
+        run(args(run_dir, 4, "--resume", test=[train]))  # the training images as the test set
+        log = (run_dir / "log.txt").read_text()
+        metrics = [json.loads(line) for line in (run_dir / "metrics.json").read_text().splitlines() if line.strip()]
+        evaluations = [m for m in metrics if "sem_seg/mIoU" in m]
+        if "Starting training from iteration 2" not in log:
+            return "the resumed run did not start at iteration 2"
+        if final_iteration(run_dir) != 3:
+            return f"model_final.pth holds iteration {final_iteration(run_dir)}, not 3"
+        mious = [m["sem_seg/mIoU"] for m in evaluations]
+        if len(mious) != 1 or not math.isfinite(mious[0]):
+            return f"metrics.json does not hold one finite evaluation (mIoU: {mious})"
+        return ""
+
+    def nan_guard():
+        folder = out / "nan"
+        cfg = setup_cfg(args(folder, 4))
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+
+        def nan_at_2(module, inputs, output):  # runs before the guard's own hook
+            if module.training and trainer.iter == 2:
+                key = next(iter(output))
+                return {**output, key: output[key] * math.nan}
+        trainer.model.register_forward_hook(nan_at_2, prepend=True)
+        try:
+            trainer.train()
+        except FloatingPointError as e:
+            message = str(e)
+        else:
+            return "a NaN loss at iteration 2 did not stop training"
+        kept = torch.load(folder / "model_last_good.pth", map_location="cpu", weights_only=True)["iteration"]
+        if "at iteration 2" not in message or kept != 1:
+            return f"the guard's message or model_last_good.pth (iteration {kept}) is wrong: {message[:160]}"
+        if (folder / "last_checkpoint").read_text() != "model_last_good.pth":
+            return "model_last_good.pth is not tagged in last_checkpoint"
+        return ""
+
+    return [step("train 2 iterations (checkpoint after each)", first),
+            step("--resume to 4 iterations, then the evaluation", resumed),
+            step("NaN loss at iteration 2: the guard stops, keeps iteration 1", nan_guard)]
+
+
+def trainer_table(rows, config: Path, size: int, device: str, amp: bool):
+    precision = ("float16 AMP" if device.startswith("cuda") else "bfloat16 autocast") if amp else "float32"
+    lines = [f"### (d) The Trainer: {config.stem}, {size}x{size}, batch 2, {device}, {precision}, synthetic data", "",
+             "| run | result | time (s) | note |", "|---|---|---|---|"]
+    for name, ok, note, seconds in rows:
+        lines.append(f"| {name} | {'OK' if ok else 'FAIL'} | {seconds:.1f} | {note} |")
     return lines
 
 
@@ -493,7 +628,7 @@ def environment_lines(device: str, tiny: bool):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="a small run on the CPU (CI): under a minute")
+    p.add_argument("--tiny", action="store_true", help="a small run on the CPU (CI)")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     p.add_argument("--configs", nargs="+",
                    help="(a): config names of configs/ade20k (e.g. dil_fcn_r50_sgr) or files "
@@ -511,6 +646,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-check", action="store_true", help="skip (a)")
     p.add_argument("--skip-tests", action="store_true", help="skip (b)")
     p.add_argument("--skip-bench", action="store_true", help="skip (c)")
+    p.add_argument("--trainer-config", help="(d): the config the Trainer runs (default mask2former_r50_sgr; "
+                                            "--tiny dil_fcn_r50_sgr)")
+    p.add_argument("--skip-trainer", action="store_true", help="skip (d)")
     p.add_argument("--tests-timeout", type=int, default=None, help="(b): seconds (default 3600; --tiny 120)")
     return p.parse_args(argv)
 
@@ -549,10 +687,10 @@ def main(argv=None) -> int:
                 rows = []
                 for config in configs:
                     rows.append(train_check(config, device, s["size"], s["batch"], s["iters"], data,
-                                            lr_scale=args.lr_scale))
+                                            lr_scale=args.lr_scale, window=s["window"]))
                     r = rows[-1]
                     print(f"  (a) {r['config']}: {'OK' if r['ok'] else 'FAIL'} {r['note']}", flush=True)
-                part = check_table(rows, s["size"], s["batch"], device, args.lr_scale)
+                part = check_table(rows, s["size"], s["batch"], device, args.lr_scale, s["window"])
                 if left_out:
                     part += ["", "Not checked (they only change the weights and schedule of a checked config): "
                              + ", ".join(p.stem for p in left_out) + "."]
@@ -573,6 +711,14 @@ def main(argv=None) -> int:
                 report += part + [""]
                 print("\n".join(part) + "\n", flush=True)
                 failed += [f"(c) {r[0]}" for r in rows if r[6]]
+            if not args.skip_trainer:
+                config = config_file(args.trainer_config or s["trainer_config"])
+                rows = trainer_check(config, device, s["trainer_size"], s["trainer_amp"], data, Path(tmp) / "trainer",
+                                     lr_scale=args.lr_scale)
+                part = trainer_table(rows, config, s["trainer_size"], device, s["trainer_amp"])
+                report += part + [""]
+                print("\n".join(part) + "\n", flush=True)
+                failed += [f"(d) {r[0]}" for r in rows if not r[1]]
         finally:
             data.close()
     verdict = "gpu_check: FAIL: " + ", ".join(failed) if failed else "gpu_check: all checks OK"

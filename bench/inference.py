@@ -34,8 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
-from sgr_d2.engine.experiments import peak_rss_mib, proc_status_mib  # noqa: E402
+from experiments import peak_rss_mib, proc_status_mib  # noqa: E402
 
 RUNTIMES = ("fp32", "bf16", "onnxruntime")
 

@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
 # Dilated-FCN on a dilated ResNet-50 (OS 8, multi-grid 1-2-4), ADE20K-sized head, paper SGR sizes.
 FALLBACK = {
@@ -121,7 +122,7 @@ def worker(args):
     import torch
 
     import sgr_d2  # noqa: F401
-    from sgr_d2.engine.experiments import peak_rss_mib
+    from experiments import peak_rss_mib
 
     cfg, model, opt = _build(args.config, json.loads(args.opts), args.device)
     batch = _random_batch(args.batch, args.size, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)

@@ -1,7 +1,7 @@
 """``VisualizationDemo``: detectron2's ``DefaultPredictor`` plus drawing, for sgr_d2 models.
 
 In the style of detectron2's and Mask2Former's ``demo/predictor.py`` (the weights are loaded by
-``sgr_d2.engine.build_predictor``, through the same fit check as training): the model's outputs are
+``sgr_d2.predict.build_predictor``, through the same fit check as training): the model's outputs are
 drawn in the dataset's colours as the official demo draws them, the panoptic segmentation
 (``Visualizer.draw_panoptic_seg``) when there is one, else the semantic one (``draw_sem_seg``) and
 the instances over it (``draw_instance_predictions``), so that panoptic and instance-only configs
@@ -19,7 +19,7 @@ import sgr_d2  # noqa: F401  (before any detectron2 import)
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from sgr_d2.engine import build_predictor
+from sgr_d2.predict import build_predictor
 from sgr_d2.visualization import concept_region_figure
 
 __all__ = ["VisualizationDemo", "drawing_metadata"]

@@ -5,7 +5,12 @@
 * :func:`validate_config` raises a ``ValueError`` naming the key and value of settings that
   cannot work together;
 * :func:`load_config` builds a config from a file and ``KEY VALUE`` overrides, with errors that
-  name the file and key, and registers the folder dataset of ``DATASETS.FOLDER.ROOT``;
+  name the file and key, registers the folder dataset of ``DATASETS.FOLDER.ROOT``, and
+  validates it. That is the one place :func:`validate_config` runs: every entry point
+  (``train_net.py``, the demo, the tools, the benches, the tests) gets its config there, and the
+  model builders do not check again. A config put together without it (detectron2's
+  ``get_cfg()`` and :func:`add_sgr_config`) should be passed to :func:`validate_config` before a
+  model is built from it;
 * :func:`setup_cfg` is what ``train_net.py`` does with its arguments: the loaded config, adapted
   to the machine (device, synchronised BatchNorm), frozen. It writes nothing; the run's files
   are the engine's (``sgr_d2.engine.run_files``).
@@ -171,7 +176,7 @@ def add_sgr_config(cfg):
     # True: the class-specific output layers of MODEL.WEIGHTS (class_embed, the per-pixel
     # classifier, SGR's class term, Mask R-CNN's predictors) are not loaded but start from their
     # initialisation, to fine-tune a model on other classes. False: the file must give them a
-    # value (sgr_d2/engine/weights_fit.py).
+    # value (the fit check of sgr_d2/engine/checkpoint.py).
     cfg.MODEL.WEIGHTS_NEW_CLASSES = False
 
     # ---------------------------------------------------------------- solver

@@ -2,8 +2,8 @@
 figure tools, the demo and ``tools/demo_toy.py`` hand to the drawing functions
 (:mod:`sgr_d2.visualization`).
 
-The predictor is :func:`sgr_d2.engine.build_predictor` (detectron2's ``DefaultPredictor``, its
-weights loaded through the fit check); :func:`predictor_config` reads the config it is built from.
+The predictor is :func:`build_predictor` (detectron2's ``DefaultPredictor``, its weights loaded
+through the fit check); :func:`predictor_config` reads the config it is built from.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["OUTPUT_SWITCHES", "check_image", "dataset_item", "predict", "predictor_config", "read_labelled_image"]
+__all__ = ["OUTPUT_SWITCHES", "build_predictor", "check_image", "dataset_item", "predict", "predictor_config",
+           "read_labelled_image", "training_batch"]
 
 
 def check_image(image_rgb, name: str = "image_rgb") -> np.ndarray:
@@ -45,6 +46,23 @@ def predictor_config(config_file: str, weights: str, opts: Sequence[str] = ()):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def build_predictor(cfg):
+    """detectron2's ``DefaultPredictor`` for ``cfg`` (input format, test resize, eval mode), its
+    weights ``cfg.MODEL.WEIGHTS`` loaded by :func:`sgr_d2.engine.load_weights` (``DefaultPredictor`` alone would
+    load them with detectron2's unchecked checkpointer)."""
+    from detectron2.engine import DefaultPredictor
+
+    from .engine.checkpoint import load_weights
+
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    predictor = DefaultPredictor(bare)
+    load_weights(cfg, predictor.model)
+    predictor.cfg = cfg
+    return predictor
 
 
 def read_labelled_image(image_path: str, label_path: str, num_classes: Optional[int] = None,
@@ -84,6 +102,26 @@ def dataset_item(dataset_name: str, index: int):
     inst_path = instance_map_path(d)
     instances = read_instance_map(inst_path, labels.shape) if inst_path else None
     return d, image, labels, instances
+
+
+def training_batch(cfg, start: int = 0, n: Optional[int] = None, seed: int = 0):
+    """Images ``start:start + n`` (default ``n``: ``SOLVER.IMS_PER_BATCH``) of ``cfg``'s first
+    training dataset through the training mapper (``SemSegDatasetMapper(cfg, True)``), its random
+    augmentation drawn from NumPy's generator seeded with ``seed`` (the global state is restored
+    afterwards), so a batch does not depend on what was drawn before: what the tests, the AMP
+    benches and ``bench/gpu_check.py`` train and compare on."""
+    from detectron2.data import DatasetCatalog
+
+    from .data import SemSegDatasetMapper
+
+    n = cfg.SOLVER.IMS_PER_BATCH if n is None else n
+    mapper = SemSegDatasetMapper(cfg, True)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
+    finally:
+        np.random.set_state(state)
 
 
 # the config switch that makes a model return each output

@@ -3,6 +3,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -43,22 +44,10 @@ def tiny_toy_cfg(config_file=TOY_SGR, *opts):
 
 
 def toy_batch(cfg, start=0, n=4, seed=0):
-    """Images ``start:start + n`` of ``cfg``'s training split through the training mapper, its
-    augmentation drawn from numpy's RNG seeded with ``seed`` (the global RNG is restored after),
-    so the batch does not depend on what earlier tests drew."""
-    import numpy as np
+    """4 images of ``cfg``'s training split, their augmentation seeded (``sgr_d2.predict.training_batch``)."""
+    from sgr_d2.predict import training_batch
 
-    from detectron2.data import DatasetCatalog
-
-    from sgr_d2.data import SemSegDatasetMapper
-
-    mapper = SemSegDatasetMapper(cfg, True)
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[start:start + n]]
-    finally:
-        np.random.set_state(state)
+    return training_batch(cfg, start, n, seed)
 
 
 def pytest_addoption(parser):
@@ -167,6 +156,72 @@ def load_reporting_incompatible(model, path):
     checkpointer = Recording(model)
     checkpointer.load(str(path), checkpointables=[])
     return checkpointer.incompatible
+
+
+# ----------------------------------------------------------------------------- reliability tests
+# (tests/test_reliability.py, test_reliability_faults.py, test_entry_points.py, test_evaluation.py)
+# A smaller model than the toy config (64 px crops, output stride 16, 8 tokens): every reliability
+# test trains a few iterations at most on shared CPUs.
+TINY = ("INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "DATASETS.TEST", "()",
+        "MODEL.RESNETS.OUTPUT_STRIDE", "16", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "16",
+        "MODEL.SGR.NUM_TOKENS", "8", "MODEL.SGR.NUM_MATCHED", "4", "MODEL.SGR.TOKEN_DIM", "32",
+        "MODEL.SGR.FFN_DIM", "64", "SOLVER.CHECKPOINT_PERIOD", "1000")
+CLI = ("MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2") + TINY
+
+
+def tiny_run_cfg(out, *opts, config=TOY_SGR):
+    """:func:`tiny_toy_cfg` with :data:`TINY`, writing into ``out``."""
+    return tiny_toy_cfg(config, *TINY, "OUTPUT_DIR", str(out), *opts)
+
+
+def seeded_trainer(cfg):
+    """What train_net.py does before training (default_setup seeds every RNG from cfg.SEED)."""
+    from detectron2.utils.env import seed_all_rng
+
+    from sgr_d2.engine import Trainer
+
+    seed_all_rng(cfg.SEED)
+    return Trainer(cfg)
+
+
+def earlier_outputs(out):
+    """Files an earlier run left in OUTPUT_DIR; returns their bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model_final.pth").write_bytes(b"weights of an earlier run")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    (out / "metrics.json").write_text('{"iteration": 99, "total_loss": 1.5}\n')
+    (out / "config.yaml").write_text("# config of an earlier run\n")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def assert_unchanged(out, before):
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def child_env(**extra):
+    """The environment of a child process: one intra-op thread, unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def image_label_pair(folder, stem, img_hw=(40, 40), lbl_hw=(40, 40), values=(0, 1, 2)):
+    """A random JPEG and a label PNG whose first pixels hold ``values`` (the rest 0), written to
+    ``folder``; their dataset dict."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*img_hw, 3), dtype=np.uint8)).save(folder / f"{stem}.jpg")
+    lbl = np.zeros(lbl_hw, np.uint8)
+    lbl.flat[: len(values)] = values
+    Image.fromarray(lbl).save(folder / f"{stem}.png")
+    return {"file_name": str(folder / f"{stem}.jpg"), "sem_seg_file_name": str(folder / f"{stem}.png"),
+            "height": img_hw[0], "width": img_hw[1]}
+
+
+def thread_count():
+    """This process's thread count (None where /proc does not list them)."""
+    return len(os.listdir("/proc/self/task")) if sys.platform.startswith("linux") else None
 
 
 def pytest_sessionfinish(session, exitstatus):

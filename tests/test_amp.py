@@ -1,10 +1,9 @@
 """Mixed precision (SOLVER.AMP.ENABLED; bfloat16 autocast on the CPU) against float32.
 
 The parts that must stay float32 are compared with float32 computations on the same inputs
-(exact up to float32 rounding), the SGR losses of one batch with float32 within a stated
-tolerance, and (slow) a short toy training run in bfloat16 with the same run in float32. The
-routines the slow and the one-batch tests share with bench/amp_toy.py and bench/amp_loss_spread.py
-are bench/amp_runs.py's.
+(exact up to float32 rounding), and the SGR losses of one batch with float32 within a stated
+tolerance (tools/amp_runs.py, which bench/amp_loss_spread.py measures); a few bfloat16 training
+steps against float32's are tests/test_toy_training.py's.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from sgr_d2.engine.amp import CPUAutocastTrainer
 from sgr_d2.modeling.maskformer import HungarianMatcher, SetCriterion, mask_classification_weight_dict
 from sgr_d2.sgr import SGRCriterion, SGRModule, autocast_off
 
-sys.path.insert(0, os.path.join(REPO, "bench"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 from amp_runs import (ABS_TOL, DIL_FCN_SGR, MASK2FORMER_SGR, REL_TOL, SGR_KEYS, TOY,  # noqa: E402
                       float32_and_bf16_losses)
 

@@ -1,17 +1,21 @@
-"""tools/compare_sgr.py (``make compare``) and the shared runner sgr_d2/engine/experiments.py:
+"""tools/compare_sgr.py (``make compare``) and the shared runner tools/experiments.py:
 the statistics against hand-computed values, the tables, the learning curve and the files from
 known per-seed figures, and (slow) a real pair with its DeepLabV3 control trained at two budgets."""
 import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 from conftest import REPO
 from PIL import Image
 
 from sgr_d2.data.toy import TOY_CLASSES
-from sgr_d2.engine import experiments
+from sgr_d2.evaluation import METRIC_KEYS
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import experiments  # noqa: E402
 
 COMPARE_BUDGET = 1000  # make compare's SOLVER.MAX_ITER: the first budget where SGR's gap exceeds 3 std (docs/evidence.md)
 
@@ -164,7 +168,7 @@ def test_compare_trains_a_pair_and_its_control_at_two_budgets(tmp_path):
             assert f"NAME: {'DeepLabV3Head' if v == 'aspp' else 'DilatedFCNHead'}" in head
             assert any(k.startswith("sem_seg_head.aspp.") for k in final["model"]) == (v == "aspp")
     sgr = budgets["5"]["sgr"]["runs"][0]
-    assert all(0.0 <= sgr[k] <= 1.0 for k in ("S_C", "D_C", "S_I", "D_I"))
+    assert all(0.0 <= sgr[k] <= 1.0 for k in METRIC_KEYS)
     assert all(math.isnan(budgets["5"]["aspp"]["runs"][0][k]) for k in ("S_C", "D_I"))
     log = (tmp_path / "dil_fcn_r18" / "it5" / "aspp" / "seed1" / "train_stdout.log").read_text().splitlines()[0]
     assert "SEED 1" in log and "SOLVER.MAX_ITER 5" in log and "MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head" in log

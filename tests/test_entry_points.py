@@ -15,21 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOY_SGR, WritesAFile
+from conftest import CLI, REPO, TOY_SGR, WritesAFile, child_env
 from PIL import Image
-from test_reliability import CLI
 
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
 def _run_all(commands, env=None, envs=None):
     """Run the commands concurrently (``envs``: one environment each); returns (returncode,
     output) of each."""
-    envs = envs or [env or _env()] * len(commands)
+    envs = envs or [env or child_env()] * len(commands)
     procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=e, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for cmd, e in zip(commands, envs)]
     return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
@@ -92,7 +87,7 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
          "--opts", "MODEL.WEIGHTS", str(bad), "MODEL.DEVICE", "cpu"],
         _train(out, "MODEL.WEIGHTS", str(crafted)),
         _train(out),
-    ], envs=[_env()] * 5 + [_env(DETECTRON2_DATASETS=str(data))])
+    ], envs=[child_env()] * 5 + [child_env(DETECTRON2_DATASETS=str(data))])
     truncated = f"weights file {bad} cannot be read: it is truncated or not a checkpoint (RuntimeError: PytorchStreamReader"
     reasons = (truncated, truncated, truncated, truncated,
                f"weights file {crafted}: reading it would need `io.open`", "holds values [9] outside the class range")
@@ -119,7 +114,7 @@ def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):
         assert f"SGR_D2_TRUSTED_WEIGHTS={path} python tools/convert_checkpoint.py --input {path}" in output
     assert not marker.exists() and not (tmp_path / "a.pth").exists()
     (code, output), = _run_all([["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")]],
-                               env=_env(SGR_D2_TRUSTED_WEIGHTS=str(pkl)))
+                               env=child_env(SGR_D2_TRUSTED_WEIGHTS=str(pkl)))
     assert code == 0 and marker.exists(), output
     from sgr_d2.files import read_weights
 

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TOY_SGR, tiny_toy_cfg
+from conftest import TOY_SGR, image_label_pair, tiny_toy_cfg
 from PIL import Image
 
 from detectron2.evaluation import inference_on_dataset
@@ -104,14 +104,6 @@ def test_sem_seg_metrics_from_a_confusion_matrix():
 
 
 # ----------------------------------------------------------------- evaluation data is checked
-def _pair(folder, stem, img_hw=(40, 40), lbl_hw=(40, 40), values=(0, 1, 2)):
-    _image(folder / f"{stem}.jpg", img_hw)
-    lbl = np.zeros(lbl_hw, np.uint8)
-    lbl.flat[: len(values)] = values
-    Image.fromarray(lbl).save(folder / f"{stem}.png")
-    return {"file_name": str(folder / f"{stem}.jpg"), "sem_seg_file_name": str(folder / f"{stem}.png")}
-
-
 class _Uniform(torch.nn.Module):
     """Predicts class 0 everywhere, at the dataset dict's size (as a segmentor would)."""
 
@@ -121,12 +113,12 @@ class _Uniform(torch.nn.Module):
 
 def _bad_pair(folder, kind):
     if kind == "label_size":
-        d = _pair(folder, "bad", lbl_hw=(40, 30))
+        d = image_label_pair(folder, "bad", lbl_hw=(40, 30))
         return d, rf"label file {re.escape(d['sem_seg_file_name'])} is 30x40 \(WxH\) but its image is 40x40"
     if kind == "label_values":
-        d = _pair(folder, "bad", values=(1, 9, 200))
+        d = image_label_pair(folder, "bad", values=(1, 9, 200))
         return d, rf"label file {re.escape(d['sem_seg_file_name'])} holds values \[9, 200\] outside the class range 0\.\.3"
-    d = _pair(folder, "bad")
+    d = image_label_pair(folder, "bad")
     data = (folder / "bad.jpg").read_bytes()
     (folder / "bad.jpg").write_bytes(data[: len(data) // 2])  # truncated: PIL's "image file is truncated"
     return d, rf"cannot read image file {re.escape(d['file_name'])}: OSError: image file is truncated"
@@ -135,7 +127,7 @@ def _bad_pair(folder, kind):
 @pytest.mark.parametrize("kind", ["truncated_image", "label_size", "label_values"])
 def test_evaluation_stops_on_bad_data_naming_the_file(tmp_path, register, kind):
     """The test loader and evaluator Trainer.test uses: the training mapper's errors."""
-    good = _pair(tmp_path, "good")
+    good = image_label_pair(tmp_path, "good")
     bad, expected = _bad_pair(tmp_path, kind)
     name = register([good, bad])
     cfg = tiny_toy_cfg(TOY_SGR, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4")
@@ -155,7 +147,7 @@ def test_evaluator_checks_labels_itself(tmp_path, register, kind):
 
 def test_test_loader_resizes_like_detectron2(tmp_path, register):
     """The checked evaluation mapper keeps detectron2's test-time resize (INPUT.MIN_SIZE_TEST)."""
-    name = register([_pair(tmp_path, "good", img_hw=(40, 60), lbl_hw=(40, 60))])
+    name = register([image_label_pair(tmp_path, "good", img_hw=(40, 60), lbl_hw=(40, 60))])
     cfg = tiny_toy_cfg(TOY_SGR, "INPUT.MIN_SIZE_TEST", "80", "INPUT.MAX_SIZE_TEST", "1000")
     (x,) = next(iter(Trainer.build_test_loader(cfg, name)))
     assert tuple(x["image"].shape) == (3, 80, 120) and (x["height"], x["width"]) == (40, 60)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from sgr_d2.evaluation import image_token_semantics, read_label_map
+from sgr_d2.evaluation import METRIC_KEYS, image_token_semantics, read_label_map
 from sgr_d2.visualization import concept_region_figure, token_colors
 
 TINY = "sgr_toy_sem_seg_val_first3"
@@ -164,7 +164,7 @@ def test_demo_writes_segmentation_and_concept_regions(toy_model, tmp_path):
 @pytest.mark.slow
 def test_token_semantics_tool_matches_the_per_image_function(toy_model, tmp_path):
     tool = _load("tools/token_semantics.py")
-    from sgr_d2.engine import build_predictor
+    from sgr_d2.predict import build_predictor
     from sgr_d2.predict import predict, predictor_config
 
     rows = tool.main(["--config-file", toy_model["config"], "--weights", toy_model["weights"], "--dataset", TINY,
@@ -179,7 +179,7 @@ def test_token_semantics_tool_matches_the_per_image_function(toy_model, tmp_path
         regions = predict(predictor, image)["sgr_regions"]
         per_image.append(image_token_semantics(regions, read_label_map(d["sem_seg_file_name"]),
                                                np.asarray(Image.open(d["instance_file_name"])).astype(np.int64)))
-    for key in ("S_C", "D_C", "S_I", "D_I"):
+    for key in METRIC_KEYS:
         expected = float(np.nanmean([r[key] for r in per_image]))
         assert 0.0 <= rows[0][key] <= 1.0
         assert rows[0][key] == pytest.approx(expected, abs=1e-5), key
@@ -209,7 +209,7 @@ def test_sweep_kl_reads_the_final_evaluation_and_tabulates(tmp_path, capsys):
     assert json.loads((tmp_path / "sweep_kl.json").read_text())[1]["mIoU"] == 50.0
     table = (tmp_path / "sweep_kl.md").read_text().splitlines()
     assert table[0].split("|")[1:-1] == [f" {c:<{w}} " for c, w in
-                                         zip(("K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I"), (3, 3, 6, 5, 5, 5, 5))]
+                                         zip(("K", "L", "mIoU", *METRIC_KEYS), (3, 3, 6, 5, 5, 5, 5))]
     assert table[2].replace(" ", "") == "|4|2|40.0|0.250|0.500|0.125|1.000|"
     with pytest.raises(ValueError, match="no evaluation"):
         (tmp_path / "K9_L1").mkdir()

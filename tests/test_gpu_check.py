@@ -1,5 +1,6 @@
 """bench/gpu_check.py: its CPU run (``--tiny``, what CI runs so that the GPU check cannot rot) and
-the verdicts it gives: a diverging or non-finite training and failing device tests are FAIL."""
+the verdicts it gives: a diverging or non-finite training and failing device tests are FAIL; a
+training whose first updates the GradScaler skipped is judged on the applied ones."""
 import importlib.util
 import math
 import os
@@ -46,7 +47,7 @@ def tiny_run(module_tmp):
     return proc, out.read_text() if out.is_file() else ""
 
 
-@pytest.mark.slow  # about 50 s on two shared cores
+@pytest.mark.slow  # about a minute on two shared cores
 def test_tiny_run_trains_checks_and_measures(tiny_run):
     proc, written = tiny_run
     # bug caught: the tiny run crashes or exits non-zero although every check passed
@@ -59,9 +60,10 @@ def test_tiny_run_trains_checks_and_measures(tiny_run):
     # bug caught: a tiny config is dropped from (a) or an extra one runs (the 60 s budget)
     assert sorted(rows) == sorted(TINY_CONFIGS)
     for name, row in rows.items():
-        iters, first, last, result = int(row[1]), float(row[2]), float(row[3]), row[4]
-        # bug caught: the loop stops before the 3 iterations asked for
-        assert iters == 3, row
+        iters, applied, first, last, result = int(row[1]), int(row[2]), float(row[3]), float(row[4]), row[5]
+        # bug caught: the loop stops before the 3 iterations asked for; bfloat16 has no GradScaler
+        # to skip an update
+        assert iters == 3 and applied == 3, row
         # bug caught: a loss recorded as NaN/inf (or not recorded) still printed as a number
         assert math.isfinite(first) and math.isfinite(last), row
         # bug caught: first and last swapped, or the optimizer step not applied (loss flat)
@@ -86,12 +88,20 @@ def test_tiny_run_trains_checks_and_measures(tiny_run):
     assert float(sgr[4]) == pytest.approx(float(sgr[3]) / float(base[3]), abs=5e-3), sgr
     # bug caught: the baseline row given a ratio to itself or to the SGR model
     assert base[2] == "—" and base[4] == "—", base
+    # bug caught: evaluation timed under autocast (what --eval-only does not do), or unlabelled
+    assert "evaluation img/s (float32, as --eval-only)" in out
 
-    # bug caught: --out not written, or written without one of the three tables
-    for heading in ("### (a)", "### (b)", "### (c)"):
+    trainer = _table(out, "| run |")
+    # bug caught: the Trainer check (training, --resume with the evaluation, the NaN guard) not
+    # run, one of its runs dropped, or a failing one printed OK
+    assert [r[1] for r in trainer] == ["OK"] * 3 and len(trainer) == 3, trainer
+    assert "--resume" in trainer[1][0] and "NaN" in trainer[2][0], trainer
+
+    # bug caught: --out not written, or written without one of the four tables
+    for heading in ("### (a)", "### (b)", "### (c)", "### (d)"):
         assert heading in written
     for name in TINY_CONFIGS:
-        assert re.search(rf"^\| {name} \| 3 \| ({NUMBER}) \| ({NUMBER}) \| OK \|", written, flags=re.M)
+        assert re.search(rf"^\| {name} \| 3 \| 3 \| ({NUMBER}) \| ({NUMBER}) \| OK \|", written, flags=re.M)
 
 
 def test_judge():
@@ -107,6 +117,69 @@ def test_judge():
     assert not g.judge([{"a": 2.0}, {"a": 1.0}], 3)[0]
     # bug caught: an error message dropped when the recorded losses look fine
     assert g.judge([{"a": 2.0}, {"a": 1.0}], 2, "RuntimeError: boom") == (False, "RuntimeError: boom")
+
+
+def test_judge_takes_the_applied_updates_and_means_at_each_end():
+    g = _load()
+
+    def run(*totals):
+        return [{"loss": t} for t in totals]
+
+    # float16: the GradScaler skipped the first 3 updates (their losses: the initial weights, the
+    # first a low draw of a noisy loss), then the loss falls, noisily. PASS; "last below first"
+    # (3.05 against 3.0) would fail it
+    healthy = run(3.0, 5.2, 4.6, 4.9, 4.0, 3.6, 3.2, 3.4, 3.05)
+    skipped3 = [False] * 3 + [True] * 6
+    assert g.judge(healthy, 9, applied=skipped3, window=3) == (True, "")
+    assert not g.judge(healthy, 9)[0]  # what "every iteration, last below first" made of it
+    # bug caught: skipped updates' losses counted (9.0 at the start would make a flat run "fall")
+    flat_after_skips = run(9.0, 9.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0)
+    ok, note = g.judge(flat_after_skips, 8, applied=[False] * 2 + [True] * 6, window=3)
+    assert not ok and note == ("the mean total loss of the last 3 applied updates (5) is not below that of "
+                               "the first 3 (5)"), note
+    # bug caught: the mean at each end replaced by one value (a flat run whose last single value
+    # happens to be low passes)
+    assert not g.judge(run(5.0, 4.8, 4.9, 5.2, 5.3, 4.7), 6, window=3)[0]
+    # an increasing run fails
+    assert not g.judge(run(1.0, 1.5, 2.0, 2.5, 3.0, 3.5), 6, window=3)[0]
+    # bug caught: a run whose updates were nearly all skipped judged on too few losses
+    ok, note = g.judge(run(5.0, 5.0, 5.0, 5.0, 4.0, 3.0), 6, applied=[False] * 4 + [True] * 2, window=3)
+    assert not ok and note.startswith("2 of 6 updates applied"), note
+
+
+def test_updates_the_grad_scaler_skipped_are_detected(data, monkeypatch, one_thread):
+    """train_check reads a skipped update from a drop of the GradScaler's scale (here a stand-in
+    that halves its scale at the first two steps, whose updates are undone)."""
+    g, d = data
+    real = g.build_trainer
+
+    class Scaler:
+        scale = 2.0 ** 16
+
+        def get_scale(self):
+            return self.scale
+
+    def skipping_trainer(cfg, model, batch):
+        trainer = real(cfg, model, batch)
+        trainer.grad_scaler = scaler = Scaler()
+        step, calls = trainer.run_step, []
+
+        def run_step():
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            step()
+            calls.append(1)
+            if len(calls) <= 2:  # an overflow: the update is not applied, the scale halves
+                model.load_state_dict(before)
+                scaler.scale /= 2
+        trainer.run_step = run_step
+        return trainer
+
+    monkeypatch.setattr(g, "build_trainer", skipping_trainer)
+    row = g.train_check(g.config_file("dil_fcn_r50_sgr"), "cpu", 64, 2, 4, d, opts=["SOLVER.AMP.ENABLED", "False"],
+                        lr_scale=0.1)
+    # bug caught: the scale compared the wrong way, or the skipped updates judged
+    assert (row["iters"], row["applied"]) == (4, 2), row
+    assert "2 update(s) skipped by the GradScaler" in row["note"], row
 
 
 @pytest.fixture

@@ -495,8 +495,7 @@ def test_every_entry_point_goes_through_the_fit_check(tmp_path):
     from detectron2.engine import default_argument_parser
 
     from sgr_d2.engine.trainer import run
-    from sgr_d2.engine import build_predictor
-    from sgr_d2.predict import predictor_config
+    from sgr_d2.predict import build_predictor, predictor_config
 
     sys.path.insert(0, os.path.join(REPO, "demo"))
     import demo as demo_script

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TOY_SGR, log_records, tiny_toy_cfg
+from conftest import (CLI, REPO, TOY_SGR, assert_unchanged, child_env, earlier_outputs, image_label_pair, log_records,
+                      seeded_trainer, thread_count, tiny_run_cfg, tiny_toy_cfg)
 from PIL import Image
-from test_reliability import CLI, _assert_unchanged, _cfg, _earlier_outputs, _env, _pair, _threads, _trainer
 
 from detectron2.engine import HookBase
 
@@ -63,12 +63,12 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
     SEED (the sampler's seed must come from the checkpoint) and a MODEL.WEIGHTS that does not
     exist (resuming ignores it)."""
     opts = ("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.OPTIMIZER", optimizer)
-    whole = _trainer(_cfg(tmp_path / "whole", *opts, "SEED", "5"))
+    whole = seeded_trainer(tiny_run_cfg(tmp_path / "whole", *opts, "SEED", "5"))
     whole.resume_or_load(resume=False)
     whole.train()
 
     out = tmp_path / "stopped"
-    first = _trainer(_cfg(out, *opts, "SEED", "5"))
+    first = seeded_trainer(tiny_run_cfg(out, *opts, "SEED", "5"))
     first.resume_or_load(resume=False)
     first.register_hooks([_KillBefore(4)])
     with pytest.raises(_Killed):
@@ -79,7 +79,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path, optimizer):
     assert ckpt["trainer"]["data"]["position"] == 3 * 2  # 3 iterations of IMS_PER_BATCH 2
     del first
 
-    resumed = _trainer(_cfg(out, *opts, "SEED", "6", "MODEL.WEIGHTS", str(tmp_path / "no_such_weights.pth")))
+    resumed = seeded_trainer(tiny_run_cfg(out, *opts, "SEED", "6", "MODEL.WEIGHTS", str(tmp_path / "no_such_weights.pth")))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3
     resumed.train()
@@ -118,25 +118,6 @@ def test_each_worker_resumes_its_share_of_the_stream(monkeypatch, world_size):
         assert got == stream[6 + rank::world_size][:8], (rank, got)
 
 
-def test_a_checkpoint_of_an_earlier_sgr_d2_still_resumes(tmp_path):
-    """Checkpoints written before the optimizer, data and random states were saved: the resume
-    takes what is there and warns about the optimizer and the data stream."""
-    out = tmp_path / "run"
-    first = _trainer(_cfg(out, "SOLVER.MAX_ITER", "1"))
-    first.resume_or_load(resume=False)
-    first.train()
-    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
-    for key in ("_trainer", "data", "rng"):
-        del ckpt["trainer"][key]
-    torch.save(ckpt, out / "model_final.pth")
-    with log_records("sgr_d2") as logged:
-        again = _trainer(_cfg(out, "SOLVER.MAX_ITER", "2"))
-        again.resume_or_load(resume=True)
-    assert again.start_iter == 1 and again.optimizer.state_dict()["state"] == {}
-    assert any("holds no optimizer state" in m for m in logged), logged
-    assert any("does not record the data stream" in m for m in logged), logged
-
-
 # =========================================================================== 2, 3. divergence
 def _nan_region_maps_at(model, trainer, iteration):
     """Make the SGR module's region maps NaN at ``iteration`` (its features stay finite)."""
@@ -153,7 +134,7 @@ def test_non_finite_region_maps_reach_the_loss_guard(tmp_path):
     """The SGR criterion returns NaN terms instead of failing in the matching, so the guard stops
     the run as for a NaN head loss: its message, and the last good state saved and tagged."""
     out = tmp_path / "run"
-    trainer = _trainer(_cfg(out, "SOLVER.MAX_ITER", "5"))
+    trainer = seeded_trainer(tiny_run_cfg(out, "SOLVER.MAX_ITER", "5"))
     trainer.resume_or_load(resume=False)
     _nan_region_maps_at(trainer.model, trainer, 2)
     with pytest.raises(FloatingPointError) as e:
@@ -174,7 +155,7 @@ def test_non_finite_mask_predictions_reach_the_loss_guard(tmp_path):
     terms, so the guard stops the run with its message and the last good state, as for SGR."""
     out = tmp_path / "run"
     config = os.path.join(REPO, "configs", "toy", "maskformer_r18_sgr.yaml")
-    trainer = _trainer(tiny_toy_cfg(config, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "5", "DATASETS.TEST", "()",
+    trainer = seeded_trainer(tiny_toy_cfg(config, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "5", "DATASETS.TEST", "()",
                                     "INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TRAIN", "(64,)",
                                     "SOLVER.CHECKPOINT_PERIOD", "1000"))
     trainer.resume_or_load(resume=False)
@@ -218,7 +199,7 @@ def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp
     SOLVER.BASE_LR continues from it with the new LR (logged), the checkpoint's momentum kept."""
     out, max_iter = tmp_path / "run", 12
     opts = ("SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "1")
-    trainer = _trainer(_cfg(out, *opts))
+    trainer = seeded_trainer(tiny_run_cfg(out, *opts))
     trainer.resume_or_load(resume=False)
     names = [n for n, _ in trainer.model.named_parameters()]
     start_norm = _param_norm(trainer.model.state_dict(), names)
@@ -246,10 +227,10 @@ def test_divergence_keeps_a_sane_state_and_a_lower_lr_takes_effect_on_resume(tmp
     # changed too (0.9 and 1e-4 in the recipe)
     new_opts = ("SOLVER.BASE_LR", "0.001", "SOLVER.MOMENTUM", "0.8", "SOLVER.WEIGHT_DECAY", "0.0003")
     with log_records("sgr_d2.engine.resume") as logged:
-        again = _trainer(_cfg(out, *opts, *new_opts))
+        again = seeded_trainer(tiny_run_cfg(out, *opts, *new_opts))
         again.resume_or_load(resume=True)
     assert again.start_iter == 3
-    fresh = _trainer(_cfg(tmp_path / "fresh", *opts, *new_opts))  # the config's LRs
+    fresh = seeded_trainer(tiny_run_cfg(tmp_path / "fresh", *opts, *new_opts))  # the config's LRs
     for key in ("momentum", "weight_decay"):  # every group's, from the config, not the checkpoint
         assert [g[key] for g in again.optimizer.param_groups] == [g[key] for g in fresh.optimizer.param_groups]
     assert {g["momentum"] for g in again.optimizer.param_groups} == {0.8}
@@ -272,15 +253,15 @@ def test_divergence_without_a_sane_checkpoint_removes_the_tag(tmp_path):
     """SOLVER.BASE_LR 1e2 from the start, no periodic checkpoint: no state of the run is sane,
     so the tag an earlier run left is removed and --resume starts again at iteration 0."""
     out = tmp_path / "run"
-    _earlier_outputs(out)  # last_checkpoint names an earlier run's model_final.pth
-    trainer = _trainer(_cfg(out, "SOLVER.BASE_LR", "100.0", "SOLVER.MAX_ITER", "12"))
+    earlier_outputs(out)  # last_checkpoint names an earlier run's model_final.pth
+    trainer = seeded_trainer(tiny_run_cfg(out, "SOLVER.BASE_LR", "100.0", "SOLVER.MAX_ITER", "12"))
     trainer.resume_or_load(resume=False)
     with pytest.raises(FloatingPointError) as e:
         trainer.train()
     msg = str(e.value)
     assert "No checkpoint of this run passed the sanity check" in msg and "was removed" in msg
     assert not (out / "last_checkpoint").exists() and not (out / "model_last_good.pth").exists()
-    again = _trainer(_cfg(out, "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "12"))
+    again = seeded_trainer(tiny_run_cfg(out, "SOLVER.BASE_LR", "0.01", "SOLVER.MAX_ITER", "12"))
     again.resume_or_load(resume=True)
     assert again.start_iter == 0
 
@@ -291,13 +272,13 @@ def test_divergence_after_resuming_falls_back_to_the_checkpoint_resumed_from(tmp
     checkpoint it resumed from, which last_checkpoint then names; the message advises a lower
     SOLVER.BASE_LR."""
     out, opts = tmp_path / "run", ("SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "2")
-    first = _trainer(_cfg(out, *opts))
+    first = seeded_trainer(tiny_run_cfg(out, *opts))
     first.resume_or_load(resume=False)
     first.register_hooks([_KillBefore(3)])
     with pytest.raises(_Killed):
         first.train()
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
-    again = _trainer(_cfg(out, *opts))
+    again = seeded_trainer(tiny_run_cfg(out, *opts))
     again.resume_or_load(resume=True)
     assert again.start_iter == 2
     again.register_hooks([_LearningRate(2, 100.0)])
@@ -317,7 +298,7 @@ def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     iteration MAX_ITER: nothing left to train) writes model_final.pth and removes the file."""
     out = tmp_path / "run"
     opts = ("SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2")
-    trainer = _trainer(_cfg(out, *opts))
+    trainer = seeded_trainer(tiny_run_cfg(out, *opts))
     trainer.resume_or_load(resume=False)
     trainer.train()
     # what the kill leaves: the tag names the periodic checkpoint, the final write is a .tmp
@@ -329,7 +310,7 @@ def test_a_kill_during_the_final_write_still_ends_with_model_final(tmp_path):
     keep = out / ".notes.tmp"  # not a name a checkpoint write makes
     keep.write_text("x")
     with log_records("sgr_d2") as logged:
-        resumed = _trainer(_cfg(out, *opts))
+        resumed = seeded_trainer(tiny_run_cfg(out, *opts))
         resumed.resume_or_load(resume=True)
     assert not any(p.exists() for p in stale) and keep.exists()
     assert any("Removed 2 temporary file(s) left by interrupted checkpoint writes" in m for m in logged), logged
@@ -419,13 +400,13 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, fault):
 
 def test_eval_only_without_weights_needs_an_explicit_flag(tmp_path):
     out = tmp_path / "run"
-    earlier = _earlier_outputs(out)
+    earlier = earlier_outputs(out)
     (out / "last_checkpoint").unlink()
     del earlier["last_checkpoint"]
     base = ["--config-file", TOY_SGR, "--eval-only"]
     with pytest.raises(ValueError, match=r"--eval-only with an empty MODEL\.WEIGHTS .*--allow-random-weights"):
         run(argument_parser().parse_args(base + ["OUTPUT_DIR", str(out)]))
-    _assert_unchanged(out, earlier)
+    assert_unchanged(out, earlier)
     # the explicit flag, or --resume with a checkpoint to evaluate, gets past the check
     cfg = setup_cfg(argument_parser().parse_args(base + ["--allow-random-weights", "OUTPUT_DIR", str(tmp_path / "a")]))
     assert cfg.MODEL.WEIGHTS == ""
@@ -435,7 +416,7 @@ def test_eval_only_without_weights_needs_an_explicit_flag(tmp_path):
 
 
 def _unlabelled_pair(folder, stem):
-    d = _pair(folder, stem)
+    d = image_label_pair(folder, stem)
     Image.fromarray(np.full((40, 40), 255, np.uint8)).save(d["sem_seg_file_name"])
     return d
 
@@ -445,15 +426,15 @@ def test_a_training_set_without_labelled_pixels_is_reported(tmp_path, register):
     data.mkdir()
     blank = register([_unlabelled_pair(data, "a"), _unlabelled_pair(data, "b")])
     with log_records("sgr_d2.engine.hooks") as logged:
-        trainer = _trainer(_cfg(tmp_path / "run", "DATASETS.TRAIN", f"('{blank}',)", "SOLVER.MAX_ITER", "3"))
+        trainer = seeded_trainer(tiny_run_cfg(tmp_path / "run", "DATASETS.TRAIN", f"('{blank}',)", "SOLVER.MAX_ITER", "3"))
         trainer.train()
     assert all(v == 0 for k in LOSSES for v in _history(trainer)[k])  # what the warning is about
     warnings = [m for m in logged if "No training image has a labelled pixel" in m]
     assert len(warnings) == 1 and "all 6 images (2 files) of the first 3 iteration(s)" in warnings[0], logged
     # one labelled image among them: no warning
-    mixed = register([_unlabelled_pair(data, "c"), _pair(data, "d")])
+    mixed = register([_unlabelled_pair(data, "c"), image_label_pair(data, "d")])
     with log_records("sgr_d2.engine.hooks") as logged:
-        _trainer(_cfg(tmp_path / "run2", "DATASETS.TRAIN", f"('{mixed}',)", "SOLVER.MAX_ITER", "2")).train()
+        seeded_trainer(tiny_run_cfg(tmp_path / "run2", "DATASETS.TRAIN", f"('{mixed}',)", "SOLVER.MAX_ITER", "2")).train()
     assert not [m for m in logged if "labelled pixel" in m]
 
 
@@ -493,7 +474,7 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     # does. The workers inherit that, so torch's own safety net (spawn sets PR_SET_PDEATHSIG to
     # SIGINT) cannot stop them: only sgr_d2's watch on the launcher does. Without this, the test
     # would pass with that watch removed.
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     workers = []
     try:
@@ -547,7 +528,7 @@ def test_the_watch_thread_alone_stops_a_worker_whose_launcher_died(tmp_path):
     assert "sgr_d2-launcher-watch" not in {t.name for t in __import__("threading").enumerate()} - before
     script, pid_file = tmp_path / "launcher.py", tmp_path / "worker.pid"
     script.write_text(_WATCHED_WORKER)
-    env = dict(_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    env = dict(child_env(), PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     launcher = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=REPO, env=env)
     worker = None
     try:
@@ -584,7 +565,7 @@ def test_release_process_groups_joins_the_gloo_threads_of_every_group(tmp_path):
     from sgr_d2.engine.workers import release_process_groups, run_then_release
 
     assert not dist.is_initialized()
-    baseline = _threads()
+    baseline = thread_count()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", world_size=1, rank=0)
     try:
         comm._LOCAL_PROCESS_GROUP = dist.new_group([0])  # as detectron2's launcher sets it
@@ -594,13 +575,13 @@ def test_release_process_groups_joins_the_gloo_threads_of_every_group(tmp_path):
         cycle = {"group": dist.new_group([0])}
         cycle["self"] = cycle
         del cycle
-        assert _threads() >= baseline + 3 * 2  # three groups, each with its gloo worker threads
+        assert thread_count() >= baseline + 3 * 2  # three groups, each with its gloo worker threads
         with pytest.raises(ZeroDivisionError):  # a failing worker keeps its groups: it exits at once
             run_then_release(lambda: 1 / 0)
         assert dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is not None
         assert run_then_release(lambda x: x + 1, 1) == 2
         assert not dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None
-        assert _threads() == baseline
+        assert thread_count() == baseline
         assert release_process_groups() is False
     finally:
         if dist.is_initialized():

@@ -242,7 +242,7 @@ def test_the_demo_draws_panoptic_and_instance_only_models_and_predict_names_the_
         drawn = np.asarray(Image.open(path).convert("RGB"))
         assert drawn.shape == pixels.shape and not np.array_equal(drawn, pixels), folder
 
-    from sgr_d2.engine import build_predictor
+    from sgr_d2.predict import build_predictor
     from sgr_d2.predict import predict, predictor_config
 
     out, _ = trained["cityscapes_instance", "connected"]

@@ -8,7 +8,7 @@
 
 A pair ``P`` is ``configs/toy/P.yaml`` (the baseline) and ``configs/toy/P_sgr.yaml`` (the same
 recipe with SGR); semantic-segmentation pairs only. Each model is trained with ``SEED`` 1..N
-(``--seeds N``, default 3) by ``sgr_d2.engine.experiments.train_and_evaluate`` (a child process
+(``--seeds N``, default 3) by ``tools/experiments.py::train_and_evaluate`` (a child process
 running the body of ``train_net.py``, log in ``<run>/train_stdout.log``), then evaluated on the
 config's test set single-scale (with the token metrics S_C, D_C, S_I, D_I for SGR) and with the
 config's multi-scale + flip.
@@ -60,6 +60,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # experiments.py
+
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
 
 DEFAULT_PAIRS = ["dil_fcn_r18", "dil_fcn_r18_context"]
 # variant: (label, config of the pair it starts from, its overrides)
@@ -73,7 +76,6 @@ ABLATIONS = {
 }
 VARIANTS = {"baseline": ("baseline", "baseline", []), "sgr": ("SGR", "sgr", []), **CONTROL, **ABLATIONS}
 LABELS = {k: v[0] for k, v in VARIANTS.items()}
-TOKEN_METRICS = ("S_C", "D_C", "S_I", "D_I")
 
 
 def get_parser():
@@ -154,7 +156,7 @@ def run_record(run, seed, classes):
     for c in classes:
         rec[f"IoU-{c}"] = m.get(f"sem_seg/IoU-{c}", math.nan)
         rec[f"ACC-{c}"] = m.get(f"sem_seg/ACC-{c}", math.nan)  # the class's pixel accuracy (recall)
-    for k in TOKEN_METRICS:
+    for k in METRIC_KEYS:
         rec[k] = m.get(f"token_semantics/{k}", math.nan)
     return rec
 
@@ -174,14 +176,15 @@ def tables(title, classes, variants):
     baseline first."""
     base = variants["baseline"]["summary"]
     lines = [title, "",
-             "| model | mIoU | mIoU ms+flip | S_C | D_C | S_I | D_I | step (s) | peak mem (MiB) | step ratio | mem ratio |",
+             f"| model | mIoU | mIoU ms+flip | {' | '.join(METRIC_KEYS)} | step (s) | peak mem (MiB) | step ratio "
+             "| mem ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, data in variants.items():
         s = data["summary"]
         time_ratio = s["step_time_s"][0] / base["step_time_s"][0]
         mem_ratio = s["peak_mib"][0] / base["peak_mib"][0]
         cells = [LABELS[v], format_mean_std(*s["mIoU"], 1), format_mean_std(*s["mIoU_TTA"], 1)]
-        cells += [format_mean_std(*s[k], 3) for k in TOKEN_METRICS]
+        cells += [format_mean_std(*s[k], 3) for k in METRIC_KEYS]
         cells += [format_mean_std(*s["step_time_s"], 2), format_mean_std(*s["peak_mib"], 0),
                   f"{time_ratio:.2f}", f"{mem_ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -336,7 +339,7 @@ def main(argv=None):
     import sgr_d2  # noqa: F401
     from detectron2.data import MetadataCatalog
 
-    from sgr_d2.engine.experiments import read_run, train_and_evaluate
+    from experiments import read_run, train_and_evaluate
 
     if args.seeds < 1:
         raise ValueError(f"--seeds is {args.seeds}; expected at least 1")
@@ -386,7 +389,7 @@ def main(argv=None):
     results = {}
     for pair, info in pairs.items():
         classes = info["classes"]
-        keys = ["mIoU", "mIoU_TTA", "step_time_s", "peak_mib", "wall_s", *TOKEN_METRICS,
+        keys = ["mIoU", "mIoU_TTA", "step_time_s", "peak_mib", "wall_s", *METRIC_KEYS,
                 *(f"IoU-{c}" for c in classes), *(f"ACC-{c}" for c in classes)]
         meta = MetadataCatalog.get(info["dataset"])
         results[pair] = {

@@ -2,7 +2,7 @@
 """``make demo``: train SGR on the generated toy dataset on the CPU, evaluate it, draw its regions.
 
 1. trains ``configs/toy/dil_fcn_r18_sgr.yaml`` as ``train_net.py`` does, in a child process
-   (``sgr_d2.engine.experiments.train_and_evaluate``), which then evaluates the final checkpoint
+   (``tools/experiments.py::train_and_evaluate``), which then evaluates the final checkpoint
    single-scale with the token-semantics metrics and multi-scale + flip (docs/method.md#training-and-evaluation-recipe);
 2. prints the mIoU beside that of a majority-class predictor (chance level for this data);
 3. writes a concept-region figure of the first validation image.
@@ -17,6 +17,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
 import sgr_d2  # noqa: E402,F401
 from PIL import Image  # noqa: E402
@@ -24,10 +25,11 @@ from PIL import Image  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from sgr_d2.config import load_config  # noqa: E402
-from sgr_d2.engine import build_predictor  # noqa: E402
-from sgr_d2.engine.experiments import TOKEN_METRICS, read_run, train_and_evaluate  # noqa: E402
-from sgr_d2.predict import dataset_item, predict  # noqa: E402
+from sgr_d2.evaluation import METRIC_KEYS  # noqa: E402
+from sgr_d2.predict import build_predictor, dataset_item, predict  # noqa: E402
 from sgr_d2.visualization import concept_region_figure  # noqa: E402
+
+from experiments import read_run, train_and_evaluate  # noqa: E402
 
 
 def majority_class_miou(train_name: str, val_name: str, num_classes: int, ignore: int = 255) -> float:
@@ -85,7 +87,7 @@ def main(argv=None):
     print(f"mIoU single-scale           : {single['sem_seg/mIoU']:.2f}")
     print(f"mIoU multi-scale + flip     : {multi['sem_seg_TTA/mIoU']:.2f}")
     print(f"mIoU majority-class baseline: {chance:.2f}")
-    ts = {k: single[f"token_semantics/{k}"] for k in TOKEN_METRICS if f"token_semantics/{k}" in single}
+    ts = {k: single[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in single}
     if ts:
         print("token semantics             : " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
     if figure_ok:

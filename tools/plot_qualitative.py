@@ -17,8 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
-from sgr_d2.engine import build_predictor  # noqa: E402
-from sgr_d2.predict import dataset_item, predict, predictor_config  # noqa: E402
+from sgr_d2.predict import build_predictor, dataset_item, predict, predictor_config  # noqa: E402
 from sgr_d2.visualization import qualitative_figure  # noqa: E402
 
 

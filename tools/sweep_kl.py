@@ -6,7 +6,7 @@
 
 Each run trains ``<config> MODEL.SGR.NUM_TOKENS K MODEL.SGR.NUM_MATCHED L TEST.TOKEN_SEMANTICS True
 [SOLVER.MAX_ITER iters] [extra opts]`` into ``<output>/K<K>_L<L>`` as ``train_net.py`` would, in a
-child process (``sgr_d2.engine.experiments.train_and_evaluate``, log in ``train_stdout.log``)
+child process (``tools/experiments.py::train_and_evaluate``, log in ``train_stdout.log``)
 (default config: the toy Dil-FCN + SGR, whose 16×16 = 256 feature cells are fewer than K = 512:
 that is fine, tokens are soft regions and nothing requires K ≤ cells). The final evaluation's numbers are read back from
 the run's ``metrics.json``. Combinations with L > K are skipped. The table is printed and saved
@@ -21,10 +21,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))  # experiments.py
 
-from sgr_d2.engine.experiments import read_final_metrics, train_and_evaluate  # noqa: E402
+from experiments import read_final_metrics, train_and_evaluate  # noqa: E402
 
-COLUMNS = ("K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I")
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
+
+COLUMNS = ("K", "L", "mIoU", *METRIC_KEYS)
 
 
 def get_parser():

@@ -20,8 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
 
-COLUMNS = ("dataset", "K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I")
+COLUMNS = ("dataset", "K", "L", "mIoU", *METRIC_KEYS)
 
 
 def get_parser():
@@ -49,7 +50,7 @@ def format_table(rows, columns=COLUMNS) -> str:
 
 
 def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
-    """Rows ``{"dataset", "K", "L", "mIoU", "S_C", "D_C", "S_I", "D_I"}``, one per dataset."""
+    """Rows ``{"dataset", "K", "L", "mIoU", S_C, D_C, S_I, D_I}`` (:data:`COLUMNS`), one per dataset."""
     from detectron2.evaluation import inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
@@ -83,7 +84,7 @@ def evaluate(config_file, weights, datasets=None, opts=(), output_dir=None):
         ts = res.get("token_semantics", {})
         rows.append({"dataset": name, "K": cfg.MODEL.SGR.NUM_TOKENS, "L": cfg.MODEL.SGR.NUM_MATCHED,
                      "mIoU": float(res.get("sem_seg", {}).get("mIoU", math.nan)),
-                     **{k: float(ts.get(k, math.nan)) for k in ("S_C", "D_C", "S_I", "D_I")}})
+                     **{k: float(ts.get(k, math.nan)) for k in METRIC_KEYS}})
     return rows
 
 

@@ -38,8 +38,8 @@ class CPUAutocastTrainer(SimpleTrainer):
         self.precision = precision
         self._in_step = False
         self._autocast = None
-        self._hook_handles = [model.register_forward_pre_hook(self._enter_autocast),
-                              model.register_forward_hook(self._leave_autocast)]
+        model.register_forward_pre_hook(self._enter_autocast)
+        model.register_forward_hook(self._leave_autocast)
 
     def _enter_autocast(self, module, args) -> None:
         if self._in_step and self._autocast is None:

@@ -88,13 +88,8 @@ class NonFiniteLossGuard:
         self._param_names = {n for n, _ in self._module.named_parameters()}
         self.reference_norm = None
         self.agreed_at, self.stop_requested = None, False
-        self._handles = [model.register_forward_pre_hook(self._snapshot),
-                         model.register_forward_hook(self._check)]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        model.register_forward_pre_hook(self._snapshot)
+        model.register_forward_hook(self._check)
 
     def _snapshot(self, module, args) -> None:
         if module.training:
@@ -260,10 +255,7 @@ class UnlabelledImagesMonitor:
         self.unlabelled_files = set()
         self.warned = False
         self.done = False
-        self._handle = trainer._trainer.model.register_forward_pre_hook(self._count)
-
-    def remove(self) -> None:
-        self._handle.remove()
+        trainer._trainer.model.register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
         if self.done or not module.training or not args or not isinstance(args[0], (list, tuple)):

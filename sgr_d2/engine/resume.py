@@ -125,11 +125,7 @@ def set_rng_state(state: Dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # an earlier sgr_d2 saved every visible device's
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def worker_rng_states() -> Optional[List[Dict]]:

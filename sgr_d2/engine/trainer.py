@@ -186,12 +186,7 @@ class Trainer(DefaultTrainer):
     def load_state_dict(self, state_dict):
         configured = configured_hyperparameters(self.optimizer, self.scheduler)
         TrainerBase.load_state_dict(self, state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logging.getLogger("sgr_d2").warning(
-                "resume: the checkpoint holds no optimizer state (written by an earlier sgr_d2): the "
-                "optimizer starts afresh (no momentum or Adam moments) at iteration %d", self.iter + 1)
+        self._trainer.load_state_dict(state_dict["_trainer"])
         apply_config_hyperparameters(self.optimizer, self.scheduler, configured, self.iter + 1)
         self._restore_stream(state_dict.get("data"), state_dict.get("rng"))
 
@@ -202,23 +197,18 @@ class Trainer(DefaultTrainer):
     def _restore_stream(self, data, rng):
         """The sampler's seed and position, then this worker's random states: the last thing a
         resume does (nothing draws random numbers after the checkpoint's trainer state is loaded)."""
-        log = logging.getLogger("sgr_d2")
         stream = self._data_stream
         if stream is not None:
-            if data:
-                if data.get("seed") is not None:
-                    stream.seed = data["seed"]
-                stream.start = self._data_start = int(data["position"])
-                log.info("resume: the training images continue at position %d of the sampler's "
-                         "stream (seed %s)", self._data_start, stream.seed)
-                restart_data_loader(self._trainer)
-            else:
-                log.warning("resume: the checkpoint does not record the data stream (written by an "
-                            "earlier sgr_d2): the sampler starts again from its first index")
+            if data.get("seed") is not None:
+                stream.seed = data["seed"]
+            stream.start = self._data_start = int(data["position"])
+            logging.getLogger("sgr_d2").info("resume: the training images continue at position %d of the "
+                                             "sampler's stream (seed %s)", self._data_start, stream.seed)
+            restart_data_loader(self._trainer)
         rng = None if rng is None else own_rng_state(rng)
         if rng is None:
             return
-        if stream is not None and data and self.cfg.DATALOADER.NUM_WORKERS == 0:
+        if stream is not None and self.cfg.DATALOADER.NUM_WORKERS == 0:
             # The data loader draws from torch's generator when its iterator starts (at the first
             # step); the saved run had done that long before. Restore when the stream yields its
             # first index: then the mapper and the model draw exactly what the saved run drew.

@@ -175,7 +175,7 @@ class SGRCriterion(nn.Module):
         finite = torch.isfinite(regions.detach()).all().float().view(1)
         host = torch.cat([finite] + [c.flatten() for *_, c in images]).cpu().numpy()
         if host[0] != 1.0:
-            world_mean_count([0, 0], dev)  # the normalisers are all-reduced: every worker takes part
+            world_mean_count([0, 0, 0], dev)  # the normalisers are all-reduced: every worker takes part
             logger.warning("SGRCriterion: the region maps hold NaN or infinite values; the SGR loss "
                            "terms are NaN and the token matching was skipped")
             nan = (zero + cls_zero) * float("nan")
@@ -210,10 +210,12 @@ class SGRCriterion(nn.Module):
                 pm = F.normalize(p[tok], dim=1, eps=self.eps)
                 div_sum = div_sum + F.relu((pm @ pm.T)[rows, cols]).sum()
                 n_pairs += len(rows)
-        n_comp, n_tok = world_mean_count([n_comp, n_tok], dev)
+        # Each term over its count averaged across workers (one all-reduce): the mean of the workers'
+        # losses, which DDP's averaged gradients follow, is then the loss of the whole batch.
+        n_comp, n_tok, n_pairs = world_mean_count([n_comp, n_tok, n_pairs], dev)
         beta = self.loss_weight
         return {
             "loss_sgr_union": beta * self.union_weight * union_sum / n_comp,
             "loss_sgr_cls": beta * self.class_weight * cls_sum / n_tok,
-            "loss_sgr_div": beta * self.diversity_weight * div_sum / max(n_pairs, 1),
+            "loss_sgr_div": beta * self.diversity_weight * div_sum / n_pairs,
         }

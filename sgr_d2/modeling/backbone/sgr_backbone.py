@@ -8,7 +8,6 @@ from torch import nn
 from detectron2.layers import get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ...config import validate_config
 from ...sgr import SGRModule
 from .stage_hook import StageHookBackbone, stage_channels
 
@@ -53,7 +52,6 @@ class SGRBackbone(StageHookBackbone):
 @BACKBONE_REGISTRY.register()
 def build_sgr_backbone(cfg, input_shape):
     """Builds ``cfg.MODEL.SGR.BACKBONE_NAME`` and inserts SGR after ``cfg.MODEL.SGR.IN_FEATURE``."""
-    validate_config(cfg)
     name = cfg.MODEL.SGR.BACKBONE_NAME
     if name == "build_sgr_backbone":
         raise ValueError("MODEL.SGR.BACKBONE_NAME cannot be build_sgr_backbone itself")

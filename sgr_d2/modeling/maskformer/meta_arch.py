@@ -41,7 +41,6 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 
-from ...config import validate_config
 from ...sgr import SGRCriterion
 from ..backbone.sgr_backbone import SGR_OUTPUTS, SGRBackbone
 from ..sgr_outputs import attach_sgr_regions, build_sgr_criterion, pad_component_targets, sgr_losses
@@ -132,7 +131,6 @@ class MaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        validate_config(cfg)
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         mf = cfg.MODEL.MASK_FORMER

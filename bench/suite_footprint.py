@@ -7,8 +7,8 @@ prints a table: wall time, pytest's exit status, peak and left-over MiB. Passing
 folders are removed as they end (``tmp_path_retention_policy = "failed"`` in pyproject.toml) and
 module fixtures remove theirs, so the peak is the largest single test, not the sum of all.
 
-    python bench/test_footprint.py                       # the whole suite (about 12 min on 2 cores)
-    python bench/test_footprint.py -- tests/test_published_models.py   # more pytest arguments after --
+    python bench/suite_footprint.py                       # the whole suite (about 12 min on 2 cores)
+    python bench/suite_footprint.py -- tests/test_published_models.py   # more pytest arguments after --
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
+#!/usr/bin/env python
 """Train a config in a child process and read back what it measured: the one runner behind
-``tools/demo_toy.py``, ``tools/sweep_kl.py`` and ``tools/compare_sgr.py``.
+``tools/demo_toy.py``, ``tools/sweep_kl.py`` and ``tools/compare_sgr.py`` (a module they import
+with ``tools/`` on ``sys.path``; the benches import its memory readers the same way).
 
-:func:`train_and_evaluate` runs ``python -m sgr_d2.engine.experiments --config-file C [--tta]
+:func:`train_and_evaluate` runs ``python tools/experiments.py --config-file C [--tta]
 OPTS``: the body of ``train_net.py`` (:func:`sgr_d2.engine.trainer.run`, one worker), which
 trains and ends with the config's evaluation (logged to ``<OUTPUT_DIR>/metrics.json``); with
 ``--tta`` the child then evaluates ``model_final.pth`` with multi-scale + flip
@@ -28,12 +30,15 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from ..files import atomic_write_text
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from sgr_d2.evaluation.token_semantics import METRIC_KEYS  # noqa: E402
+from sgr_d2.files import atomic_write_text  # noqa: E402
 
 __all__ = ["peak_rss_mib", "read_last_evaluation", "read_final_metrics", "median_step_time",
-           "train_and_evaluate", "TOKEN_METRICS"]
-
-TOKEN_METRICS = ("S_C", "D_C", "S_I", "D_I")
+           "train_and_evaluate"]
 
 
 def proc_status_mib(field: str) -> float:
@@ -85,7 +90,7 @@ def read_final_metrics(output_dir: str) -> dict:
     """mIoU and S_C, D_C, S_I, D_I (nan when absent) of the last evaluation of a run."""
     last = read_last_evaluation(output_dir)
     out = {"mIoU": last["sem_seg/mIoU"]}
-    for k in TOKEN_METRICS:
+    for k in METRIC_KEYS:
         out[k] = last.get(f"token_semantics/{k}", math.nan)
     return out
 
@@ -113,12 +118,12 @@ def train_and_evaluate(config_file: str, opts: Sequence[str], output_dir: str, *
         if os.path.exists(os.path.join(output_dir, stale)):
             os.remove(os.path.join(output_dir, stale))
     # with --tta the child evaluates multi-scale + flip itself, once, after training
-    cmd = [sys.executable, "-m", "sgr_d2.engine.experiments", "--config-file", config_file,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--config-file", config_file,
            "--num-gpus", str(num_gpus), *(["--tta"] if tta else []), *opts, *(["TEST.AUG.ENABLED", "False"] if tta else []),
            "OUTPUT_DIR", output_dir]
     env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parents[2])  # so that the child imports this sgr_d2
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # so that the child imports this sgr_d2
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(int(threads))
     start = time.time()
@@ -171,23 +176,23 @@ def _flatten(results: dict) -> Dict[str, float]:
 
 
 def _child(argv=None):
-    """``python -m sgr_d2.engine.experiments [--tta] <train_net.py arguments>``."""
+    """``python tools/experiments.py [--tta] <train_net.py arguments>``."""
     import sgr_d2  # noqa: F401  (compat shims and registrations first)
     import torch
     from detectron2.modeling import build_model
 
-    from .checkpoint import load_weights
-    from .trainer import Trainer, argument_parser, run
-    from ..config import load_config, pick_device
+    from sgr_d2.config import load_config, pick_device
+    from sgr_d2.engine.checkpoint import load_weights
+    from sgr_d2.engine.trainer import Trainer, argument_parser, run
 
     parser = argument_parser()  # train_net.py's
     parser.add_argument("--tta", action="store_true", help="then evaluate with multi-scale + flip")
     args = parser.parse_args(argv)
     if args.num_machines > 1 or args.eval_only:
-        raise SystemExit("sgr_d2.engine.experiments trains on one machine; use train_net.py for more")
+        raise SystemExit("tools/experiments.py trains on one machine; use train_net.py for more")
     # train, then evaluate as the config says (into metrics.json), as train_net.py does
     if args.num_gpus > 1:  # the workers are processes of their own: their memory is not measured
-        from .workers import launch
+        from sgr_d2.engine.workers import launch
 
         launch(run, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
         peak = {"peak_rss_mib": None, "peak_cuda_mib": None}
