@@ -261,7 +261,7 @@ def test_a_failing_forward_leaves_autocast_off():
 def test_maskformer_and_mask2former_configs_enable_amp():
     """The MaskFormer / Mask2Former configs train with AMP (the official Mask2Former configs do;
     ours enable it for MaskFormer too); the per-pixel baselines (mmseg recipes) and the toy
-    configs (CPU float32) do not."""
+    configs (CPU float32; also the CPU-sized R-18 folder configs, which inherit from them) do not."""
     checked = 0
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))):
         name = os.path.basename(path)
@@ -269,11 +269,12 @@ def test_maskformer_and_mask2former_configs_enable_amp():
             continue
         cfg = load_config(path, folder_opts(path))
         is_mask_cls = cfg.MODEL.META_ARCHITECTURE == "MaskFormer"
-        is_toy = os.path.basename(os.path.dirname(path)) == "toy"
+        is_toy = os.path.basename(os.path.dirname(path)) == "toy" or "_r18" in name
         assert cfg.SOLVER.AMP.ENABLED == (is_mask_cls and not is_toy), path
         checked += is_mask_cls and not is_toy
     # semantic: datasets x {MaskFormer, Mask2Former} x {R-50, R-101, Swin-T} x {-, SGR}, and the
     # fine-tuning recipe on a published model (configs/ade20k/finetune_mask2former_r50_sgr.yaml);
     # panoptic and instance: 3 datasets x 2 tasks x Mask2Former {R-50, Swin-T} x {-, SGR}; the
-    # folder dataset's Mask2Former x {R-50, Swin-T} x {-, SGR}
-    assert checked == 3 * 2 * 3 * 2 + 1 + 3 * 2 * 2 * 2 + 4
+    # folder datasets' Mask2Former x {R-50, Swin-T} x {-, SGR} (semantic) and R-50 x {instance,
+    # panoptic} x {-, SGR}
+    assert checked == 3 * 2 * 3 * 2 + 1 + 3 * 2 * 2 * 2 + 4 + 4
