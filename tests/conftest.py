@@ -219,6 +219,27 @@ def image_label_pair(folder, stem, img_hw=(40, 40), lbl_hw=(40, 40), values=(0, 
             "height": img_hw[0], "width": img_hw[1]}
 
 
+def run_all(commands, env=None, envs=None):
+    """Run the Python commands (argument lists after the interpreter) concurrently from the
+    repository root (``envs``: one environment each, default :func:`child_env`); returns
+    (returncode, output) of each."""
+    import subprocess
+
+    envs = envs or [env or child_env()] * len(commands)
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, e in zip(commands, envs)]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+def folder_bytes(folder):
+    """``{relative path: bytes}`` of every file under ``folder``: compared before and after a
+    refused run."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def thread_count():
     """This process's thread count (None where /proc does not list them)."""
     return len(os.listdir("/proc/self/task")) if sys.platform.startswith("linux") else None

@@ -8,26 +8,15 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLI, REPO, TOY_SGR, WritesAFile, child_env
+from conftest import CLI, TOY_SGR, WritesAFile, child_env, folder_bytes, run_all
 from PIL import Image
 
 pytestmark = pytest.mark.slow
-
-
-def _run_all(commands, env=None, envs=None):
-    """Run the commands concurrently (``envs``: one environment each); returns (returncode,
-    output) of each."""
-    envs = envs or [env or child_env()] * len(commands)
-    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for cmd, e in zip(commands, envs)]
-    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
 
 
 def _train(out, *opts, flags=()):
@@ -48,10 +37,6 @@ def _crafted(tmp_path, marker):
     return tmp_path / "crafted.pkl", tmp_path / "crafted.pth"
 
 
-def _snapshot(folder: Path):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     """An earlier mixed-precision run leaves its files; then runs refused for a truncated weights
     file (training and --eval-only), for a crafted one and for bad labels (the first batch) must
@@ -60,13 +45,13 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     file is one error naming it at every entry point: training, --eval-only, the ONNX export and
     the demo (torch's own error, PytorchStreamReader's, follows it in parentheses only)."""
     out = tmp_path / "run"
-    (code, output), = _run_all([_train(out, "SOLVER.AMP.ENABLED", "True")])
+    (code, output), = run_all([_train(out, "SOLVER.AMP.ENABLED", "True")])
     assert code == 0, output[-3000:]
     log = (out / "log.txt").read_text()
     # the precision in use and the trainer built, once
     assert log.count("Training on cpu in mixed precision, SOLVER.AMP.ENABLED: bfloat16 autocast without "
                      "gradient scaling (sgr_d2's CPUAutocastTrainer)") == 1
-    before = _snapshot(out)
+    before = folder_bytes(out)
     assert {"config.yaml", "log.txt", "metrics.json", "last_checkpoint", "model_final.pth"} <= set(before)
     assert any(name.startswith("events.out.tfevents") for name in before)
 
@@ -79,7 +64,7 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
         Image.fromarray(np.full((128, 128), 9, np.uint8)).save(label)
     image = tmp_path / "image.jpg"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
-    refused = _run_all([
+    refused = run_all([
         _train(out, "MODEL.WEIGHTS", str(bad)),
         _train(out, "MODEL.WEIGHTS", str(bad), flags=["--eval-only"]),
         ["tools/export_onnx.py", "--config-file", TOY_SGR, "--weights", str(bad), "--output", str(tmp_path / "m.onnx")],
@@ -94,7 +79,7 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     entries = ("train", "eval-only", "export", "demo", "crafted", "bad labels")
     for (code, output), reason, entry in zip(refused, reasons, entries):
         assert code != 0 and reason in output, (entry, reason, output[-2000:])
-    assert _snapshot(out) == before
+    assert folder_bytes(out) == before
     assert not marker.exists() and not (tmp_path / "m.onnx").exists()
 
 
@@ -104,7 +89,7 @@ def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):
     unpickler (and runs: the marker appears), and its plain conversion then loads untrusted."""
     marker = tmp_path / "written_by_the_pickle"
     pkl, pth = _crafted(tmp_path, marker)
-    results = _run_all([
+    results = run_all([
         _train(tmp_path / "eval", "MODEL.WEIGHTS", str(pkl), flags=["--eval-only"]),
         ["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")],
         ["tools/convert_checkpoint.py", "--input", str(pth), "--output", str(tmp_path / "b.pth")],
@@ -113,7 +98,7 @@ def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):
         assert code != 0 and f"weights file {path}: reading it would need `io.open`" in output, output[-2000:]
         assert f"SGR_D2_TRUSTED_WEIGHTS={path} python tools/convert_checkpoint.py --input {path}" in output
     assert not marker.exists() and not (tmp_path / "a.pth").exists()
-    (code, output), = _run_all([["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")]],
+    (code, output), = run_all([["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")]],
                                env=child_env(SGR_D2_TRUSTED_WEIGHTS=str(pkl)))
     assert code == 0 and marker.exists(), output
     from sgr_d2.files import read_weights

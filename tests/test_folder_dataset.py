@@ -15,9 +15,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from conftest import REPO, TOY_SGR, log_records
+from conftest import REPO, TOY_SGR, child_env, folder_bytes, log_records, run_all
 from PIL import Image
-from test_entry_points import _env, _run_all, _snapshot
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
@@ -80,7 +79,7 @@ def _refused(tmp_path, root, *opts, error=FolderDatasetError, config=FOLDER_R18)
     (out / "model_final.pth").write_bytes(b"an earlier run's weights")
     with pytest.raises(error) as e:
         run(_args(root, out, *opts, config=config))
-    assert _snapshot(out) == {"model_final.pth": b"an earlier run's weights"}
+    assert folder_bytes(out) == {"model_final.pth": b"an earlier run's weights"}
     return str(e.value)
 
 
@@ -106,12 +105,12 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
     coco = tmp_path / "coco"
     make_coco_folder(coco, counts=(4, 2))
     command = ["train_net.py", "--config-file", "configs/folder/dil_fcn_r18_sgr.yaml", "DATASETS.FOLDER.ROOT"]
-    (code, output), (refused, message), (pan_code, pan_output) = _run_all([
+    (code, output), (refused, message), (pan_code, pan_output) = run_all([
         [*command, str(good), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(tmp_path / "run"), *FAST],
         [*command, str(bad), "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(refused_out), *FAST],
         ["train_net.py", "--config-file", "configs/folder/mask2former_r18_panoptic_sgr.yaml", "DATASETS.FOLDER.ROOT",
          str(coco), "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(tmp_path / "panoptic"), *FAST],
-    ], env=_env())
+    ], env=child_env())
     assert code == 0, output[-3000:]
     results = re.findall(r"Evaluation results for folder_sem_seg_val", output)
     assert len(results) == 1 and "copypaste: mIoU" in output
@@ -132,7 +131,7 @@ def test_the_command_trains_and_evaluates_a_folder_and_refuses_a_broken_one_unto
         "the val split is empty: images/val/ does not exist",
     ]:
         assert message.count(problem) == 1, (problem, message[-3000:])
-    assert _snapshot(refused_out) == {"log.txt": b"an earlier run's log\n"}
+    assert folder_bytes(refused_out) == {"log.txt": b"an earlier run's log\n"}
 
     assert pan_code == 0, pan_output[-3000:]
     assert pan_output.count("Evaluation results for folder_panoptic_val_with_sem_seg in csv format") == 1

@@ -14,7 +14,6 @@ import fixtures_layouts as fl
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-import torch
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -24,9 +24,8 @@ import fixtures_layouts as fl
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, folder_bytes
 from PIL import Image
-from test_entry_points import _snapshot
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -282,4 +281,4 @@ def test_tta_evaluates_the_semantic_output_of_a_panoptic_model_and_refuses_witho
                 run(argument_parser().parse_args(["--config-file", _config(folder), *flags, *TINY, *aug,
                                                   "OUTPUT_DIR", str(refused)]))
             assert "TEST.AUG.ENABLED" in str(e.value) and words in str(e.value), str(e.value)
-        assert _snapshot(refused) == {"log.txt": b"an earlier run's log\n"}
+        assert folder_bytes(refused) == {"log.txt": b"an earlier run's log\n"}
