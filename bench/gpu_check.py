@@ -44,12 +44,12 @@ checkpoints, resumes, evaluates and stops on a NaN loss on the device. Prints Ma
     a third run, whose loss is made NaN at iteration 2, stops with the guard's
     ``FloatingPointError`` after saving ``model_last_good.pth`` (iteration 1) and tagging it.
 
-``--tiny`` runs all four on the CPU, small: (a) for two configs at 64x64, batch 2, 3 iterations
-(AMP is bfloat16 autocast there), judged on the first and the last iteration; (b) the device
+``--tiny`` runs all four on the CPU, small and in float32 (the CPU's AMP, bfloat16 autocast, is
+many times slower on a CPU without bfloat16 instructions; tests/test_amp.py checks it): (a) for two
+configs at 64x64, batch 2, 3 iterations, judged on the first and the last iteration; (b) the device
 tests of ``tests/test_sgr_core.py`` with ``--device cpu``; (c) one pair at 64x64, batch 1, 2 timed
 steps, where the memory column is the growth of the process's peak resident memory over the
-model's build and steps (the CPU has no allocator statistics); (d) with dil_fcn_r50_sgr at 64x64
-in float32 (bfloat16 is many times slower on a CPU without bfloat16 instructions).
+model's build and steps (the CPU has no allocator statistics); (d) with dil_fcn_r50_sgr at 64x64.
 The exit status is 1 when any check failed, 2 without CUDA and without ``--tiny``.
 """
 import argparse
@@ -83,10 +83,10 @@ TINY_PAIRS = ["mask2former_r50"]
 SETTINGS = {
     "gpu": dict(device="cuda", size=256, batch=2, iters=12, window=3, tests=None,
                 bench_size=512, bench_batch=4, warmup=3, steps=10, infer_iters=20,
-                trainer_config="mask2former_r50_sgr", trainer_size=256, trainer_amp=True),
+                trainer_config="mask2former_r50_sgr", trainer_size=256, amp=True),
     "tiny": dict(device="cpu", size=64, batch=2, iters=3, window=1, tests=["tests/test_sgr_core.py"],
                  bench_size=64, bench_batch=1, warmup=1, steps=2, infer_iters=2,
-                 trainer_config="dil_fcn_r50_sgr", trainer_size=64, trainer_amp=False),
+                 trainer_config="dil_fcn_r50_sgr", trainer_size=64, amp=False),
 }
 
 
@@ -106,6 +106,11 @@ def ade20k_configs():
             [p for p in files if p.name.startswith("finetune_")])
 
 
+def precision_name(device: str, amp: bool) -> str:
+    """What SOLVER.AMP.ENABLED gives on ``device``: float16 AMP on CUDA, bfloat16 autocast on the CPU."""
+    return ("float16 AMP" if device.startswith("cuda") else "bfloat16 autocast") if amp else "float32"
+
+
 def overrides(device: str, size: int, batch: int, dataset: str = None, amp: bool = True):
     """``KEY VALUE`` overrides: AMP on, no weights, ``size`` crops of a single scale, ``batch``
     images, the training set ``dataset`` (no test set)."""
@@ -119,11 +124,11 @@ def overrides(device: str, size: int, batch: int, dataset: str = None, amp: bool
     return over
 
 
-def make_cfg(config: Path, device: str, size: int, batch: int, dataset: str = None, opts=()):
+def make_cfg(config: Path, device: str, size: int, batch: int, dataset: str = None, opts=(), amp: bool = True):
     """The config with :func:`overrides`, then ``opts``."""
     from sgr_d2.config import load_config
 
-    return load_config(str(config), overrides(device, size, batch, dataset) + list(opts))
+    return load_config(str(config), overrides(device, size, batch, dataset, amp) + list(opts))
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -261,7 +266,7 @@ def judge(losses, iters: int, error: str = "", applied=None, window: int = 1):
 
 
 def train_check(config: Path, device: str, size: int, batch: int, iters: int, data: SyntheticData,
-                opts=(), lr_scale: float = 1.0, window: int = 1):
+                opts=(), lr_scale: float = 1.0, window: int = 1, amp: bool = True):
     """Train ``config`` for ``iters`` iterations on one repeated synthetic batch at ``lr_scale``
     times its base learning rate (``opts`` come last), judged by :func:`judge`; a result row."""
     import torch
@@ -273,10 +278,10 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
     losses, applied, error = [], [], ""
     model = trainer = None
     try:
-        plain = make_cfg(config, device, size, batch, opts=opts)
+        plain = make_cfg(config, device, size, batch, opts=opts, amp=amp)
         lr = ["SOLVER.BASE_LR", repr(plain.SOLVER.BASE_LR * lr_scale)]
         cfg = make_cfg(config, device, size, batch,
-                       data.dataset(size, batch, plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES), lr + list(opts))
+                       data.dataset(size, batch, plain.MODEL.SEM_SEG_HEAD.NUM_CLASSES), lr + list(opts), amp)
         torch.manual_seed(0)
         model = build_training_model(cfg)
         trainer = build_trainer(cfg, model, training_batch(cfg))
@@ -309,8 +314,8 @@ def train_check(config: Path, device: str, size: int, batch: int, iters: int, da
             "first": ends[0], "last": ends[1], "ok": ok, "note": note, "seconds": time.perf_counter() - start}
 
 
-def check_table(rows, size, batch, device, lr_scale, window=1):
-    precision = "float16 AMP" if device.startswith("cuda") else "bfloat16 autocast"
+def check_table(rows, size, batch, device, lr_scale, window=1, amp=True):
+    precision = precision_name(device, amp)
     ends = ("first", "last") if window == 1 else (f"first {window}", f"last {window}")
     lines = [f"### (a) Training check: {size}x{size}, batch {batch}, {device}, {precision}, one repeated "
              f"synthetic batch, MODEL.WEIGHTS \"\", {lr_scale:g} x SOLVER.BASE_LR", "",
@@ -443,7 +448,7 @@ def bench_model(config: Path, device: str, s, data: SyntheticData):
     memory = PeakMemory(device)
     memory.start()
     classes = make_cfg(config, device, size, batch).MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    cfg = make_cfg(config, device, size, batch, data.dataset(size, batch, classes))
+    cfg = make_cfg(config, device, size, batch, data.dataset(size, batch, classes), amp=s["amp"])
     torch.manual_seed(0)
     model = build_training_model(cfg)
     images = training_batch(cfg)
@@ -494,10 +499,9 @@ def bench_table(rows, device, s):
     mem = ("peak torch.cuda.max_memory_allocated over the training steps (weights, gradients and "
            "optimizer state included)" if cuda else
            "growth of the process's peak resident memory over the model's build and steps (CPU)")
-    precision = "float16" if cuda else "bfloat16"
     fmt = (lambda v, spec: "—" if v is None else format(v, spec))
     lines = [f"### (c) Cost of SGR: {s['bench_size']}x{s['bench_size']}, batch {s['bench_batch']}, {device}, "
-             f"training in {precision} AMP, evaluation in float32", "",
+             f"training in {precision_name(device, s['amp'])}, evaluation in float32", "",
              f"Step: median of {s['steps']} training steps after {s['warmup']} warm-up (synchronised). "
              f"Memory: {mem}. Evaluation: what --eval-only runs (inference_on_dataset with sgr_d2's test "
              f"loader and evaluator, batch 1, eval mode, torch.no_grad, float32) over {s['infer_iters']} "
@@ -602,7 +606,7 @@ def trainer_check(config: Path, device: str, size: int, amp: bool, data: Synthet
 
 
 def trainer_table(rows, config: Path, size: int, device: str, amp: bool):
-    precision = ("float16 AMP" if device.startswith("cuda") else "bfloat16 autocast") if amp else "float32"
+    precision = precision_name(device, amp)
     lines = [f"### (d) The Trainer: {config.stem}, {size}x{size}, batch 2, {device}, {precision}, synthetic data", "",
              "| run | result | time (s) | note |", "|---|---|---|---|"]
     for name, ok, note, seconds in rows:
@@ -687,10 +691,10 @@ def main(argv=None) -> int:
                 rows = []
                 for config in configs:
                     rows.append(train_check(config, device, s["size"], s["batch"], s["iters"], data,
-                                            lr_scale=args.lr_scale, window=s["window"]))
+                                            lr_scale=args.lr_scale, window=s["window"], amp=s["amp"]))
                     r = rows[-1]
                     print(f"  (a) {r['config']}: {'OK' if r['ok'] else 'FAIL'} {r['note']}", flush=True)
-                part = check_table(rows, s["size"], s["batch"], device, args.lr_scale, s["window"])
+                part = check_table(rows, s["size"], s["batch"], device, args.lr_scale, s["window"], s["amp"])
                 if left_out:
                     part += ["", "Not checked (they only change the weights and schedule of a checked config): "
                              + ", ".join(p.stem for p in left_out) + "."]
@@ -713,9 +717,9 @@ def main(argv=None) -> int:
                 failed += [f"(c) {r[0]}" for r in rows if r[6]]
             if not args.skip_trainer:
                 config = config_file(args.trainer_config or s["trainer_config"])
-                rows = trainer_check(config, device, s["trainer_size"], s["trainer_amp"], data, Path(tmp) / "trainer",
+                rows = trainer_check(config, device, s["trainer_size"], s["amp"], data, Path(tmp) / "trainer",
                                      lr_scale=args.lr_scale)
-                part = trainer_table(rows, config, s["trainer_size"], device, s["trainer_amp"])
+                part = trainer_table(rows, config, s["trainer_size"], device, s["amp"])
                 report += part + [""]
                 print("\n".join(part) + "\n", flush=True)
                 failed += [f"(d) {r[0]}" for r in rows if not r[1]]
