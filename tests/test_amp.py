@@ -183,8 +183,10 @@ def test_sgr_loss_terms_of_one_batch_under_bf16_autocast_equal_float32(config):
 @pytest.mark.parametrize("config", [DIL_FCN_SGR, os.path.join(TOY, "mask_rcnn_r18_fpn_sgr.yaml")],
                          ids=["dil_fcn_sgr", "mask_rcnn_fpn_sgr"])
 def test_amp_on_the_cpu_trains_the_forward_in_bfloat16_and_the_backward_in_float32(config, tmp_path):
+    # 64 px images (bfloat16 is slow on a CPU without bfloat16 instructions)
     cfg = tiny_toy_cfg(config, "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
-                       "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0")
+                       "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0",
+                       "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.CROP.SIZE", "(64, 64)")
     cfg.freeze()
     trainer = Trainer(cfg)
     model = trainer.model

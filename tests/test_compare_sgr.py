@@ -1,6 +1,6 @@
 """tools/compare_sgr.py (``make compare``) and the shared runner tools/experiments.py:
 the statistics against hand-computed values, the tables, the learning curve and the files from
-known per-seed figures, and (slow) a real pair with its DeepLabV3 control trained at two budgets."""
+known per-seed figures, and (slow) a real pair trained at two budgets."""
 import importlib.util
 import json
 import math
@@ -140,42 +140,36 @@ def test_runner_reads_the_last_evaluation_and_the_median_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_trains_a_pair_and_its_control_at_two_budgets(tmp_path):
-    """One seed, budgets of 4 and 5 iterations, the DeepLabV3 control, evaluation at 32 px, the
-    multi-scale test reduced to scale 1 without flip (its mIoU must then equal the single-scale
-    one: the same model, read from results_TTA.json). Each budget is a complete run of its own
-    (its final checkpoint records that budget's last iteration), the control runs DeepLabV3's head,
-    and a run repeated with the same thread count gives the same figures."""
+def test_compare_trains_a_pair_at_two_budgets(tmp_path):
+    """One seed, budgets of 2 and 3 iterations, evaluation at 32 px, the multi-scale test reduced
+    to scale 1 without flip (its mIoU must then equal the single-scale one: the same model, read
+    from results_TTA.json). Each budget is a complete run of its own (its final checkpoint records
+    that budget's last iteration) and each run's figures are those its folder holds. (The control's
+    config: test_each_variant_changes_only_its_own_keys.)"""
     tool = _tool()
     opts = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
             "INPUT.MIN_SIZE_TEST", "32", "TEST.AUG.SCALES", "[1.0]", "TEST.AUG.FLIP", "False",
             "SOLVER.CHECKPOINT_PERIOD", "1000"]
-    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "5", "4", "--control", "--jobs", "2",
+    results = tool.main(["--pairs", "dil_fcn_r18", "--seeds", "1", "--iters", "3", "2", "--jobs", "2",
                          "--output", str(tmp_path), *opts])
     budgets = results["dil_fcn_r18"]["budgets"]
-    assert list(budgets) == ["4", "5"] and list(budgets["4"]) == ["baseline", "sgr", "aspp"]
+    assert list(budgets) == ["2", "3"] and list(budgets["2"]) == ["baseline", "sgr"]
     import torch
 
-    for b in (4, 5):
-        for v in ("baseline", "sgr", "aspp"):
+    for b in (2, 3):
+        for v in ("baseline", "sgr"):
             run_dir = tmp_path / "dil_fcn_r18" / f"it{b}" / v / "seed1"
             run = budgets[str(b)][v]["runs"][0]
             assert run["mIoU"] == experiments.read_last_evaluation(str(run_dir))["sem_seg/mIoU"]
             assert run["mIoU_TTA"] == pytest.approx(run["mIoU"], abs=1e-6)
             final = torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=True)
             assert final["iteration"] == b - 1
-            head = (run_dir / "config.yaml").read_text().split("SEM_SEG_HEAD:")[1]
-            assert f"NAME: {'DeepLabV3Head' if v == 'aspp' else 'DilatedFCNHead'}" in head
-            assert any(k.startswith("sem_seg_head.aspp.") for k in final["model"]) == (v == "aspp")
-    sgr = budgets["5"]["sgr"]["runs"][0]
+            assert any(".sgr." in k for k in final["model"]) == (v == "sgr"), [k for k in final["model"]][:5]
+    sgr = budgets["3"]["sgr"]["runs"][0]
     assert all(0.0 <= sgr[k] <= 1.0 for k in METRIC_KEYS)
-    assert all(math.isnan(budgets["5"]["aspp"]["runs"][0][k]) for k in ("S_C", "D_I"))
-    log = (tmp_path / "dil_fcn_r18" / "it5" / "aspp" / "seed1" / "train_stdout.log").read_text().splitlines()[0]
-    assert "SEED 1" in log and "SOLVER.MAX_ITER 5" in log and "MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head" in log
-    again = experiments.train_and_evaluate(os.path.join(REPO, "configs", "toy", "dil_fcn_r18_sgr.yaml"),
-                                           ["SEED", "1", "SOLVER.MAX_ITER", "5", "TEST.TOKEN_SEMANTICS", "True", *opts],
-                                           str(tmp_path / "again"), tta=True, cwd=REPO, threads=1)
-    assert again["metrics"]["sem_seg/mIoU"] == sgr["mIoU"] and again["metrics"]["token_semantics/S_C"] == sgr["S_C"]
+    assert all(math.isnan(budgets["3"]["baseline"]["runs"][0][k]) for k in ("S_C", "D_I"))
+    log = (tmp_path / "dil_fcn_r18" / "it3" / "sgr" / "seed1" / "train_stdout.log").read_text().splitlines()[0]
+    assert "SEED 1" in log and "SOLVER.MAX_ITER 3" in log and "TEST.TOKEN_SEMANTICS True" in log
     assert (tmp_path / "compare_curve.png").is_file()
 
 
