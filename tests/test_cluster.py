@@ -172,6 +172,35 @@ def test_one_process_stops_at_the_signals_iteration_but_completes_its_last(tmp_p
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
+def test_a_process_forked_during_training_dies_of_sigterm_and_the_trainer_records_nothing():
+    """A process forked while the handlers are set (a DataLoader worker, panopticapi's PQ pool,
+    which its parent ends with SIGTERM at exit) dies of the signal as without them; the training
+    process itself records nothing. Before: the child only recorded it, and the training process
+    waited at exit, after its final panoptic evaluation, forever."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from sgr_d2.engine import preemption
+
+    hook = preemption.PreemptionHook()
+    hook.trainer = SimpleNamespace(iter=0, max_iter=3)
+    before = signal.getsignal(signal.SIGTERM)
+    hook.before_train()
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.5)  # the child runs its sleep
+        child.terminate()
+        child.join(timeout=20)
+        assert child.exitcode == -signal.SIGTERM
+        assert not preemption.requested()
+    finally:
+        if child.is_alive():
+            child.kill()
+        hook.after_train()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 # ----------------------------------------------------------------------------- one run per output folder
 def _bytes_and_times(folder: Path):
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)

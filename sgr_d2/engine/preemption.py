@@ -31,7 +31,9 @@ iteration during which the signal came.
 run goes on to its final evaluation and exits 0 (a kill during that evaluation leaves
 ``model_final.pth``, and ``--resume`` runs the evaluation again). Before the first iteration and
 after training (building the model, loading weights, ``--eval-only``) no handler is installed:
-the signal's default action ends the process, which has nothing to save.
+the signal's default action ends the process, which has nothing to save. Nor do the handlers
+hold in a process forked while they are set (a DataLoader worker, panopticapi's process pool):
+there a signal has its default action.
 
 **A second signal** (during the save, or after the boundary is agreed) is recorded, or ignored, and changes
 nothing: the save is not interrupted, and even a SIGKILL during it leaves the previous
@@ -40,6 +42,7 @@ checkpoint and tag intact (``sgr_d2.files.atomic_write``).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Dict, List
@@ -56,9 +59,17 @@ EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 _received: List[int] = []  # the preemption signals this process received while training
+_owner: List[int] = [0]  # the pid of the training process, which installed the handlers
 
 
 def _record(signum, frame) -> None:
+    if os.getpid() != _owner[0]:
+        # a process forked while the handler was set (a DataLoader worker, the process pool of
+        # panopticapi's PQ): the signal's default action, as if no handler had been set; else the
+        # SIGTERM its parent ends it with is only recorded, and the parent waits for it forever
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _received.append(signum)
 
 
@@ -97,6 +108,7 @@ class PreemptionHook(HookBase):
 
     def before_train(self):
         del _received[:]
+        _owner[0] = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             logger.warning("training runs outside the main thread: preemption signals are not caught")
             return
