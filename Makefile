@@ -8,6 +8,7 @@ STAMP := $(VENV)/.sgr_d2-installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 DEMO_OUT ?= output/demo
+DEMO_TASK ?= semantic
 COMPARE_OUT ?= output/compare
 COMPARE_ITERS ?= 1000
 
@@ -33,7 +34,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) tools/demo_toy.py --output $(DEMO_OUT)
+	$(PY) tools/demo_toy.py --task $(DEMO_TASK) --output $(DEMO_OUT)
 
 # Baseline, SGR and the DeepLabV3 control on both toys, seeds 1-3, at the budget where SGR's
 # gap is established (tools/compare_sgr.py; its --help for more; docs/evidence.md).

@@ -35,6 +35,7 @@ from .predict import check_image  # noqa: E402
 __all__ = [
     "concept_region_figure",
     "components_figure",
+    "panoptic_figure",
     "token_histogram_figure",
     "qualitative_figure",
     "draw_sem_seg",
@@ -157,6 +158,43 @@ def _class_legend(fig, metadata, class_ids: Sequence[int], height_frac: float, n
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=max(1, min(ncol, len(handles))), fontsize=8,
                    frameon=False, bbox_to_anchor=(0.5, 0.0), bbox_transform=fig.transFigure)
+
+
+def panoptic_figure(image_rgb: np.ndarray, panels: Sequence[tuple], metadata, output_path: str, *,
+                    panel_inches: float = 4.0, dpi: int = 100) -> str:
+    """The image beside panoptic segmentations, each drawn by detectron2's
+    ``Visualizer.draw_panoptic_seg`` (things named and coloured per instance, stuff per class).
+
+    ``panels``: ``(title, segment ids (H, W), segments_info)`` each, ``segments_info`` as
+    MaskFormer's ``panoptic_inference`` returns it and detectron2's panoptic loaders give it
+    (``id``, contiguous ``category_id``, ``isthing``). The same segments get the same colours in
+    every panel. Returns ``output_path``.
+    """
+    from detectron2.utils.visualizer import Visualizer
+
+    image = check_image(image_rgb)
+    scale = _render_scale(image.shape, panel_inches * dpi)
+    drawn = [(image, "image")]
+    for title, seg, info in panels:
+        seg = torch.as_tensor(np.asarray(seg))
+        if tuple(seg.shape) != image.shape[:2]:
+            raise ValueError(f"panel {title!r}: segment map of shape {tuple(seg.shape)} does not match the "
+                             f"image {image.shape[:2]}")
+        vis = Visualizer(image, metadata, scale=scale)
+        state = np.random.get_state()  # the Visualizer jitters thing colours with numpy's global RNG:
+        np.random.seed(0)  # the same for every panel (and every run), the caller's RNG state untouched
+        try:
+            drawn.append((vis.draw_panoptic_seg(seg, info, alpha=0.6).get_image(),
+                          f"{title} ({len(info)} segments)"))
+        finally:
+            np.random.set_state(state)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(len(drawn) * panel_inches, panel_inches), dpi=dpi,
+                             squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.04)
+    for ax, (img, title) in zip(axes[0], drawn):
+        ax.imshow(img)
+        _blank_axis(ax, title, fontsize=10)
+    return _save(fig, output_path, dpi)
 
 
 # ----------------------------------------------------------------------------- concept regions

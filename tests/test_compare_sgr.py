@@ -251,6 +251,50 @@ def test_learning_curve_tables_and_the_three_sigma_rule(tmp_path, capsys):
     assert json.loads((tmp_path / "compare.json").read_text())["budgets"] == [300, 1000]
 
 
+PANOPTIC_CLASSES = ["ball", "box", "kite", "sky", "grass", "wall"]
+
+
+def test_a_panoptic_pair_is_judged_by_pq_with_the_true_instance_variant(tmp_path, capsys):
+    """The panoptic toy's pair with --instances: three variants, PQ first (PQ 40 / 44 / 42 over
+    the seeds for the baseline: 42.0 ± 2.0), PQ of things and stuff, mask AP and mIoU beside it,
+    no multi-scale evaluation (no results_TTA.json), the learning curve in PQ, the SGR variants'
+    token metrics asked for."""
+    tool = _tool()
+    pq = {"baseline": [40, 44, 42], "sgr": [50, 51, 52], "sgr_instances": [45, 47, 49]}
+    for budget in (300, 600):
+        for v, per_seed in pq.items():
+            for seed, value in enumerate(per_seed, 1):
+                path = tmp_path / "mask2former_r18_panoptic" / f"it{budget}" / v / f"seed{seed}"
+                _fake_run(str(path), 30.0 + seed, 0, [1.0], 800.0, [10] * 6, classes=PANOPTIC_CLASSES)
+                (path / "results_TTA.json").unlink()  # a panoptic run evaluates single-scale only
+                ev = json.loads((path / "metrics.json").read_text().splitlines()[-1])
+                ev.update({"panoptic_seg/PQ": value + budget / 100, "panoptic_seg/PQ_th": value - 10,
+                           "panoptic_seg/PQ_st": value + 10, "segm/AP": value / 2})
+                with open(path / "metrics.json", "a") as f:
+                    f.write(json.dumps(ev) + "\n")
+    results = tool.main(["--pairs", "mask2former_r18_panoptic", "--iters", "300", "600", "--instances",
+                         "--output", str(tmp_path), "--skip-existing"])
+    out = capsys.readouterr().out
+    assert results["mask2former_r18_panoptic"]["task"] == "panoptic"
+    assert ("| model | PQ | PQ_th | PQ_st | mask AP | mIoU | S_C | D_C | S_I | D_I | step (s) | peak mem (MiB) "
+            "| step ratio | mem ratio |") in out
+    assert "| baseline | 48.0 ± 2.0 | 32.0 ± 2.0 | 52.0 ± 2.0 | 21.0 ± 1.0 | 32.0 ± 1.0 |" in out  # 600 it
+    assert "| SGR, true instances | 53.0 ± 2.0 | 37.0 ± 2.0 | 57.0 ± 2.0 | 23.5 ± 1.0 | 32.0 ± 1.0 |" in out
+    assert "| SGR | 53.0 / 40.0 | 54.0 / 41.0 | 55.0 / 42.0 |" in out  # PQ / PQ_th per seed, 300 it
+    assert "#### `mask2former_r18_panoptic`: learning curve (PQ single-scale, mean ± std over the seeds)" in out
+    # SGR − baseline: +9.0 with stds 1.0 / 2.0 (> 6.0); the instances' +5.0 is not
+    assert "| 600 | 48.0 ± 2.0 | 57.0 ± 1.0 | 53.0 ± 2.0 | +9.0 (> 3σ) | +5.0 |" in out
+    runs = tool.plan_runs(tool.get_parser().parse_args(["--instances"]), {"p": {"configs": {
+        "baseline": "b.yaml", "sgr": "s.yaml", "sgr_instances": "i.yaml"}}}, [1], [300],
+        ["baseline", "sgr", "sgr_instances"])
+    assert [(r[3], r[4], "TEST.TOKEN_SEMANTICS" in r[5]) for r in runs] == [
+        ("baseline", "b.yaml", False), ("sgr", "s.yaml", True), ("sgr_instances", "i.yaml", True)]
+    info = tool.resolve_pair("mask2former_r18_panoptic", instances=True)
+    assert info["configs"]["sgr_instances"].endswith("configs/toy/mask2former_r18_panoptic_sgr_instances.yaml")
+    with pytest.raises(FileNotFoundError, match="configs/toy/dil_fcn_r18_sgr_instances.yaml"):
+        tool.resolve_pair("dil_fcn_r18", instances=True)
+
+
 def test_compare_refuses_what_it_cannot_run(tmp_path):
     tool = _tool()
     with pytest.raises(ValueError, match="--control replaces the baseline's Dilated-FCN head.*'maskformer_r18'"):

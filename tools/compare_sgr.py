@@ -7,17 +7,24 @@
     python tools/compare_sgr.py --pairs dil_fcn_r18 --seeds 1 --iters 20 --output output/compare_quick
 
 A pair ``P`` is ``configs/toy/P.yaml`` (the baseline) and ``configs/toy/P_sgr.yaml`` (the same
-recipe with SGR); semantic-segmentation pairs only. Each model is trained with ``SEED`` 1..N
-(``--seeds N``, default 3) by ``tools/experiments.py::train_and_evaluate`` (a child process
-running the body of ``train_net.py``, log in ``<run>/train_stdout.log``), then evaluated on the
-config's test set single-scale (with the token metrics S_C, D_C, S_I, D_I for SGR) and with the
-config's multi-scale + flip.
+recipe with SGR). Each model is trained with ``SEED`` 1..N (``--seeds N``, default 3) by
+``tools/experiments.py::train_and_evaluate`` (a child process running the body of
+``train_net.py``, log in ``<run>/train_stdout.log``), then evaluated on the config's test set
+single-scale (with the token metrics S_C, D_C, S_I, D_I for SGR) and, for a semantic pair, with
+the config's multi-scale + flip. A **panoptic pair** (a ``MaskFormer`` config with
+``MODEL.MASK_FORMER.TEST.PANOPTIC_ON``, e.g. ``mask2former_r18_panoptic``) is judged by PQ, with
+PQ of things and stuff, mask AP and mIoU beside it, and no multi-scale evaluation (Mask2Former
+has none for panoptic):
+
+    python tools/compare_sgr.py --pairs mask2former_r18_panoptic --iters 300 600 --instances
 
 Variants besides ``baseline`` and ``sgr``:
 
 * ``--control``: the baseline with DeepLabV3's head (``MODEL.SEM_SEG_HEAD.NAME DeepLabV3Head``:
   ASPP, whose image-pooling branch sees the whole image) instead of Dilated-FCN: global context
   by ordinary means, without SGR. Pairs whose baseline head is Dilated-FCN only.
+* ``--instances``: SGR supervised by the true instances (``configs/toy/P_sgr_instances.yaml``,
+  ``MODEL.SGR.COMPONENTS instances``) beside SGR on the connected components.
 * ``--ablate``: SGR without the union loss (``MODEL.SGR.UNION_WEIGHT 0``), without the class term
   (``CLASS_WEIGHT 0``), without the diversity term (``DIVERSITY_WEIGHT 0``) and with the regions
   unsupervised (``LOSS_WEIGHT`` β = 0: a plain token transformer).
@@ -27,7 +34,7 @@ Each budget is a complete run of its own, with its own poly schedule that decays
 last iteration: a learning curve made of finished trainings, not of the intermediate checkpoints
 of one long run (whose learning rate has not decayed yet). Only the number of iterations varies,
 identically for every model. With several budgets the tool adds the learning-curve tables and
-figure (``compare_curve.png``): mIoU and, on a test set whose metadata names ``context_classes``
+figure (``compare_curve.png``): mIoU (PQ for a panoptic pair) and, on a test set whose metadata names ``context_classes``
 (the context toy's two teams), each of those classes' pixel accuracy, with the local-classifier
 ceilings as lines.
 
@@ -46,7 +53,7 @@ ratios of the means, model / baseline.
 
 Writes ``<output>/compare.json`` (every run and the summaries, with each class's accuracy
 ``ACC-<class>`` too), ``<output>/compare.md`` (the tables, with the command; also printed),
-``<output>/compare.png`` (mIoU per seed at the largest budget) and, with several budgets,
+``<output>/compare.png`` (mIoU, or PQ, per seed at the largest budget) and, with several budgets,
 ``<output>/compare_curve.png``. Runs live in ``<output>/<pair>/it<N>/<variant>/seed<S>``.
 """
 import argparse
@@ -74,7 +81,9 @@ ABLATIONS = {
     "no_diversity": ("SGR w/o diversity term", "sgr", ["MODEL.SGR.DIVERSITY_WEIGHT", "0.0"]),
     "unsupervised": ("SGR, regions unsupervised (β = 0)", "sgr", ["MODEL.SGR.LOSS_WEIGHT", "0.0"]),
 }
-VARIANTS = {"baseline": ("baseline", "baseline", []), "sgr": ("SGR", "sgr", []), **CONTROL, **ABLATIONS}
+INSTANCES = {"sgr_instances": ("SGR, true instances", "sgr_instances", [])}
+VARIANTS = {"baseline": ("baseline", "baseline", []), "sgr": ("SGR", "sgr", []), **INSTANCES, **CONTROL,
+            **ABLATIONS}
 LABELS = {k: v[0] for k, v in VARIANTS.items()}
 
 
@@ -88,6 +97,8 @@ def get_parser():
                         "learning curve (default: the config's)")
     p.add_argument("--control", action="store_true",
                    help="also the baseline with DeepLabV3's head (ASPP + image pooling) instead of Dilated-FCN")
+    p.add_argument("--instances", action="store_true",
+                   help="also SGR supervised by the true instances (configs/toy/P_sgr_instances.yaml)")
     p.add_argument("--ablate", action="store_true", help="also SGR without each loss term, and with β = 0")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of each run (default 1)")
     p.add_argument("--jobs", type=int, default=None,
@@ -121,18 +132,29 @@ def gap_exceeds_3_std(variant, baseline):
     return not math.isnan(sigma) and variant[0] - baseline[0] > 3 * sigma
 
 
-def resolve_pair(name):
-    """(baseline config, SGR config, test dataset, class names) of pair ``name``."""
+# the figures of each task's main table: (column, key in the run record, decimals); the first
+# is the one the per-seed tables, learning curves and plots follow
+COLUMNS = {"semantic": [("mIoU", "mIoU", 1), ("mIoU ms+flip", "mIoU_TTA", 1)],
+           "panoptic": [("PQ", "PQ", 1), ("PQ_th", "PQ_th", 1), ("PQ_st", "PQ_st", 1), ("mask AP", "AP", 1),
+                        ("mIoU", "mIoU", 1)]}
+PANOPTIC_KEYS = {"PQ": "panoptic_seg/PQ", "PQ_th": "panoptic_seg/PQ_th", "PQ_st": "panoptic_seg/PQ_st",
+                 "SQ": "panoptic_seg/SQ", "RQ": "panoptic_seg/RQ", "AP": "segm/AP"}
+
+
+def resolve_pair(name, instances=False):
+    """(configs, test dataset, class names, task "semantic" or "panoptic") of pair ``name``;
+    with ``instances`` also ``configs/toy/<name>_sgr_instances.yaml``."""
     from detectron2.data import MetadataCatalog
 
     from sgr_d2.config import load_config
 
-    paths = [os.path.join(REPO, "configs", "toy", f"{name}{s}.yaml") for s in ("", "_sgr")]
+    suffixes = ("", "_sgr") + (("_sgr_instances",) if instances else ())
+    paths = [os.path.join(REPO, "configs", "toy", f"{name}{s}.yaml") for s in suffixes]
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"pair {name!r}: {path} does not exist; expected configs/toy/{name}.yaml "
-                                    f"and configs/toy/{name}_sgr.yaml")
-    base, sgr = (load_config(p) for p in paths)
+            raise FileNotFoundError(f"pair {name!r}: {path} does not exist; expected "
+                                    + " and ".join(f"configs/toy/{name}{s}.yaml" for s in suffixes))
+    base, sgr = (load_config(p) for p in paths[:2])
     if base.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" or not base.DATASETS.TEST:
         raise ValueError(f"pair {name!r}: {paths[0]} is not a semantic-segmentation config "
                          f"(MODEL.META_ARCHITECTURE {base.MODEL.META_ARCHITECTURE!r}); compare_sgr "
@@ -141,9 +163,10 @@ def resolve_pair(name):
         raise ValueError(f"pair {name!r}: expected {paths[1]} with MODEL.BACKBONE.NAME 'build_sgr_backbone' "
                          f"and {paths[0]} without (got {sgr.MODEL.BACKBONE.NAME!r}, {base.MODEL.BACKBONE.NAME!r})")
     dataset = base.DATASETS.TEST[0]
-    return {"configs": {"baseline": paths[0], "sgr": paths[1]}, "dataset": dataset,
+    panoptic = base.MODEL.META_ARCHITECTURE == "MaskFormer" and base.MODEL.MASK_FORMER.TEST.PANOPTIC_ON
+    return {"configs": dict(zip(["baseline", "sgr", "sgr_instances"], paths)), "dataset": dataset,
             "classes": list(MetadataCatalog.get(dataset).stuff_classes), "head": base.MODEL.SEM_SEG_HEAD.NAME,
-            "max_iter": base.SOLVER.MAX_ITER}
+            "max_iter": base.SOLVER.MAX_ITER, "task": "panoptic" if panoptic else "semantic"}
 
 
 def run_record(run, seed, classes):
@@ -158,6 +181,8 @@ def run_record(run, seed, classes):
         rec[f"ACC-{c}"] = m.get(f"sem_seg/ACC-{c}", math.nan)  # the class's pixel accuracy (recall)
     for k in METRIC_KEYS:
         rec[k] = m.get(f"token_semantics/{k}", math.nan)
+    for k, logged in PANOPTIC_KEYS.items():
+        rec[k] = m.get(logged, math.nan)
     return rec
 
 
@@ -170,20 +195,19 @@ def summarize(records, keys):
     return out
 
 
-def tables(title, classes, variants):
-    """Markdown tables of one pair at one budget: the main figures, per-class IoU and pixel
-    accuracy, mIoU per seed. ``variants``: {variant: {"runs": [...], "summary": {...}}}, the
-    baseline first."""
+def tables(title, classes, variants, task="semantic"):
+    """Markdown tables of one pair at one budget: the main figures (``COLUMNS[task]``), per-class
+    IoU and pixel accuracy, the main figure per seed. ``variants``: {variant: {"runs": [...],
+    "summary": {...}}}, the baseline first."""
     base = variants["baseline"]["summary"]
-    lines = [title, "",
-             f"| model | mIoU | mIoU ms+flip | {' | '.join(METRIC_KEYS)} | step (s) | peak mem (MiB) | step ratio "
-             "| mem ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = COLUMNS[task]
+    head = [c for c, _, _ in columns] + list(METRIC_KEYS) + ["step (s)", "peak mem (MiB)", "step ratio", "mem ratio"]
+    lines = [title, "", "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for v, data in variants.items():
         s = data["summary"]
         time_ratio = s["step_time_s"][0] / base["step_time_s"][0]
         mem_ratio = s["peak_mib"][0] / base["peak_mib"][0]
-        cells = [LABELS[v], format_mean_std(*s["mIoU"], 1), format_mean_std(*s["mIoU_TTA"], 1)]
+        cells = [LABELS[v]] + [format_mean_std(*s[k], d) for _, k, d in columns]
         cells += [format_mean_std(*s[k], 3) for k in METRIC_KEYS]
         cells += [format_mean_std(*s["step_time_s"], 2), format_mean_std(*s["peak_mib"], 0),
                   f"{time_ratio:.2f}", f"{mem_ratio:.2f}"]
@@ -196,11 +220,12 @@ def tables(title, classes, variants):
             lines.append("| " + " | ".join([LABELS[v]] + [format_mean_std(*s[f"{key}-{c}"], 1)
                                                            for c in classes]) + " |")
     seeds = [r["seed"] for r in variants["baseline"]["runs"]]
-    lines += ["", "mIoU per seed (single-scale / multi-scale + flip):", "",
+    shown = [k for _, k, _ in columns[:2]]
+    lines += ["", f"{' / '.join(c for c, _, _ in columns[:2])} per seed:", "",
               "| model | " + " | ".join(f"SEED {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for v, data in variants.items():
         by_seed = {r["seed"]: r for r in data["runs"]}
-        lines.append("| " + " | ".join([LABELS[v]] + [f"{by_seed[s]['mIoU']:.1f} / {by_seed[s]['mIoU_TTA']:.1f}"
+        lines.append("| " + " | ".join([LABELS[v]] + [" / ".join(f"{by_seed[s][k]:.1f}" for k in shown)
                                                        for s in seeds]) + " |")
     walls = [r.get("wall_s") for data in variants.values() for r in data["runs"]]
     if walls and all(w is not None and not math.isnan(w) for w in walls):
@@ -209,19 +234,19 @@ def tables(title, classes, variants):
     return "\n".join(lines)
 
 
-def curve_tables(pair, budgets, by_budget, context_classes):
-    """The learning curve of one pair: mIoU per budget and variant, the gap of each variant to
-    the baseline and whether it exceeds three standard deviations; then each context class's
-    pixel accuracy per budget."""
+def curve_tables(pair, budgets, by_budget, context_classes, metric="mIoU"):
+    """The learning curve of one pair: ``metric`` (mIoU, or PQ) per budget and variant, the gap
+    of each variant to the baseline and whether it exceeds three standard deviations; then each
+    context class's pixel accuracy per budget."""
     variants = list(by_budget[budgets[0]])
     others = [v for v in variants if v != "baseline"]
-    lines = [f"#### `{pair}`: learning curve (mIoU single-scale, mean ± std over the seeds)", "",
+    lines = [f"#### `{pair}`: learning curve ({metric} single-scale, mean ± std over the seeds)", "",
              "| iterations | " + " | ".join(LABELS[v] for v in variants) + " | "
              + " | ".join(f"{LABELS[v]} − baseline" for v in others) + " |",
              "|---|" + "---|" * (len(variants) + len(others))]
     first = {}
     for b in budgets:
-        s = {v: by_budget[b][v]["summary"]["mIoU"] for v in variants}
+        s = {v: by_budget[b][v]["summary"][metric] for v in variants}
         cells = [str(b)] + [format_mean_std(*s[v], 1) for v in variants]
         for v in others:
             exceeds = gap_exceeds_3_std(s[v], s["baseline"])
@@ -258,22 +283,24 @@ def _json_safe(x):
 
 
 def plot(results, budget, path):
-    """mIoU (single-scale) per seed at ``budget``, one panel per pair, one series per model."""
+    """mIoU, or PQ for a panoptic pair (single-scale), per seed at ``budget``, one panel per pair,
+    one series per model."""
     from sgr_d2.visualization import plt
 
     pairs = list(results)
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), dpi=100, squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         variants = results[pair]["budgets"][str(budget)]
+        metric = COLUMNS[results[pair]["task"]][0][1]
         for i, (v, data) in enumerate(variants.items()):
             seeds = [r["seed"] for r in data["runs"]]
             offset = (i - (len(variants) - 1) / 2) * 0.06
-            ax.plot([s + offset for s in seeds], [r["mIoU"] for r in data["runs"]], "o", label=LABELS[v])
-            mean = data["summary"]["mIoU"][0]
+            ax.plot([s + offset for s in seeds], [r[metric] for r in data["runs"]], "o", label=LABELS[v])
+            mean = data["summary"][metric][0]
             ax.hlines(mean, min(seeds) - 0.3, max(seeds) + 0.3, colors=ax.lines[-1].get_color(), linewidth=0.8)
         ax.set_title(f"{pair}, {budget} it (lines: means)")
         ax.set_xlabel("SEED")
-        ax.set_ylabel("mIoU, single-scale")
+        ax.set_ylabel(f"{metric}, single-scale")
         ax.set_xticks(sorted({r["seed"] for d in variants.values() for r in d["runs"]}))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -282,13 +309,14 @@ def plot(results, budget, path):
 
 
 def plot_curve(pair, result, path):
-    """One row per pair's learning curve: mIoU, then each context class's pixel accuracy,
+    """One row per pair's learning curve: mIoU (PQ), then each context class's pixel accuracy,
     mean ± std against the budget, with the local-classifier ceilings as dashed lines."""
     from sgr_d2.visualization import plt
 
     budgets = [int(b) for b in result["budgets"]]
     classes = result["context_classes"]
-    panels = [("mIoU", "mIoU, single-scale", result["miou_ceiling"])]
+    metric = COLUMNS[result["task"]][0][1]
+    panels = [(metric, f"{metric}, single-scale", result["miou_ceiling"] if metric == "mIoU" else None)]
     panels += [(f"ACC-{c}", f"pixel accuracy of {c} (%)", result["accuracy_ceiling"]) for c in classes]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100, squeeze=False)
     variants = list(result["budgets"][str(budgets[0])])
@@ -326,7 +354,7 @@ def plan_runs(args, pairs, seeds, budgets, variants):
                 for v in variants:
                     _, start, overrides = VARIANTS[v]
                     opts = ["SEED", str(seed), "SOLVER.MAX_ITER", str(budget)]
-                    if start == "sgr":
+                    if start.startswith("sgr"):
                         opts += ["TEST.TOKEN_SEMANTICS", "True"]
                     opts += overrides + list(args.opts)
                     run_dir = os.path.join(out_root, pair, f"it{budget}", v, f"seed{seed}")
@@ -348,7 +376,7 @@ def main(argv=None):
     if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
         raise ValueError(f"--threads {args.threads} / --jobs {args.jobs}: expected at least 1")
     seeds = list(range(1, args.seeds + 1))
-    pairs = {name: resolve_pair(name) for name in args.pairs}
+    pairs = {name: resolve_pair(name, args.instances) for name in args.pairs}
     if args.control:
         for name, info in pairs.items():
             if info["head"] != "DilatedFCNHead":
@@ -360,23 +388,25 @@ def main(argv=None):
         budgets = sorted({info["max_iter"] for info in pairs.values()})
         if len(budgets) > 1:
             raise ValueError(f"the pairs' configs have different SOLVER.MAX_ITER {budgets}; give --iters")
-    variants = ["baseline", "sgr"] + (list(CONTROL) if args.control else []) + (list(ABLATIONS) if args.ablate else [])
+    variants = ["baseline", "sgr"] + (list(INSTANCES) if args.instances else []) + (list(CONTROL) if args.control else []) + (list(ABLATIONS) if args.ablate else [])
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
 
     def one(run):
         budget, seed, pair, v, config, opts, run_dir = run
+        tta = pairs[pair]["task"] == "semantic"
+        metric, logged = ("PQ", PANOPTIC_KEYS["PQ"]) if not tta else ("mIoU", "sem_seg/mIoU")
         if args.skip_existing:
             try:
-                found = read_run(run_dir, tta=True)
+                found = read_run(run_dir, tta=tta)
                 print(f"[compare] {pair} {budget} it {v} SEED {seed}: reusing {run_dir}", flush=True)
                 return found
             except (FileNotFoundError, ValueError):
                 pass
         print(f"[compare] {pair} {budget} it {v} SEED {seed}: training {os.path.relpath(config, REPO)} "
               f"{' '.join(opts)} (log: {run_dir}/train_stdout.log)", flush=True)
-        done = train_and_evaluate(config, opts, run_dir, tta=True, cwd=REPO, threads=args.threads)
+        done = train_and_evaluate(config, opts, run_dir, tta=tta, cwd=REPO, threads=args.threads)
         print(f"[compare]   {pair} {budget} it {v} SEED {seed} done in {done['wall_s']:.0f}s: "
-              f"mIoU {done['metrics']['sem_seg/mIoU']:.1f}", flush=True)
+              f"{metric} {done['metrics'][logged]:.1f}", flush=True)
         return done
 
     runs = plan_runs(args, pairs, seeds, budgets, variants)
@@ -389,12 +419,12 @@ def main(argv=None):
     results = {}
     for pair, info in pairs.items():
         classes = info["classes"]
-        keys = ["mIoU", "mIoU_TTA", "step_time_s", "peak_mib", "wall_s", *METRIC_KEYS,
+        keys = ["mIoU", "mIoU_TTA", "step_time_s", "peak_mib", "wall_s", *METRIC_KEYS, *PANOPTIC_KEYS,
                 *(f"IoU-{c}" for c in classes), *(f"ACC-{c}" for c in classes)]
         meta = MetadataCatalog.get(info["dataset"])
         results[pair] = {
-            "configs": [os.path.relpath(info["configs"][k], REPO) for k in ("baseline", "sgr")],
-            "dataset": info["dataset"], "classes": classes,
+            "configs": [os.path.relpath(c, REPO) for c in info["configs"].values()],
+            "dataset": info["dataset"], "classes": classes, "task": info["task"],
             "context_classes": list(meta.get("context_classes", [])),
             "miou_ceiling": meta.get("local_miou_ceiling", None),
             "accuracy_ceiling": meta.get("local_context_accuracy_ceiling", None),
@@ -408,7 +438,8 @@ def main(argv=None):
           f"thread(s) a run, {jobs} run(s) at once; step and memory ratios: model / baseline, of the means)", ""]
     for pair, res in results.items():
         for b in budgets:
-            md += [tables(f"#### `{pair}` vs `{pair}_sgr`, {b} iterations", res["classes"], res["budgets"][str(b)]), ""]
+            md += [tables(f"#### `{pair}` vs `{pair}_sgr`, {b} iterations", res["classes"], res["budgets"][str(b)],
+                          res["task"]), ""]
         if res["miou_ceiling"] is not None:
             md += [f"A classifier that sees only a window around each pixel as wide as the baseline's reach "
                    f"scores at most {res['miou_ceiling']:.1f} mIoU on `{res['dataset']}`"
@@ -416,7 +447,7 @@ def main(argv=None):
                       if res["accuracy_ceiling"] is not None else "") + " (docs/method.md).", ""]
         if len(budgets) > 1:
             md += [curve_tables(pair, budgets, {b: res["budgets"][str(b)] for b in budgets},
-                                res["context_classes"]), ""]
+                                res["context_classes"], COLUMNS[res["task"]][0][1]), ""]
     text = "\n".join(md)
     print(text)
     out_root = os.path.abspath(args.output)

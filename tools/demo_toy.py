@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""``make demo``: train SGR on the generated toy dataset on the CPU, evaluate it, draw its regions.
+"""``make demo``: train SGR on a generated toy dataset on the CPU, evaluate it, draw its regions.
+
+``--task semantic`` (the default, ``make demo``):
 
 1. trains ``configs/toy/dil_fcn_r18_sgr.yaml`` as ``train_net.py`` does, in a child process
    (``tools/experiments.py::train_and_evaluate``), which then evaluates the final checkpoint
    single-scale with the token-semantics metrics and multi-scale + flip (docs/method.md#training-and-evaluation-recipe);
 2. prints the mIoU beside that of a majority-class predictor (chance level for this data);
 3. writes a concept-region figure of the first validation image.
+
+``--task panoptic``: trains Mask2Former R-18 with SGR on the panoptic toy
+(``configs/toy/mask2former_r18_panoptic_sgr.yaml``, docs/method.md#the-panoptic-toy-touching-objects-of-one-class),
+prints PQ, mask AP and mIoU beside the trivial baseline (every pixel the most frequent stuff
+class), and writes a panoptic figure (image, ground truth, prediction) of the first validation
+image beside the concept regions.
 """
 import argparse
 import os
@@ -52,13 +60,22 @@ def majority_class_miou(train_name: str, val_name: str, num_classes: int, ignore
     return 100.0 * (inter / union) / len(present)
 
 
+CONFIGS = {"semantic": "configs/toy/dil_fcn_r18_sgr.yaml", "panoptic": "configs/toy/mask2former_r18_panoptic_sgr.yaml"}
+PANOPTIC_ROWS = [("PQ", "panoptic_seg/PQ", "PQ"), ("PQ things", "panoptic_seg/PQ_th", "PQ_th"),
+                 ("PQ stuff", "panoptic_seg/PQ_st", "PQ_st"), ("mask AP", "segm/AP", None),
+                 ("mIoU", "sem_seg/mIoU", "mIoU")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=str(REPO / "configs/toy/dil_fcn_r18_sgr.yaml"))
+    parser.add_argument("--task", choices=sorted(CONFIGS), default="semantic")
+    parser.add_argument("--config-file", default=None, help="default: " + ", ".join(
+        f"{v} (--task {k})" for k, v in CONFIGS.items()))
     parser.add_argument("--output", default="output/demo")
     parser.add_argument("--iters", type=int, default=None, help="override SOLVER.MAX_ITER")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing run")
     args = parser.parse_args(argv)
+    config_file = args.config_file or str(REPO / CONFIGS[args.task])
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = ["MODEL.DEVICE", "cpu"]
@@ -67,17 +84,19 @@ def main(argv=None):
 
     train_dir = out / "train"
     overrides += ["TEST.TOKEN_SEMANTICS", "True"]
+    tta = args.task == "semantic"  # Mask2Former has no multi-scale panoptic evaluation
     if args.skip_train:
-        run = read_run(str(train_dir), tta=True)
+        run = read_run(str(train_dir), tta=tta)
     else:  # trains and evaluates (single-scale with token semantics, then multi-scale + flip)
-        run = train_and_evaluate(args.config_file, overrides, str(train_dir), tta=True, log_file=None,
-                                 cwd=str(REPO))
+        run = train_and_evaluate(config_file, overrides, str(train_dir), tta=tta, log_file=None, cwd=str(REPO))
     single, multi = run["metrics"], run["metrics_TTA"]
 
     weights = train_dir / "model_final.pth"
-    cfg = load_config(args.config_file, overrides + ["OUTPUT_DIR", str(train_dir), "MODEL.WEIGHTS", str(weights)])
+    cfg = load_config(config_file, overrides + ["OUTPUT_DIR", str(train_dir), "MODEL.WEIGHTS", str(weights)])
     predictor = build_predictor(cfg)  # the weights loaded through the fit check
     train_name, val_name = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
+    if args.task == "panoptic":
+        return _panoptic_report(predictor, single, train_name, val_name, out)
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     fig = out / "concept_regions.png"
@@ -93,6 +112,34 @@ def main(argv=None):
     if figure_ok:
         print(f"concept-region figure       : {fig}")
     return single, multi, chance
+
+
+def _panoptic_report(predictor, metrics, train_name, val_name, out):
+    """Prints the panoptic demo's table (the model beside the trivial baseline) and writes its
+    figures; returns (the model's metrics, the baseline's)."""
+    from detectron2.data import MetadataCatalog
+
+    from sgr_d2.data.toy_panoptic import read_panoptic, trivial_baseline
+    from sgr_d2.visualization import panoptic_figure
+
+    base = trivial_baseline(train_name, val_name)
+    print(f"\n==== sgr_d2 demo: {val_name} (trivial baseline: every pixel {base['stuff_class']}) ====")
+    print(f"{'':10} {'model':>8} {'trivial':>8}")
+    for label, key, base_key in PANOPTIC_ROWS:
+        print(f"{label:10} {metrics[key]:8.2f} {base[base_key] if base_key else 0.0:8.2f}")
+    ts = {k: metrics[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in metrics}
+    if ts:
+        print("token semantics: " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
+    d, rgb, _, _ = dataset_item(val_name, 0)
+    pred_seg, pred_info = predict(predictor, rgb, require=["panoptic_seg"])["panoptic_seg"]
+    # detectron2's panoptic loader gives contiguous category ids and isthing, as the model does
+    fig = panoptic_figure(rgb, [("ground truth", read_panoptic(d), d["segments_info"]),
+                                ("prediction", pred_seg, pred_info)],
+                          MetadataCatalog.get(val_name), str(out / "panoptic.png"))
+    print(f"panoptic figure: {fig}")
+    if _concept_region_figure(predictor, val_name, out / "concept_regions.png"):
+        print(f"concept-region figure: {out / 'concept_regions.png'}")
+    return metrics, base
 
 
 def _concept_region_figure(predictor, dataset_name, path) -> bool:

@@ -346,7 +346,7 @@ def register_toy_panoptic():
             )
 
 
-def _read_panoptic(d: dict) -> np.ndarray:
+def read_panoptic(d: dict) -> np.ndarray:
     """The (H, W) segment ids of a dataset dict's ``pan_seg_file_name``."""
     path = d["pan_seg_file_name"]
     rgb = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -376,7 +376,7 @@ def touching_statistics(dataset_name: str) -> dict:
     thing_classes = _thing_ids(meta)
     instances = merged = components = images_with_merge = 0
     for d in DatasetCatalog.get(dataset_name):
-        pan = _read_panoptic(d)
+        pan = read_panoptic(d)
         labels, classes = component_label_map(read_id_map(d["sem_seg_file_name"]), meta.ignore_label)
         things = [s for s in d["segments_info"] if s["category_id"] in thing_classes and not s.get("iscrowd", 0)]
         components += int(np.isin(classes, list(thing_classes)).sum())
@@ -484,7 +484,7 @@ def trivial_baseline(train_name: str = "sgr_toy_panoptic_train",
     evaluator.reset()
     images = []
     for d in DatasetCatalog.get(val_name):
-        pan = _read_panoptic(d)
+        pan = read_panoptic(d)
         images.append((pan, d["segments_info"], np.ones_like(pan), [{"id": 1, "category_id": major}]))
         scores = torch.zeros(len(meta.stuff_classes), *pan.shape)
         scores[major] = 1.0
