@@ -1,45 +1,21 @@
 """A DetectionCheckpointer whose files are never left half-written, and whose loads are checked.
 
-Every load (``MODEL.WEIGHTS`` for training, ``--eval-only``, ``--resume``, the demo, the tools)
-goes through :meth:`AtomicCheckpointer.load`:
+Every load (``MODEL.WEIGHTS``, ``--eval-only``, ``--resume``, the demo, the tools) goes through
+:meth:`AtomicCheckpointer.load`, which
 
-1. the file is read by :func:`sgr_d2.files.read_weights` (no code runs while it is read; a file
-   that cannot be read is an error naming it), in detectron2's formats: model-zoo pickles
-   ``{"model": ..., "__author__": ...}``, Caffe2 pickles (a dict of blobs), torch checkpoints;
-2. tensors that official MaskFormer / Mask2Former files carry but no sgr_d2 model has
-   (:data:`OFFICIAL_ONLY`) are set aside: sgr_d2's modules carry the official names, so an
-   official file loads with no renaming; a file of the older MaskFormerHead layout (pixel
-   decoder directly under ``sem_seg_head.``) is read as the official code reads it
-   (:func:`sgr_d2.modeling.maskformer.upgrade_head_layouts`, decided by the keys);
-3. files with ``matching_heuristics`` (converted ImageNet pickles, detectron2's Caffe2
-   ``R-50.pkl``) are matched by detectron2's ``align_and_update_state_dicts``; a checkpoint of a
-   model without SGR (``backbone.*``) goes under the SGR wrapper (``backbone.backbone.*``);
-4. the fit check (:func:`check_fit`) refuses a file that leaves tensors of the model without a
-   value, naming the missing groups, *before* anything is loaded.
-
-**The fit check.** A weights file is one of two kinds, told apart by where its tensors land:
-
-* a **backbone checkpoint** (an ImageNet network, or a segmentation backbone exported for Mask
-  R-CNN): no tensor of the file belongs to a head (a name under one of the model's other
-  top-level modules, or ``sem_seg_head.`` / ``proposal_generator.`` / ``roi_heads.`` /
-  ``criterion.``, whether the model has that head or not), and every tensor that lands in the
-  model lands in the backbone network or in its SGR / GloRe component. It must cover the
-  **whole backbone network** (the innermost backbone: the ResNet or Swin inside SGR's wrapper
-  and inside an FPN, plus ``roi_heads.res5`` of a C4 model whose backbone is a bottleneck
-  ResNet, 50 layers or more), and a component it has tensors of entirely. The head, an FPN's own convs and a component
-  the file lacks start from their initialisation.
-* a **full-model checkpoint**: anything else. It must give every tensor of the model a value,
-  except
-
-  - a component the file has **no** tensor of: SGR's (and GloRe's) fusion starts at zero, so
-    the model starts as the loaded one and the component is added on top of it;
-  - the class-specific output layers (:data:`CLASS_LAYERS`), only when the config asks for new
-    classes (``MODEL.WEIGHTS_NEW_CLASSES True``): they are then never loaded and start from
-    their initialisation.
-
-A tensor with the model's name but another shape counts as missing. Tensors of the file that
-the model does not have are listed (not an error). Pixel mean/std and BatchNorm's
-``num_batches_tracked`` are not weights and are never counted.
+1. reads the file safely (:func:`sgr_d2.files.read_weights`), in detectron2's formats
+   (:func:`read_checkpoint_file`);
+2. sets aside the tensors that official MaskFormer / Mask2Former files carry but sgr_d2 computes
+   itself (:data:`OFFICIAL_ONLY`; sgr_d2's modules carry the official names, and a file of the
+   older MaskFormerHead layout is read as the official code reads it);
+3. matches files with ``matching_heuristics`` (converted ImageNet pickles, Caffe2 ``R-50.pkl``)
+   by detectron2's ``align_and_update_state_dicts``, and puts a checkpoint of a model without
+   SGR (``backbone.*``) under the SGR wrapper (``backbone.backbone.*``);
+4. refuses, before anything is loaded, a file that leaves tensors of the model without a value
+   (:func:`check_fit`, the rules of docs/published_models.md#the-fit-check: a full-model
+   checkpoint must fill every tensor but an SGR / GloRe component it has none of and, with
+   ``MODEL.WEIGHTS_NEW_CLASSES``, the class layers; a backbone checkpoint the whole backbone
+   network). Pixel mean/std and ``num_batches_tracked`` are not weights and never counted.
 """
 from __future__ import annotations
 
@@ -47,6 +23,7 @@ import fnmatch
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -61,10 +38,9 @@ from ..files import atomic_torch_save, atomic_write_text, read_weights
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LoadSummary", "OFFICIAL_ONLY", "build_checkpointer",
-           "load_weights", "read_checkpoint_file",
-           # the fit check
-           "CLASS_LAYERS", "FitReport", "ModelParts", "check_fit", "group_names", "format_groups", "is_weight",
-           "mismatch_message", "model_parts"]
+           "load_weights", "newest_checkpoint", "read_checkpoint_file",
+           "CLASS_LAYERS", "FitReport", "ModelParts", "check_fit", "format_groups", "is_weight", "mismatch_message",
+           "model_parts"]
 
 WEIGHTS_HELP = (
     "MODEL.WEIGHTS must be a local file: sgr_d2 never downloads weights. Convert an ImageNet "
@@ -73,10 +49,9 @@ WEIGHTS_HELP = (
     "checkpoint written by train_net.py (MODEL.WEIGHTS \"\" trains from scratch)."
 )
 
-# Tensors of official MaskFormer / Mask2Former files that sgr_d2 computes itself: the loss's
-# class weights (from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT) and Swin's relative position index (timm
-# computes it by the official formula). BatchNorm's num_batches_tracked is another when the model
-# has no such buffer (the official FrozenBN ResNets), and is loaded where it has.
+# Tensors of official MaskFormer / Mask2Former files that sgr_d2 computes itself: the loss's class
+# weights (from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT) and Swin's relative position index (timm's, by the
+# official formula); also BatchNorm's num_batches_tracked where the model has no such buffer.
 OFFICIAL_ONLY = ("criterion.empty_weight", "*.relative_position_index")
 
 # What an interrupted save leaves: ``.<name>.pth.<random>.tmp`` or ``.last_checkpoint.<random>.tmp``.
@@ -115,16 +90,12 @@ class LoadSummary:
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """``save`` writes a temporary file and renames it, and tags ``last_checkpoint`` only after
-    the rename, so a crash at any moment leaves the previous checkpoint and tag intact.
-    ``load`` reads the file safely, sets aside the official-only tensors, and refuses a file that
-    does not fit the model (:class:`CheckpointMismatchError`, where detectron2 only warns) before
-    touching the model. ``new_classes`` (``MODEL.WEIGHTS_NEW_CLASSES``): the class-specific output
-    layers of ``MODEL.WEIGHTS`` are not loaded (never when resuming).
-
+    the rename, so a crash at any moment leaves the previous checkpoint and tag intact. ``load``
+    follows the module docstring; a file that does not fit raises :class:`CheckpointMismatchError`
+    (detectron2 only warns). ``new_classes``: ``MODEL.WEIGHTS_NEW_CLASSES`` (never when resuming).
     ``resume_or_load(resume=True)`` resumes from the file ``last_checkpoint`` names or, when that
-    file is missing or unreadable (truncated), from the newest readable checkpoint of the folder,
-    with a warning. Records: ``last_load`` (:class:`LoadSummary`), ``saved`` (the files this
-    checkpointer wrote), ``resumed_from`` (the file it resumed from, or None)."""
+    is missing or unreadable, from the newest readable checkpoint of the folder, with a warning.
+    Records: ``last_load`` (:class:`LoadSummary`), ``saved`` (the files it wrote), ``resumed_from``."""
 
     def __init__(self, model, save_dir: str = "", *, new_classes: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
@@ -221,7 +192,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 return last
             except Exception as e:  # truncated or corrupt
                 problem = f"{tag} names {name}, but {last} cannot be read ({type(e).__name__}: {e})"
-        fallback = self._newest_readable(exclude=last)
+        fallback = newest_checkpoint([p for p in self.get_all_checkpoint_files() if p != last])
         if fallback is None:
             raise FileNotFoundError(
                 f"{problem}, and no other checkpoint of {self.save_dir} can be read. Write the name of "
@@ -232,24 +203,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         logger.warning("%s. Resuming from %s instead (iteration %s), the newest readable checkpoint "
                        "of %s.", problem, path, iteration, self.save_dir)
         return path
-
-    def _newest_readable(self, exclude: str):
-        found = []
-        for name in os.listdir(self.save_dir):
-            path = os.path.join(self.save_dir, name)
-            if not name.endswith(".pth") or name.startswith(".") or path == exclude:
-                continue
-            try:
-                ckpt = read_weights(path, mmap=True)
-            except Exception as e:
-                logger.warning("Skipping checkpoint %s, which cannot be read (%s: %s)", path, type(e).__name__, e)
-                continue
-            if "model" in ckpt:
-                found.append((int(ckpt.get("iteration", -1)), os.path.getmtime(path), path))
-        if not found:
-            return None
-        iteration, _, path = max(found)
-        return path, iteration
 
     def _fit_and_load(self, checkpoint: Dict, path: str, *, new_classes: bool):
         state = checkpoint.get("model")
@@ -314,20 +267,34 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
+def newest_checkpoint(paths, problem=lambda checkpoint: None):
+    """``(path, iteration)`` of the newest (highest ``iteration``) of the checkpoint files ``paths``
+    that can be read and in which ``problem(checkpoint)`` finds nothing (it returns why not), or
+    None; the others are skipped with a warning."""
+    found = []
+    for path in dict.fromkeys(paths):
+        try:
+            ckpt = read_weights(path, mmap=True)
+            why = problem(ckpt) if "model" in ckpt else "it holds no 'model'"
+        except Exception as e:
+            why = f"it cannot be read ({type(e).__name__}: {e})"
+        if why is None:
+            found.append((int(ckpt.get("iteration", -1)), os.path.getmtime(path), path))
+        else:
+            logger.warning("Skipping checkpoint %s: %s", path, why)
+    if not found:
+        return None
+    iteration, _, path = max(found)
+    return path, iteration
+
+
 def _place_under_wrapper(state, model_state):
     """``backbone.X`` -> ``backbone.backbone.X`` where only the latter is a model tensor: a
     checkpoint of the model without SGR (or GloRe), loaded into the model with it."""
     if any(k.startswith("backbone.backbone.") for k in state):
         return state, 0
-    out, n = {}, 0
-    for key, value in state.items():
-        wrapped = "backbone." + key
-        if key.startswith("backbone.") and key not in model_state and wrapped in model_state:
-            out[wrapped] = value
-            n += 1
-        else:
-            out[key] = value
-    return out, n
+    moved = {k for k in state if k.startswith("backbone.") and k not in model_state and "backbone." + k in model_state}
+    return {"backbone." + k if k in moved else k: v for k, v in state.items()}, len(moved)
 
 
 def _fill_folded_norm_statistics(state, model_state) -> int:
@@ -390,14 +357,8 @@ def is_weight(key: str) -> bool:
 
 
 def _is_class_layer(key: str) -> bool:
-    module = key.rsplit(".", 1)[0]
-    for pattern in CLASS_LAYERS:
-        if pattern.startswith("*."):
-            if module.endswith(pattern[1:]) or module == pattern[2:]:
-                return True
-        elif module == pattern:
-            return True
-    return False
+    module = "." + key.rsplit(".", 1)[0]  # so that "*." matches the empty prefix too
+    return any(fnmatch.fnmatchcase(module, p if p.startswith("*") else "." + p) for p in CLASS_LAYERS)
 
 
 @dataclass(frozen=True)
@@ -443,10 +404,9 @@ def model_parts(model: nn.Module) -> ModelParts:
         body.append(prefix)
     if isinstance(getattr(getattr(model, "roi_heads", None), "res5", None), nn.Module) and net is not None \
             and any(isinstance(m, BottleneckBlock) for m in net.modules()):
-        # C4: res5 runs per RoI in the ROI heads, always as 3 bottleneck blocks. It is part of the
-        # backbone network when the backbone is a bottleneck ResNet (50 and deeper), whose res5
-        # fills it; the basic-block res5 of ResNet-18/34 cannot, so there it starts from its
-        # initialisation like the rest of the ROI heads.
+        # C4: res5 runs per RoI in the ROI heads, always as 3 bottleneck blocks: part of the backbone
+        # network when that is a bottleneck ResNet (50 and deeper), whose res5 fills it; the
+        # basic-block res5 of ResNet-18/34 cannot, so there it starts from its initialisation.
         body.append("roi_heads.res5.")
     heads = {f"{name}." for name, _ in model.named_children() if name != "backbone"}
     heads.update(HEAD_PREFIXES)
@@ -494,7 +454,8 @@ def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
         if key in file_shapes:
             report.wrong_shape.append((key, file_shapes[key], shape))
         if component is not None and component not in components_in_file:
-            why = f"{parts.components[component]}: not in the file; its fusion starts at zero, so the model starts as the loaded one"
+            why = (f"{parts.components[component]}: not in the file; its fusion starts at zero, so the model "
+                   "starts as the loaded one")
         elif not full and not key.startswith(parts.body) and component is None:
             why = "not part of a backbone checkpoint: starts from its initialisation"
         else:
@@ -504,31 +465,12 @@ def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
     return report
 
 
-def group_names(keys) -> List[Tuple[str, int]]:
-    """``[(group, count)]``: tensor names grouped by module, a layer index and what follows it
-    collapsed to ``*`` (``sem_seg_head.predictor.ffn_layers.*``), in first-seen order."""
-    counts: Dict[str, int] = {}
-    for key in keys:
-        parts = key.split(".")[:-1] or [key]
-        group = []
-        for p in parts:
-            if p.isdigit():
-                group.append("*")
-                break
-            group.append(p)
-        name = ".".join(group)
-        counts[name] = counts.get(name, 0) + 1
-    return list(counts.items())
-
-
 def format_groups(keys, limit: int = 12) -> str:
-    """``group (n tensors), ...`` of :func:`group_names`, at most ``limit`` groups. (fvcore's
-    ``get_missing_parameters_message`` colours its lines for a terminal, one per group; this
-    fits an error message.)"""
-    groups = group_names(keys)
-    shown = []
-    for name, n in groups[:limit]:
-        shown.append(f"{name} ({n} tensor{'s' if n != 1 else ''})")
+    """``group (n tensors), ...``, at most ``limit`` groups in first-seen order: tensor names grouped
+    by module, a layer index and what follows it collapsed to ``*`` (``sem_seg_head.ffn_layers.*``).
+    (fvcore's ``get_missing_parameters_message`` colours one line per group for a terminal.)"""
+    groups = Counter(re.sub(r"(^|\.)\d+(\.|$).*", r"\1*", k.rsplit(".", 1)[0]) for k in keys)
+    shown = [f"{name} ({n} tensor{'s' if n != 1 else ''})" for name, n in list(groups.items())[:limit]]
     more = f", ... and {len(groups) - limit} more groups" if len(groups) > limit else ""
     return ", ".join(shown) + more if shown else "none"
 

@@ -1,4 +1,4 @@
-"""Training-loop guards for long runs (see docs/reliability.md)."""
+"""Training-loop guards for long runs (docs/reliability.md)."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from ..files import read_weights
 from . import preemption
+from .checkpoint import newest_checkpoint
 
 __all__ = ["NonFiniteLossGuard", "FinalCheckpoint", "UnlabelledImagesMonitor", "state_problem",
            "MAX_NORM_GROWTH"]
@@ -50,31 +50,20 @@ def state_problem(state: Mapping[str, torch.Tensor], param_names, reference_norm
 
 
 class NonFiniteLossGuard:
-    """Stops training at the first NaN or infinite loss, *before* that step changes anything.
+    """Stops training at the first NaN or infinite loss, *before* that step changes anything
+    (docs/reliability.md#nan-or-infinite-losses).
 
-    detectron2's ``SimpleTrainer`` notices a non-finite loss only in ``_write_metrics``, after
-    ``backward`` (and, in newer versions, possibly after ``optimizer.step``), and raises without
-    saving. This guard checks the loss dict as it leaves the model's forward pass (a forward hook
-    on the trainer's model, so it works with DDP and whatever ``run_step`` does next):
+    detectron2's ``SimpleTrainer`` notices a non-finite loss only after ``backward`` (newer
+    versions possibly after ``optimizer.step``), and raises without saving. This guard is a
+    forward hook on the trainer's model (so it works with DDP and any ``run_step``): it copies
+    the buffers before each training forward pass (which updates BatchNorm's statistics with the
+    bad batch), records the parameters' norm at the first one (the reference of
+    :func:`state_problem`), and at a non-finite loss term on any worker puts the buffers back,
+    keeps a sane state to resume from (the state after the last iteration, saved as
+    ``<filename>.pth``; else the newest sane checkpoint of this run, tagged; else no tag) and
+    raises ``FloatingPointError`` naming the iteration, every loss term and what was kept.
 
-    * before each training forward pass it keeps a copy of the model's buffers, because the
-      forward pass itself updates BatchNorm's running statistics with the bad batch;
-    * at the first training forward pass it records the parameters' norm (the reference of
-      :func:`state_problem`);
-    * when a loss term is not finite on any worker (the flag is all-reduced, so every worker
-      stops at the same iteration instead of hanging in the next collective), it puts the
-      buffers back and keeps a *sane* state (:func:`state_problem`) to resume from:
-
-      - the state after the last iteration, if sane: saved (weights, buffers, optimizer, LR
-        schedule, data position, ``iteration = bad - 1``) as ``<OUTPUT_DIR>/<filename>.pth``
-        through the trainer's checkpointer, which tags it in ``last_checkpoint``;
-      - otherwise the newest sane checkpoint this run saved (or resumed from) is tagged;
-      - if there is none, ``last_checkpoint`` is removed (``--resume`` then starts from
-        MODEL.WEIGHTS at iteration 0);
-
-      and raises ``FloatingPointError`` naming the iteration, every loss term and what was kept.
-
-    With several workers, the gather of the flag also carries whether the worker received a
+    With several workers, its per-iteration gather also carries whether the worker received a
     preemption signal (``stop_requested``: any worker did, at iteration ``agreed_at``), so that
     :class:`~sgr_d2.engine.preemption.PreemptionHook` needs no collective of its own.
     """
@@ -112,16 +101,14 @@ class NonFiniteLossGuard:
         values = torch.stack([v.detach().float().sum() for v in terms.values()])
         # The one host sync of the guard: it must decide before this step's backward and update.
         bad = not bool(torch.isfinite(values).all())
-        if comm.get_world_size() > 1:
-            # every worker learns whether any worker must stop (an object collective on
-            # detectron2's gloo group: host-side code never puts a tensor on the default group,
-            # which is NCCL on a cluster and refuses CPU tensors); with it, whether any worker
-            # must stop for a preemption signal
-            flags = comm.all_gather((bad, preemption.requested()))
-            bad = any(b for b, _ in flags)
-            trainer = self._trainer()
-            self.agreed_at = trainer.iter if trainer is not None else None
-            self.stop_requested = any(p for _, p in flags)
+        # every worker learns whether any worker must stop, for a bad loss or a preemption signal:
+        # an object collective on detectron2's gloo group (host-side code never puts a tensor on
+        # the default group, which is NCCL on a cluster and refuses CPU tensors)
+        flags = comm.all_gather((bad, preemption.requested()))
+        bad = any(b for b, _ in flags)
+        trainer = self._trainer()
+        self.agreed_at = trainer.iter if trainer is not None else None
+        self.stop_requested = any(p for _, p in flags)
         if not bad:
             return
         self._stop({k: float(v) for k, v in zip(terms, values.tolist())})
@@ -129,19 +116,12 @@ class NonFiniteLossGuard:
     def _stop(self, local: Dict[str, float]) -> None:
         trainer = self._trainer()
         iteration = trainer.iter if trainer is not None else -1
-        per_worker = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
-
-        def fmt(d):
-            return ", ".join(f"{k}={v:.6g}" for k, v in d.items())
-
-        if len(per_worker) == 1:
-            terms = fmt(local)
-        else:
-            terms = "; ".join(f"worker {r}: {fmt(d)}" for r, d in enumerate(per_worker))
+        per_worker = comm.all_gather(local)
+        terms = "; ".join(("" if len(per_worker) == 1 else f"worker {r}: ")
+                          + ", ".join(f"{k}={v:.6g}" for k, v in d.items()) for r, d in enumerate(per_worker))
         self._restore_buffers()
-        saved = "no checkpoint was written (the trainer is gone)"
-        if trainer is not None:
-            saved = self._save_last_good(trainer, iteration)
+        saved = ("no checkpoint was written (the trainer is gone)" if trainer is None
+                 else self._save_last_good(trainer, iteration))
         bad_terms = sorted({k for d in per_worker for k, v in d.items() if not math.isfinite(v)})
         raise FloatingPointError(
             f"Loss became infinite or NaN at iteration {iteration} (non-finite: "
@@ -161,9 +141,7 @@ class NonFiniteLossGuard:
             except Exception as e:  # keep the loss error; say why nothing was kept
                 logger.exception("could not keep a last good state")
                 msg = f"keeping a last good state failed: {type(e).__name__}: {e}"
-        if comm.get_world_size() > 1:
-            msg = comm.all_gather(msg)[0]
-        return msg
+        return comm.all_gather(msg)[0]
 
     def _keep_sane_state(self, trainer, checkpointer, iteration: int) -> str:
         path = os.path.join(checkpointer.save_dir, f"{self.filename}.pth")
@@ -176,9 +154,18 @@ class NonFiniteLossGuard:
                     f"parameter norm within {MAX_NORM_GROWTH:g}x the start's) and was saved to "
                     f"{path} and tagged in last_checkpoint, so `--resume` continues from it")
         msg = f"the state after iteration {iteration - 1} was not kept: {problem}"
-        older = self._newest_sane_checkpoint(checkpointer, iteration, reference)
+        save_dir = os.path.abspath(checkpointer.save_dir)
+        ours = [p for p in [*checkpointer.saved, checkpointer.resumed_from]  # (the tag names a file of save_dir)
+                if p and os.path.dirname(os.path.abspath(p)) == save_dir]
+
+        def problem_of(ckpt):
+            if int(ckpt.get("iteration", -1)) >= iteration:
+                return f"its iteration {ckpt.get('iteration')} is not before {iteration}"
+            return state_problem(ckpt["model"], self._param_names, reference)
+
+        older = newest_checkpoint(ours, problem_of)
         if older is not None:
-            name, it = older
+            name, it = os.path.basename(older[0]), older[1]
             checkpointer.tag_last_checkpoint(name)
             return (f"{msg}. last_checkpoint now names {name} (iteration {it}), the newest checkpoint "
                     "of this run that passed the sanity check, so `--resume` continues from it")
@@ -188,42 +175,12 @@ class NonFiniteLossGuard:
         return (f"{msg}. No checkpoint of this run passed the sanity check, so {tag} was removed: "
                 "`--resume` starts again from MODEL.WEIGHTS at iteration 0")
 
-    def _newest_sane_checkpoint(self, checkpointer, iteration: int, reference: float):
-        """(basename, iteration) of the newest sane checkpoint this run saved or resumed from."""
-        candidates = list(checkpointer.saved)
-        if checkpointer.resumed_from:
-            candidates.append(checkpointer.resumed_from)
-        found = []
-        for path in dict.fromkeys(candidates):
-            if os.path.dirname(os.path.abspath(path)) != os.path.abspath(checkpointer.save_dir):
-                continue  # last_checkpoint can only name a file of save_dir
-            try:
-                ckpt = read_weights(path, mmap=True)
-                it = int(ckpt.get("iteration", -1))
-                if it >= iteration:
-                    continue
-                problem = state_problem(ckpt["model"], self._param_names, reference)
-            except Exception as e:
-                logger.warning("cannot check %s: %s: %s", path, type(e).__name__, e)
-                continue
-            if problem is None:
-                found.append((it, os.path.basename(path)))
-            else:
-                logger.warning("not resuming from %s: %s", path, problem)
-        if not found:
-            return None
-        it, name = max(found)
-        return name, it
-
 
 class FinalCheckpoint(HookBase):
-    """Writes ``model_final.pth`` after a successful run that had no iteration left to do.
-
-    detectron2's ``PeriodicCheckpointer`` writes it at the last iteration; a run killed during
-    that write, when ``MAX_ITER`` is a multiple of ``CHECKPOINT_PERIOD``, leaves
-    ``last_checkpoint`` naming ``model_<MAX_ITER - 1>.pth``, and ``--resume`` then starts at
-    ``MAX_ITER``, runs no iteration and would never write ``model_final.pth``.
-    """
+    """Writes ``model_final.pth`` after a successful run that had no iteration left to do: a run
+    killed while ``PeriodicCheckpointer`` wrote it at the last iteration (``MAX_ITER`` a multiple
+    of ``CHECKPOINT_PERIOD``) leaves ``last_checkpoint`` naming ``model_<MAX_ITER - 1>.pth``, and
+    ``--resume`` then runs no iteration and would never write ``model_final.pth``."""
 
     def __init__(self, name: str = "model_final"):
         self.name = name
@@ -238,14 +195,10 @@ class FinalCheckpoint(HookBase):
 
 
 class UnlabelledImagesMonitor:
-    """Warns once when no training crop of the first ``window`` iterations has a labelled pixel.
-
-    A training set whose label maps are all ignore trains at loss 0 (the heads' all-ignore
-    batches give a zero loss, not NaN): the run looks healthy but learns nothing. A forward
-    pre-hook on the trainer's model counts the images whose ``sem_seg`` target holds only the
-    ignore label (summed over workers); after ``window`` iterations, or at the last one if the
-    run is shorter, it warns if every image was so, naming the counts.
-    """
+    """Warns once when no training crop of the first ``window`` iterations (or of a shorter run)
+    has a labelled pixel, summed over workers: such a run trains at loss 0 (the heads give an
+    all-ignore batch a zero loss, not NaN) and looks healthy but learns nothing. A forward
+    pre-hook on the trainer's model counts the crops whose ``sem_seg`` holds only the ignore label."""
 
     def __init__(self, trainer, window: int = 20):
         self._trainer = weakref.ref(trainer)
@@ -253,7 +206,6 @@ class UnlabelledImagesMonitor:
         self.ignore = trainer.cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         self.images = self.unlabelled = self.iterations = 0
         self.unlabelled_files = set()
-        self.warned = False
         self.done = False
         trainer._trainer.model.register_forward_pre_hook(self._count)
 
@@ -279,14 +231,11 @@ class UnlabelledImagesMonitor:
 
     def _decide(self) -> None:
         # host-side counts: an object collective (detectron2's gloo group), never a tensor one
-        counts = [(self.images, self.unlabelled, self.unlabelled_files)]
-        if comm.get_world_size() > 1:
-            counts = comm.all_gather(counts[0])
+        counts = comm.all_gather((self.images, self.unlabelled, self.unlabelled_files))
         images = sum(c[0] for c in counts)
         unlabelled = sum(c[1] for c in counts)
         unlabelled_files = len(set().union(*(c[2] for c in counts)))
         if images and unlabelled == images and comm.is_main_process():
-            self.warned = True
             logger.warning(
                 "No training image has a labelled pixel: all %d images (%d files%s) of the first %d "
                 "iteration(s) hold only the ignore label %d in their crops, so every loss is 0 and "
