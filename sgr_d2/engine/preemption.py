@@ -1,43 +1,27 @@
-"""Preemption: a signal ends training at an iteration boundary, with a checkpoint to resume from.
+"""Preemption: a signal ends training at an iteration boundary, with a checkpoint to resume from
+(docs/multi_gpu.md#preemption).
 
-Clusters warn a job before they stop it: SLURM sends SIGTERM (and, with ``--signal``, SIGUSR1
-or another signal some time before), submitit sends SIGUSR2 (docs/multi_gpu.md#cluster).
-While ``Trainer.train`` runs, :class:`PreemptionHook` catches SIGTERM, SIGUSR1 and SIGUSR2
-(:data:`SIGNALS`) in every worker and only records them; training goes on to a boundary that
-every worker agrees on. There it saves one checkpoint through ``Trainer.save_checkpoint``,
-exactly as the periodic ones (``model_<iteration>.pth``, atomic, tagged in ``last_checkpoint``,
-with the weights, optimizer, LR schedule, data position and every worker's random states), waits
-until the save is complete, and raises :class:`Preempted`, a ``SystemExit`` with
-:data:`EXIT_CODE` (75, ``EX_TEMPFAIL`` of ``sysexits.h``: "temporary failure, run me again").
-The same command with ``--resume`` then continues as if the run had never stopped.
+While ``Trainer.train`` runs, :class:`PreemptionHook` records SIGTERM, SIGUSR1 and SIGUSR2
+(:data:`SIGNALS`) in every worker. At the first iteration boundary every worker agrees on, it
+saves ``model_<iteration>.pth`` through ``Trainer.save_checkpoint`` (atomic, tagged, every
+worker's random states), waits until the save is complete and raises :class:`Preempted`, a
+``SystemExit`` with :data:`EXIT_CODE` (75, ``EX_TEMPFAIL``): ``--resume`` continues bit for bit.
 
-**Agreement.** A signal may reach one worker only, or the workers at different moments. The
-workers decide together, once per iteration, whether any of them has one: the decision must be
-the same on all of them, or one would wait forever in a collective the others never join. In a
-run of several workers the decision rides on the NaN guard's per-iteration object gather
+**Agreement.** The decision must be the same on every worker, or one would wait forever in a
+collective the others never join. It rides on the NaN guard's per-iteration object gather
 (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard` gathers ``(loss not finite, preemption
-requested)`` instead of one flag), so it costs no collective of its own (``bench/preemption_agreement.py``: a gather of its own
-costs about 1.8 ms per iteration on two CPU workers, against 0.27 s for a small toy iteration;
-carrying the flag in the guard's gather costs nothing measurable). An iteration
-whose forward pass gave the guard nothing to check falls back to a ``comm.all_gather`` of the
-flag. Both are detectron2's object collectives, on its gloo group (the NCCL rule,
-docs/multi_gpu.md). A signal that arrives after a worker's forward pass of iteration ``i`` is
-seen by all of them at iteration ``i + 1``, so the boundary is the end of that iteration, after
-all its hooks: an evaluation running when the signal came finishes, its results are written to
-``metrics.json`` and are not run again. In a one-process run the boundary is the end of the
-iteration during which the signal came.
+requested)``), so it costs no collective of its own (``bench/preemption_agreement.py``); an
+iteration without that gather falls back to a ``comm.all_gather`` of the flag (detectron2's gloo
+group: the NCCL rule). A signal seen after a worker's forward pass of iteration ``i`` is agreed
+at ``i + 1``, so the boundary is the end of that iteration, after all its hooks (an evaluation
+running then finishes and is written to ``metrics.json``).
 
-**What is not a boundary.** The last iteration: ``model_final.pth`` is saved there anyway; the
-run goes on to its final evaluation and exits 0 (a kill during that evaluation leaves
-``model_final.pth``, and ``--resume`` runs the evaluation again). Before the first iteration and
-after training (building the model, loading weights, ``--eval-only``) no handler is installed:
-the signal's default action ends the process, which has nothing to save. Nor do the handlers
-hold in a process forked while they are set (a DataLoader worker, panopticapi's process pool):
-there a signal has its default action.
-
-**A second signal** (during the save, or after the boundary is agreed) is recorded, or ignored, and changes
-nothing: the save is not interrupted, and even a SIGKILL during it leaves the previous
-checkpoint and tag intact (``sgr_d2.files.atomic_write``).
+Not a boundary: the last iteration (``model_final.pth`` is saved there anyway; the run exits 0),
+nor anything before the first iteration or after training, where no handler is installed and the
+signal's default action ends a process that has nothing to save; nor do the handlers hold in a
+process forked while they are set (a DataLoader worker, panopticapi's process pool). A second
+signal changes nothing: the save is not interrupted, and even a SIGKILL during it leaves the
+previous checkpoint and tag intact (``sgr_d2.files.atomic_write``).
 """
 from __future__ import annotations
 
@@ -54,8 +38,7 @@ __all__ = ["EXIT_CODE", "SIGNALS", "Preempted", "PreemptionHook", "requested"]
 
 logger = logging.getLogger(__name__)
 
-# what a resumable stop exits with (sysexits.h EX_TEMPFAIL)
-EXIT_CODE = 75
+EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, run me again"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 _received: List[int] = []  # the preemption signals this process received while training
@@ -79,14 +62,13 @@ def requested() -> bool:
 
 
 class Preempted(SystemExit):
-    """Training stopped at ``iteration`` for a preemption signal, after saving ``checkpoint``
-    (``None`` on the workers that do not write): exit with :data:`EXIT_CODE` and resume."""
+    """Training stopped after ``iteration`` for the preemption ``signals`` this worker received,
+    after a complete checkpoint: exit with :data:`EXIT_CODE` and resume."""
 
-    def __init__(self, iteration: int, signals, checkpoint=None):
+    def __init__(self, iteration: int, signals):
         super().__init__(EXIT_CODE)
         self.iteration = iteration
         self.signals = tuple(signals)
-        self.checkpoint = checkpoint
 
 
 def _names(signums) -> str:
@@ -94,13 +76,13 @@ def _names(signums) -> str:
 
 
 class PreemptionHook(HookBase):
-    """The hook of the module docstring; the trainer registers it last, so that its
-    ``after_step`` runs after every other hook's (the checkpointer, the evaluation, the writers).
+    """The hook of the module docstring, registered last: its ``after_step`` runs after every
+    other hook's (the checkpointer, the evaluation, the writers).
 
-    Once it has stopped training (``stopped``), the signals are ignored until the process exits:
-    when one worker exits, torchrun and ``torch.multiprocessing`` send SIGTERM to the others, which
-    must still finish their own exit (log, lock, process groups) with code 75. (Ignored, not
-    handled: Python puts the default action back for the signals it handles when it shuts down.)"""
+    After it has stopped training, the signals stay ignored until the process exits: when one
+    worker exits, torchrun and ``torch.multiprocessing`` send SIGTERM to the others, which must
+    still finish their own exit (log, lock, process groups) with code 75. (Ignored, not handled:
+    Python puts the default action back for the signals it handles when it shuts down.)"""
 
     def __init__(self):
         self._previous: Dict[int, object] = {}
@@ -116,7 +98,7 @@ class PreemptionHook(HookBase):
             self._previous[s] = signal.signal(s, _record)
 
     def after_train(self):
-        if not self.stopped:  # after a stop they stay: see the class docstring
+        if not self.stopped:
             for s, previous in self._previous.items():  # (None: a handler not set from Python)
                 signal.signal(s, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
@@ -126,22 +108,19 @@ class PreemptionHook(HookBase):
                            "was completed instead", _names(_received))
 
     def _agreed(self) -> bool:
-        mine = requested()
         if comm.get_world_size() == 1:
-            return mine
+            return requested()
         guard = getattr(self.trainer, "loss_guard", None)
         if guard is not None and guard.agreed_at == self.trainer.iter:
             return guard.stop_requested
-        return any(comm.all_gather(mine))
+        return any(comm.all_gather(requested()))
 
     def after_step(self):
         t = self.trainer
         if t.iter >= t.max_iter - 1 or not self._agreed():
             return
-        name = f"model_{t.iter:07d}"
-        if comm.get_world_size() > 1:
-            t.gather_worker_rng(t.iter)
-        t.save_checkpoint(name, t.iter)
+        t.gather_worker_rng(t.iter)
+        t.save_checkpoint(f"model_{t.iter:07d}", t.iter)
         comm.synchronize()  # every worker leaves once the checkpoint is complete
         signals = list(_received)
         saved = t.checkpointer.get_checkpoint_file() if comm.is_main_process() else None
@@ -152,4 +131,4 @@ class PreemptionHook(HookBase):
         self.stopped = True
         for s in self._previous:  # ignored, not recorded: an ignored signal stays so while Python exits
             signal.signal(s, signal.SIG_IGN)
-        raise Preempted(t.iter, signals, saved)
+        raise Preempted(t.iter, signals)
