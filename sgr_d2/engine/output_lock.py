@@ -1,34 +1,16 @@
-"""One run per output folder: a second run on an ``OUTPUT_DIR`` that a live run holds is refused.
+"""One run per output folder: a second run on an ``OUTPUT_DIR`` that a live run holds is refused
+(docs/multi_gpu.md#one-run-per-output-folder: when the lock is taken, what it records, which
+locks are stale, NFS).
 
-Two runs writing into one folder overwrite each other's checkpoints, ``last_checkpoint`` and logs
-(two launchers mixed up, a job submitted twice, a requeued job whose first copy still runs).
-``train_net.py`` therefore holds ``OUTPUT_DIR/.sgr_d2.lock`` while it writes there
-(docs/multi_gpu.md#one-run-per-output-folder):
-
-* **When.** A run checks the lock first thing (:meth:`OutputLock.check`, which only reads) and
-  takes it when it is about to write its first file (:meth:`OutputLock.acquire`): after its
-  first training iteration (``sgr_d2.engine.run_files.RunFiles.commit``), or, with
-  ``--eval-only``, before its evaluation writes ``OUTPUT_DIR/inference``. A run refused for any
-  reason before then writes nothing into the folder, not even the lock, and a run refused by the
-  lock at either point has written nothing. Two runs started together both pass the check; the
-  first to finish an iteration takes the lock and the other is refused then. The main process
-  decides, and every worker raises the same error (an object gather on detectron2's gloo group).
-* **How.** The file is locked with ``flock`` (exclusive, non-blocking) and holds a JSON record of
-  the holder: host, pid, the process's start time, SLURM job id and restart count, and when it
-  took the lock. A daemon thread touches the file every :data:`HEARTBEAT_S` seconds. At the end
-  of the run (also after an error or a preemption) the file is deleted, and a folder that the
-  run created and left empty is removed.
-* **Stale locks.** A killed run's ``flock`` ends with its process (on NFS, when the server's
-  lease for the dead client expires, about 90 s on NFSv4). The record it leaves is then judged:
-  on the same host, a holder whose pid is no longer running (or is another process: another
-  start time) is stale; on another host, a record of an earlier run of the same SLURM job (a
-  requeued job: same ``SLURM_JOB_ID``, another ``SLURM_RESTART_COUNT``) is stale, and so is one
-  whose heartbeat is older than :data:`STALE_AFTER_S`. A stale lock is taken over, with a
-  warning naming its holder. A fresh record from another host is honoured even where ``flock``
-  said the file was free: some network filesystems lock only within one machine.
-* **Filesystems without flock** (NFS mounted ``nolock``, Lustre without the ``flock`` mount
-  option): where ``flock`` fails, the record alone decides, with a warning; two runs started
-  within the same few seconds may then both start, later ones are refused.
+A run checks ``OUTPUT_DIR/.sgr_d2.lock`` first thing (:meth:`OutputLock.check`, which only
+reads) and takes it just before its first write (:meth:`OutputLock.acquire`: from
+``RunFiles.commit`` after the first iteration, or before an ``--eval-only`` evaluation), so a
+refused run writes nothing, not even the lock. The main process decides, and every worker raises
+the same error (an object gather on detectron2's gloo group). The file is held with ``flock``
+and records its holder; a daemon thread touches it every :data:`HEARTBEAT_S` seconds. A record
+left by a dead holder is stale and taken over with a warning; a fresh record of another host is
+honoured even where ``flock`` said the file was free (some network filesystems lock only within
+one machine), and where ``flock`` fails the record alone decides.
 """
 from __future__ import annotations
 
@@ -73,7 +55,7 @@ def _pid_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -154,8 +136,7 @@ class OutputLock:
                 decide()
             except OutputDirInUse as e:
                 msg = str(e)
-        if comm.get_world_size() > 1:
-            msg = comm.all_gather(msg)[0]
+        msg = comm.all_gather(msg)[0]  # (one worker: [msg])
         if msg:
             raise OutputDirInUse(msg)
 
@@ -242,8 +223,7 @@ class OutputLock:
             self._created_dir = False
 
     def release(self) -> None:
-        """Delete the lock file and give up the lock (and remove the folder this run created, if
-        empty); a lock not held: nothing."""
+        """Delete the lock file, give up the lock, remove the folder this run created if empty."""
         self.held = False
         if self._fd is None:
             return
