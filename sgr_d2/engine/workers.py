@@ -1,35 +1,12 @@
-"""The launcher of worker processes, and what makes them end cleanly (docs/reliability.md §4).
+"""Starting the workers of a run, and making them end cleanly (docs/reliability.md#4-several-workers).
 
-:func:`launch` is what ``train_net.py --num-gpus N`` starts its N workers with: detectron2's
-``launch``, except on a machine without CUDA with detectron2 v0.6, whose launcher asserts CUDA
-(``sgr_d2.compat``, shim 4: :func:`~sgr_d2.compat.launch_needs_cuda`); there it starts the
-workers itself, through ``torch.multiprocessing``, in a gloo process group.
-
-If the launcher is killed (SIGKILL, an OOM kill, a lost SSH session), nothing tells the workers,
-and they keep training and writing checkpoints into the same folder. :func:`stop_with_launcher`,
-called first thing in each worker, makes them exit with it.
-
-:func:`run_then_release` is what :func:`launch` runs in each worker: the main function, then
-:func:`release_process_groups`, so that a worker whose main function returned exits cleanly
-instead of aborting in the interpreter's shutdown.
-
-**Cluster launchers** (docs/multi_gpu.md#cluster). :func:`launch` also joins the workers that a
-cluster launcher started, one process each, instead of starting its own:
-
-* ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-  ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``): torch's ``env://`` rendezvous;
-* ``srun`` (a task of a SLURM job step of ``SLURM_NTASKS`` > 1 tasks): the same, with ``RANK``
-  from ``SLURM_PROCID``, ``WORLD_SIZE`` from ``SLURM_NTASKS``, the local rank from
-  ``SLURM_LOCALID``, the tasks per node from ``SLURM_STEP_TASKS_PER_NODE`` and the master
-  from the first host of ``SLURM_STEP_NODELIST`` (:func:`expand_nodelist`); ``MASTER_ADDR``
-  and ``MASTER_PORT``, when set, win (the default port is derived from ``SLURM_JOB_ID``).
-
-:func:`cluster_world` reads them and refuses, with one error naming the variables and the
-arguments, every combination that would start duplicates: detectron2's ``--num-gpus /
---num-machines / --machine-rank / --dist-url`` with either launcher (except ``srun`` with one task
-per machine and ``--num-machines`` / ``--machine-rank`` equal to ``SLURM_NTASKS`` /
-``SLURM_PROCID``, where detectron2's launcher starts the workers), or ``torchrun`` inside ``srun``
-unless the torchrun agents of the step's tasks form one group together.
+:func:`launch` starts the workers: detectron2's ``launch`` (each worker's main function through
+:func:`run_then_release`), or, without CUDA under detectron2 v0.6, whose launcher asserts CUDA
+(:func:`sgr_d2.compat.launch_needs_cuda`), ``torch.multiprocessing`` in a gloo group. Under
+``torchrun`` or ``srun`` this process is the worker and joins by torch's ``env://`` rendezvous;
+:func:`cluster_world` refuses, naming the variables and arguments, every mix of launchers that
+would start duplicates (docs/multi_gpu.md#launchers). :func:`stop_with_launcher`, called first
+in each worker, makes it exit with a killed launcher, which nothing else would tell it.
 """
 from __future__ import annotations
 
@@ -45,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import List, Mapping, Optional
@@ -59,27 +37,20 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _started = False
 
 
-def _exit_now(launcher_pid: int) -> None:
+def _watch(launcher_pid: int, period_s: float) -> None:
+    while os.getppid() == launcher_pid:
+        time.sleep(period_s)
     try:
-        sys.stderr.write(f"sgr_d2 worker {os.getpid()}: its launcher (pid {launcher_pid}) is gone; exiting\n")
-        sys.stderr.flush()
+        print(f"sgr_d2 worker {os.getpid()}: its launcher (pid {launcher_pid}) is gone; exiting", file=sys.stderr,
+              flush=True)
     finally:
         os._exit(1)
 
 
-def _watch(launcher_pid: int, period_s: float) -> None:
-    stop = threading.Event()
-    while not stop.wait(period_s):
-        if os.getppid() != launcher_pid:
-            _exit_now(launcher_pid)
-
-
 def stop_with_launcher(period_s: float = 1.0) -> bool:
-    """In a process started by ``multiprocessing`` (a training worker): exit as soon as the
-    parent dies. On Linux the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``); everywhere, a
-    daemon thread checks the parent's pid every ``period_s`` seconds. Returns False, doing
-    nothing, in a process that no ``multiprocessing`` parent started (a one-process run, whose
-    parent is the user's shell)."""
+    """In a process started by ``multiprocessing`` (a worker): exit as soon as the parent dies (on
+    Linux the kernel's SIGKILL, ``prctl(PR_SET_PDEATHSIG)``; everywhere a daemon thread checking the
+    parent's pid every ``period_s`` s). Elsewhere (a one-process run) False, doing nothing."""
     global _started
     parent = multiprocessing.parent_process()
     if parent is None:
@@ -93,8 +64,7 @@ def stop_with_launcher(period_s: float = 1.0) -> bool:
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):  # no prctl: the thread below still works
             pass
-    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
-        _exit_now(launcher_pid)
+    # its first check catches a launcher that died before prctl took effect
     threading.Thread(target=_watch, args=(launcher_pid, period_s), daemon=True,
                      name="sgr_d2-launcher-watch").start()
     _started = True
@@ -104,17 +74,12 @@ def stop_with_launcher(period_s: float = 1.0) -> bool:
 def release_process_groups() -> bool:
     """Destroy every process group and let their gloo threads end while Python is still alive.
 
-    A gloo process group keeps worker threads, and each of them drops its last finished
-    collective a moment after the collective returns. If the process is already shutting down
-    the interpreter then, dropping the collective's tensors needs the GIL, which a thread can
-    no longer take during shutdown: the worker dies of SIGABRT ("terminate called without an
-    active exception") after its work is done, and the launcher reports it as failed (torch
-    2.14; ``bench/worker_exit.py`` counts how often). ``destroy_process_group`` alone does not
-    end those threads while detectron2 still holds the groups (``comm._LOCAL_PROCESS_GROUP`` and
-    the cached global gloo group) or a reference cycle does (a finished trainer's DDP model), so
-    this drops those handles too and collects garbage: the groups' destructors then join their
-    threads here, with the GIL released. Returns False, doing nothing, when no process group is
-    initialised."""
+    A gloo thread that drops its last collective while the interpreter shuts down cannot take
+    the GIL, and the worker aborts (SIGABRT) after its work is done (``bench/worker_exit.py``).
+    ``destroy_process_group`` alone does not end those threads while detectron2 still holds the
+    groups (``comm._LOCAL_PROCESS_GROUP``, the cached gloo group) or a reference cycle does (a
+    finished trainer's DDP model), so this drops those handles too and collects garbage: the
+    groups' destructors join their threads here. Returns False when no group is initialised."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -132,14 +97,11 @@ def release_process_groups() -> bool:
 
 
 def run_then_release(main_func, *args):
-    """``main_func(*args)``, then, once it has returned, :func:`release_process_groups`; also
-    when it stopped for a preemption (:class:`~sgr_d2.engine.preemption.Preempted`: every worker
-    has left its collectives behind a barrier).
-
-    Not when it raises anything else: a failing worker may leave a collective in flight (DDP's
-    gradient all-reduce), which joining the group's threads would wait for until the collective
-    timeout, while the launcher should learn of the failure at once; it reports the worker's own
-    error (written before the process exits) even if an abort follows."""
+    """``main_func(*args)``, then :func:`release_process_groups`, also after a preemption
+    (:class:`~sgr_d2.engine.preemption.Preempted`: every worker has left its collectives behind a
+    barrier). Not after any other error: a failing worker may leave a collective in flight (DDP's
+    all-reduce), which joining the threads would wait for until the timeout; the launcher reports
+    the worker's error even if an abort follows."""
     try:
         result = main_func(*args)
     except Preempted:
@@ -177,35 +139,6 @@ def _int(environ: Mapping[str, str], name: str) -> int:
         raise LaunchConflict(f"{name}={environ[name]!r} is not an integer") from None
 
 
-def _tasks_per_node(text: str, name: str) -> List[int]:
-    """SLURM's tasks-per-node list: ``"4(x2),3"`` -> ``[4, 4, 3]``."""
-    counts = []
-    for part in text.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise LaunchConflict(f"{name}={text!r} is not a SLURM task count list such as '4(x2)' or '4,4'")
-        counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return counts
-
-
-def _expand_one(entry: str) -> List[str]:
-    m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", entry)
-    if not m:
-        if "[" in entry or "]" in entry:
-            raise ValueError(f"cannot expand the SLURM host list entry {entry!r} (one [..] group per host "
-                             "name is understood; put scontrol on PATH or set MASTER_ADDR)")
-        return [entry]
-    prefix, ranges, suffix = m.groups()
-    hosts = []
-    for r in ranges.split(","):
-        lo, _, hi = r.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"cannot expand the SLURM host list entry {entry!r}: {r!r} is not N or N-M")
-        for i in range(int(lo), int(hi or lo) + 1):
-            hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
-    return hosts
-
-
 def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> List[str]:
     """The host names of a SLURM node list (``"gpu[01-03,07],login1"``): ``scontrol show
     hostnames`` when it is on PATH (and ``use_scontrol``), else sgr_d2's own reading of the
@@ -215,19 +148,31 @@ def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> List[str]:
         out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=60).stdout
         return out.split()
-    entries, depth, start = [], 0, 0
-    for i, c in enumerate(nodelist):  # split at the commas outside brackets
-        depth += (c == "[") - (c == "]")
-        if c == "," and depth == 0:
-            entries.append(nodelist[start:i])
-            start = i + 1
-    entries.append(nodelist[start:])
-    return [h for e in entries if e.strip() for h in _expand_one(e.strip())]
+    hosts = []
+    for entry in filter(None, map(str.strip, re.split(r",(?![^\[]*\])", nodelist))):  # commas outside [..]
+        m = re.fullmatch(r"([^\[\]]*)(?:\[(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)\])?([^\[\]]*)", entry)
+        if not m:
+            raise ValueError(f"cannot expand the SLURM host list entry {entry!r} (one [N-M,...] group per "
+                             "host name is understood; put scontrol on PATH or set MASTER_ADDR)")
+        prefix, ranges, suffix = m.groups()
+        if ranges is None:
+            hosts.append(entry)
+            continue
+        for r in ranges.split(","):
+            lo, _, hi = r.partition("-")
+            hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
 
 
 def _slurm_tasks_per_node(env: Mapping[str, str], ntasks: int) -> int:
+    """The tasks on each node of SLURM's list (``"4(x2),3"``: 4, 4, 3), which must be the same."""
     name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
-    per_node = _tasks_per_node(env.get(name, str(ntasks)), name)
+    text, per_node = env.get(name, str(ntasks)), []
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise LaunchConflict(f"{name}={text!r} is not a SLURM task count list such as '4(x2)' or '4,4'")
+        per_node += [int(m.group(1))] * int(m.group(2) or 1)
     if len(set(per_node)) != 1 or sum(per_node) != ntasks:
         raise LaunchConflict(
             f"{name}={env.get(name)} with SLURM_NTASKS={ntasks}: sgr_d2 (as detectron2) needs the same "
@@ -252,9 +197,8 @@ def _fmt(items: Mapping) -> str:
 
 def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_url=None,
                   environ: Optional[Mapping[str, str]] = None) -> Optional[World]:
-    """The :class:`World` that a cluster launcher (torchrun, srun) made this process part of, or
-    None where none did (detectron2's arguments then decide). Raises :class:`LaunchConflict`
-    when the environment and the arguments disagree (see the module docstring)."""
+    """The :class:`World` that torchrun or srun made this process part of, or None (detectron2's
+    arguments then decide); :class:`LaunchConflict` when the environment and the arguments disagree."""
     env = os.environ if environ is None else environ
     flags = _d2_flags(num_gpus_per_machine, num_machines, machine_rank, dist_url)
     torch_vars = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in env}
@@ -363,9 +307,8 @@ def _run_in_world(main_func, world: World, args, timeout):
 
 @contextlib.contextmanager
 def _forwarding_signals():
-    """In the launcher of spawned workers: pass SIGTERM, SIGUSR1 and SIGUSR2 on to the workers
-    (they save and exit 75, ``sgr_d2.engine.preemption``); a worker's exit code 75 becomes the
-    launcher's."""
+    """In the launcher of spawned workers: pass the preemption signals on to the workers; a
+    worker's exit code 75 becomes the launcher's."""
     import torch.multiprocessing as mp
 
     def forward(signum, frame):
@@ -389,11 +332,8 @@ def _forwarding_signals():
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
            timeout=timedelta(minutes=30)):
-    """detectron2's ``launch`` (same arguments), with each worker's ``main_func`` run through
-    :func:`run_then_release`; on a machine without CUDA whose detectron2 launcher needs it
-    (v0.6), the workers are started here and join a gloo group (:func:`_cpu_worker`). In a
-    process that torchrun or srun started (:func:`cluster_world`), this process is the worker:
-    it joins the launcher's group (gloo on the CPU, NCCL with CUDA) and runs ``main_func``."""
+    """detectron2's ``launch`` (same arguments), as the module docstring says; under torchrun or
+    srun, this process joins the launcher's group (gloo on the CPU, NCCL with CUDA)."""
     import torch
     from detectron2.engine import launch as d2_launch
 
@@ -416,18 +356,11 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
             from detectron2.engine.launch import _find_free_port
 
             dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-        mp.start_processes(
-            _cpu_worker,
-            nprocs=num_gpus_per_machine,
-            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-            daemon=False,
-        )
+        mp.start_processes(_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
+                           args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout))
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args,
-                timeout):
-    """One worker of :func:`launch` on the CPU: a gloo process group of ``world_size`` and
-    detectron2's local group of this machine's workers, then ``main_func(*args)``."""
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     compat.apply()
     _join("gloo", dist_url, world_size, machine_rank * num_per_machine + local_rank, num_per_machine, timeout)
     main_func(*args)
