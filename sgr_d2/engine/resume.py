@@ -1,26 +1,16 @@
-"""What a training checkpoint holds besides the weights, and how ``--resume`` puts it back.
-
-``Trainer.state_dict`` (docs/reliability.md §1) saves:
-
-* ``iteration`` and ``hooks`` (detectron2's ``TrainerBase``: the LR scheduler's state);
-* ``_trainer``: the inner ``SimpleTrainer``'s state, i.e. the optimizer (momentum buffers, Adam
-  moments, step counts) and, with AMP, the gradient scaler. detectron2 v0.6's ``DefaultTrainer``
-  leaves it out; upstream main saves it under the same key, which is read either way;
-* ``data``: the training sampler's seed and the position in its index stream
-  (:class:`ResumableSampler`);
-* ``rng``: the random states of Python, NumPy and torch (and CUDA); with several workers, a
-  list of every worker's, by rank (:func:`worker_rng_states`), which a resumed run of as many
-  workers puts back in each (:func:`own_rng_state`).
-
-On resume, the configuration's optimizer hyperparameters replace the checkpoint's
-(:func:`apply_config_hyperparameters`): ``SOLVER.BASE_LR`` given with ``--resume`` takes effect.
+"""What a training checkpoint holds besides the weights, and how ``--resume`` puts it back
+(docs/reliability.md#what-a-checkpoint-holds): ``Trainer.state_dict`` saves the optimizer (and
+AMP's gradient scaler) under ``_trainer``, the sampler's seed and stream position under ``data``
+(:class:`ResumableSampler`), and the random states under ``rng`` (with several workers, a list of
+every worker's by rank; a resumed run of as many workers puts back each its own). On resume the
+config's optimizer hyperparameters replace the checkpoint's (:func:`apply_config_hyperparameters`).
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import random
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -29,21 +19,16 @@ from torch.utils.data import Sampler, get_worker_info
 from detectron2.data import build_detection_train_loader
 from detectron2.utils import comm
 
-__all__ = ["ResumableSampler", "resumable_train_loader", "rng_state", "set_rng_state",
-           "worker_rng_states", "own_rng_state",
+__all__ = ["ResumableSampler", "resumable_train_loader", "rng_state", "set_rng_state", "own_rng_state",
            "configured_hyperparameters", "apply_config_hyperparameters", "restart_data_loader"]
 
 logger = logging.getLogger(__name__)
 
 
 class ResumableSampler(Sampler):
-    """A detectron2 training sampler (an infinite stream of dataset indices, of which worker
-    ``r`` of ``W`` takes positions ``r, r + W, ...``) that can start at a position of the stream.
-
-    ``start`` is a position of the whole stream (all workers together): the resumed run's
-    workers skip the first ``start // W`` indices of their share. ``seed`` is the wrapped
-    sampler's shuffling seed, which a resumed run takes from the checkpoint.
-    """
+    """A detectron2 training sampler (an infinite stream of dataset indices, of which worker ``r``
+    of ``W`` takes positions ``r, r + W, ...``) that starts at position ``start`` of the whole
+    stream (each worker skips ``start // W`` indices of its share), shuffled with ``seed``."""
 
     def __init__(self, sampler: Sampler):
         super().__init__()
@@ -91,10 +76,9 @@ def resumable_train_loader(cfg, mapper=None):
 
 
 def restart_data_loader(simple_trainer) -> None:
-    """Make ``simple_trainer`` (detectron2's ``SimpleTrainer``) read its data loader from the
-    start, now: v0.6 keeps the iterator in ``_data_loader_iter``, upstream main creates it
-    lazily in ``_data_loader_iter_obj``. Created here, not at the first step, so that the random
-    draw of the iterator's base seed happens before the random states are restored."""
+    """Make detectron2's ``SimpleTrainer`` read its data loader from the start, now (v0.6 keeps
+    the iterator in ``_data_loader_iter``, upstream main in ``_data_loader_iter_obj``), so that
+    the iterator's draw of its base seed happens before the random states are restored."""
     it = iter(simple_trainer.data_loader)
     if isinstance(getattr(type(simple_trainer), "_data_loader_iter", None), property):
         simple_trainer._data_loader_iter_obj = it
@@ -103,9 +87,8 @@ def restart_data_loader(simple_trainer) -> None:
 
 
 def rng_state() -> Dict:
-    """Python's, NumPy's and torch's random states (and the current CUDA device's once CUDA is
-    in use: a one-process run trains on that device), in types that
-    ``torch.load(weights_only=True)`` accepts."""
+    """Python's, NumPy's and torch's random states (and the current CUDA device's once CUDA is in
+    use), in types that ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -128,25 +111,13 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def worker_rng_states() -> Optional[List[Dict]]:
-    """Every worker's :func:`rng_state`, by rank, on the main process (None on the others): an
-    object gather on detectron2's gloo group, which every worker must call at the same point."""
-    states = comm.gather(rng_state(), dst=0)
-    return states if comm.is_main_process() else None
-
-
 def own_rng_state(saved) -> Optional[Dict]:
     """This worker's random states in a checkpoint's ``rng`` (one process's dict, or a list by
     rank), or None with a warning when the checkpoint was written by another number of workers."""
-    world = comm.get_world_size()
-    if isinstance(saved, (list, tuple)):
-        if len(saved) == world:
-            return saved[comm.get_rank()]
-        count = len(saved)
-    else:
-        if world == 1:
-            return saved
-        count = 1
+    world, by_rank = comm.get_world_size(), isinstance(saved, (list, tuple))
+    count = len(saved) if by_rank else 1
+    if count == world:
+        return saved[comm.get_rank()] if by_rank else saved
     logger.warning("resume: the checkpoint holds the random states of %d worker(s), this run has %d: "
                    "the images continue where they stopped, their augmentations from fresh random "
                    "states", count, world)
@@ -167,14 +138,13 @@ def _group_name(group: Dict, i: int) -> str:
     return str(group.get("name", f"group {i}"))
 
 
-def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: int) -> List[str]:
+def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: int) -> None:
     """After ``optimizer.load_state_dict`` and ``scheduler.load_state_dict`` (which bring back the
-    checkpoint's LRs, momentum, weight decay ...), put the config's values back; keep the
-    checkpoint's *state* (momentum buffers, moments, the iteration). A changed base LR rescales
-    each group's current LR by new base / old base, so the schedule continues at ``iteration``
-    from the new base. Returns the log lines (also logged as warnings)."""
+    checkpoint's LRs, momentum, weight decay ...), put the config's values back, with a warning;
+    keep the checkpoint's *state* (momentum buffers, moments, the iteration). A changed base LR
+    rescales each group's current LR by new base / old base, so the schedule continues at
+    ``iteration`` from the new base."""
     groups, base_lrs = configured
-    lines = []
     changed = {}
     for i, (g, c) in enumerate(zip(optimizer.param_groups, groups)):
         for k, v in c.items():
@@ -182,9 +152,8 @@ def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: in
                 changed.setdefault(k, []).append((_group_name(g, i), g[k], v))
                 g[k] = v
     for k, items in changed.items():
-        name, old, new = items[0]
-        lines.append(f"resume: {k} of {len(items)} parameter group(s) set from the config, not the "
-                     f"checkpoint (e.g. {name}: {old} -> {new})")
+        logger.warning("resume: %s of %d parameter group(s) set from the config, not the checkpoint "
+                       "(e.g. %s: %s -> %s)", k, len(items), *items[0])
     loaded = list(getattr(scheduler, "base_lrs", []))
     if base_lrs and len(loaded) == len(base_lrs) and loaded != base_lrs:
         moved = []
@@ -198,12 +167,8 @@ def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: in
         scheduler.base_lrs = list(base_lrs)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         name, old, new, before, after = moved[0]
-        lines.append(
+        logger.warning(
             f"resume: the config's learning rates replace the checkpoint's (SOLVER.BASE_LR and its "
             f"multipliers) in {len(moved)} of {len(base_lrs)} parameter groups, e.g. {name}: base LR "
             f"{old:.6g} -> {new:.6g}; the LR schedule continues at iteration {iteration} with that "
-            f"group's LR {before:.6g} -> {after:.6g}"
-        )
-    for line in lines:
-        logger.warning(line)
-    return lines
+            f"group's LR {before:.6g} -> {after:.6g}")

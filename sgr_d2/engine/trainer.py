@@ -8,7 +8,6 @@ import re
 import weakref
 from collections import OrderedDict
 
-
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, create_ddp_model, default_argument_parser, hooks
 from detectron2.engine.train_loop import TrainerBase
@@ -26,7 +25,7 @@ from .hooks import FinalCheckpoint, NonFiniteLossGuard, UnlabelledImagesMonitor
 from .output_lock import OutputLock
 from .preemption import PreemptionHook
 from .resume import (apply_config_hyperparameters, configured_hyperparameters, own_rng_state, restart_data_loader,
-                     resumable_train_loader, rng_state, set_rng_state, worker_rng_states)
+                     resumable_train_loader, rng_state, set_rng_state)
 from .run_files import DeferredWriters, RunFiles
 from .solver import build_optimizer, build_poly_lr_scheduler
 from .workers import stop_with_launcher
@@ -61,39 +60,21 @@ def _clear_dataset_errors(key: str, names):
         ) from e
 
 
-class _CommitRunFiles(hooks.HookBase):
-    """Writes the run's files (:class:`RunFiles`) once its first iteration has finished."""
-
-    def __init__(self, run_files: RunFiles):
-        self.run_files = run_files
-
-    def after_step(self):
-        self.run_files.commit()
-
-
-class _GatherWorkerRNG(hooks.HookBase):
+def _gather_worker_rng_at_saves(t) -> None:
     """With several workers: every worker's random states to the main process at the iterations
     where detectron2's ``PeriodicCheckpointer`` (the main process's only) saves, just before it."""
-
-    def after_step(self):
-        t = self.trainer
-        if comm.get_world_size() > 1 and ((t.iter + 1) % t.cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                                          or t.iter >= t.max_iter - 1):
-            t.gather_worker_rng(t.iter)
+    if comm.get_world_size() > 1 and ((t.iter + 1) % t.cfg.SOLVER.CHECKPOINT_PERIOD == 0 or t.iter >= t.max_iter - 1):
+        t.gather_worker_rng(t.iter)
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints.
 
     ``__init__`` composes what ``DefaultTrainer.__init__`` composes, with sgr_d2's pieces:
-    :meth:`build_ddp_model` (DDP on the CPU too), ``engine/amp.py``'s step trainer
-    (``SOLVER.AMP.ENABLED`` in float16 on CUDA, bfloat16 on the CPU) and the checked
-    checkpointer. Also (docs/reliability.md): a NaN/inf loss stops training before its update,
-    after saving ``model_last_good.pth`` (:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard`); an
-    empty training dataset is a clear error; with ``run_files`` (``train_net.py``), nothing is
-    written into ``OUTPUT_DIR`` before the first iteration has finished; SIGTERM, SIGUSR1 or
-    SIGUSR2 stop training at an iteration boundary with a checkpoint
-    (:class:`~sgr_d2.engine.preemption.PreemptionHook`).
+    :meth:`build_ddp_model` (DDP on the CPU too), ``engine/amp.py``'s step trainer and the checked
+    checkpointer; and the guards of docs/reliability.md: the NaN guard, the unlabelled-images
+    monitor, preemption, and with ``run_files`` (``train_net.py``) nothing written into
+    ``OUTPUT_DIR`` before the first iteration has finished.
     """
 
     def __init__(self, cfg, run_files: RunFiles = None):
@@ -138,10 +119,10 @@ class Trainer(DefaultTrainer):
         # where the main process's PeriodicCheckpointer is (the first hook that saves or evaluates)
         i = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook,
                                                                  hooks.PeriodicWriter))), len(ret))
-        ret.insert(i, _GatherWorkerRNG())
+        ret.insert(i, hooks.CallbackHook(after_step=_gather_worker_rng_at_saves))
         ret.append(PreemptionHook())  # last: after the evaluation and the writers of its iteration
-        if self.run_files is not None:
-            ret.insert(0, _CommitRunFiles(self.run_files))
+        if self.run_files is not None:  # the run's files, once its first iteration has finished
+            ret.insert(0, hooks.CallbackHook(after_step=lambda t: t.run_files.commit()))
         return ret
 
     def build_writers(self):
@@ -151,17 +132,16 @@ class Trainer(DefaultTrainer):
         return [DeferredWriters(writers, self.run_files)]
 
     def save_checkpoint(self, name: str, iteration: int) -> None:
-        """Save ``<name>.pth`` recording ``iteration`` as the one that finished (what the NaN
-        guard and ``FinalCheckpoint`` write; detectron2's ``PeriodicCheckpointer`` saves the
-        iteration that just finished itself)."""
+        """Save ``<name>.pth`` recording ``iteration`` as the one that finished (sgr_d2's hooks'
+        saves; detectron2's ``PeriodicCheckpointer`` saves the iteration that just finished)."""
         self.checkpointer.save(name, iteration=iteration, trainer=self.state_dict(iteration))
 
     # ------------------------------------------------------------------ resume (resume.py)
     def gather_worker_rng(self, iteration: int) -> None:
         """Every worker's random states after ``iteration``, for the main process's next save of
-        that iteration (called by every worker at the same point)."""
-        states = worker_rng_states()
-        self._worker_rng = None if states is None else (iteration, states)
+        that iteration: an object gather on detectron2's gloo group, called by every worker."""
+        states = comm.gather(rng_state(), dst=0)
+        self._worker_rng = (iteration, states) if comm.is_main_process() else None
 
     def state_dict(self, iteration: int = None):
         """TrainerBase's (iteration, hooks: the LR scheduler), the optimizer under the key upstream
@@ -224,11 +204,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         with _clear_dataset_errors("DATASETS.TEST", cfg.DATASETS.TEST):
-            if not is_detection(cfg):
-                # the training mapper's checked reads, with detectron2's test-time resize
-                return build_detection_test_loader(cfg, dataset_name,
-                                                   mapper=build_mapper(cfg, False, dataset_name))
-            return super().build_test_loader(cfg, dataset_name)
+            if is_detection(cfg):
+                return super().build_test_loader(cfg, dataset_name)
+            # the training mapper's checked reads, with detectron2's test-time resize
+            return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False, dataset_name))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -257,13 +236,8 @@ class Trainer(DefaultTrainer):
             logger.info(f"Running multi-scale + flip inference, scales {list(cfg.TEST.AUG.SCALES)} (the semantic "
                         "output; its mIoU only)")
             tta = SemanticSegmentorWithTTA.from_config(cfg, model)
-        folder = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
-        evaluators = [
-            cls.build_evaluator(cfg, name, output_folder=folder) if is_detection(cfg)
-            else build_evaluators(cfg, name, folder, semantic_only=True)
-            for name in cfg.DATASETS.TEST
-        ]
-        res = cls.test(cfg, tta, evaluators)
+        folder, semantic = os.path.join(cfg.OUTPUT_DIR, "inference_TTA"), not is_detection(cfg)
+        res = cls.test(cfg, tta, [build_evaluators(cfg, n, folder, semantic_only=semantic) for n in cfg.DATASETS.TEST])
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
 
