@@ -1,20 +1,18 @@
 """The files a run writes into ``OUTPUT_DIR`` (``config.yaml``, ``log.txt``, ``metrics.json``, the
-TensorBoard events), written only once the run has done something.
+TensorBoard events), written only once the run has done something (docs/reliability.md §3).
 
 detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt`` first thing, and its
 trainer creates ``metrics.json`` and an events file when it is built: a run refused a moment
-later (weights that do not load, a label file out of range) has already overwritten the
-earlier run's config and added to its logs. :class:`RunFiles` does what ``default_setup`` does
-(console logging, the environment and config in the log, seeding, cuDNN), but keeps the log in
-memory and writes nothing until :meth:`RunFiles.commit`: after the first training iteration
-(``Trainer``), or after an ``--eval-only`` evaluation. A run refused before that leaves
-``OUTPUT_DIR`` as it was. With an :class:`~sgr_d2.engine.output_lock.OutputLock`, :meth:`RunFiles.commit`
-takes it before writing anything (one run per output folder).
+later has already overwritten the earlier run's config and added to its logs. :class:`RunFiles`
+does what ``default_setup`` does but keeps the log in memory and writes nothing until
+:meth:`RunFiles.commit` (after the first training iteration, or an ``--eval-only`` evaluation),
+which first takes the run's :class:`~sgr_d2.engine.output_lock.OutputLock`.
 """
 from __future__ import annotations
 
 import logging
 import os
+from logging.handlers import MemoryHandler
 from typing import Callable, List
 
 import torch
@@ -33,15 +31,6 @@ __all__ = ["RunFiles", "DeferredWriters"]
 LOGGERS = ("detectron2", "fvcore", "sgr_d2")
 
 
-class _Buffer(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 class RunFiles:
     """``default_setup(cfg, args)`` for ``train_net.py``, its files deferred to :meth:`commit`.
     A context manager: on exit the run's log handlers are detached (the log of a run that never
@@ -53,7 +42,8 @@ class RunFiles:
         self.committed = False
         self._handler = None
         rank = comm.get_rank()
-        self._buffer = _Buffer()
+        # the log until commit: a MemoryHandler without a target keeps every record
+        self._buffer = MemoryHandler(capacity=1 << 62, flushLevel=logging.CRITICAL + 1)
         for name in LOGGERS:
             setup_logger(None, distributed_rank=rank, name=name)
             logging.getLogger(name).addHandler(self._buffer)
@@ -91,15 +81,13 @@ class RunFiles:
         handler.setLevel(logging.DEBUG)
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s",
                                                datefmt="%m/%d %H:%M:%S"))
-        for record in self._buffer.records:
-            handler.handle(record)
-        self._buffer.records.clear()
+        self._buffer.setTarget(handler)
+        self._buffer.flush()
         for log in loggers:
             log.addHandler(handler)
         self._handler = handler
-        logging.getLogger("sgr_d2").info("Full config saved to %s; the log goes to %s", os.path.join(out, "config.yaml"),
-                                         handler.baseFilename)
-
+        logging.getLogger("sgr_d2").info("Full config saved to %s; the log goes to %s",
+                                         os.path.join(out, "config.yaml"), handler.baseFilename)
 
     def __enter__(self):
         return self
@@ -115,9 +103,8 @@ class RunFiles:
 
 
 class DeferredWriters(EventWriter):
-    """detectron2's event writers (``metrics.json``, TensorBoard, the console), made by ``make``
-    at the first write after ``run_files`` committed; writes before that are dropped (nothing
-    was trained yet)."""
+    """detectron2's event writers (``metrics.json``, TensorBoard, the console), made by ``make`` at
+    the first write after ``run_files`` committed; writes before that (nothing trained) are dropped."""
 
     def __init__(self, make: Callable[[], List[EventWriter]], run_files: RunFiles):
         self._make = make
