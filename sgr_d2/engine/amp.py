@@ -1,13 +1,10 @@
 """``SOLVER.AMP.ENABLED`` on any device: float16 with gradient scaling on CUDA, bfloat16 on the CPU.
 
-detectron2's ``DefaultTrainer`` builds its ``AMPTrainer`` when AMP is enabled; that trainer
-asserts CUDA (v0.6 and upstream main alike) and its autocast is CUDA's, which leaves CPU tensors
-alone. :func:`build_step_trainer` is what sgr_d2's ``Trainer`` builds instead: detectron2's
-``AMPTrainer`` for a model on CUDA, :class:`CPUAutocastTrainer` for a model on the CPU.
-
-The parts that must not run in low precision (SGR's region softmax, token average, matching and
-losses; the MaskFormer criterion; the per-pixel cross-entropy) switch autocast off themselves
-(``sgr_d2.sgr.autocast_off``), whoever runs them.
+detectron2's ``AMPTrainer`` asserts CUDA (v0.6 and upstream main alike), and its autocast is
+CUDA's, which leaves CPU tensors alone; so :func:`build_step_trainer` gives a model on the CPU a
+:class:`CPUAutocastTrainer`. The parts that must not run in low precision (SGR's region softmax,
+token average, matching and losses; the MaskFormer criterion; the per-pixel cross-entropy) switch
+autocast off themselves (``sgr_d2.sgr.autocast_off``), whoever runs them.
 """
 from __future__ import annotations
 
@@ -23,15 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 class CPUAutocastTrainer(SimpleTrainer):
-    """detectron2's ``SimpleTrainer`` whose forward pass (the model and its losses) runs under CPU
-    autocast in ``precision`` (bfloat16).
-
-    Only the model call of ``run_step`` is under autocast (entered by a forward pre-hook on the
-    model, left by its forward hook); the backward pass and the optimiser step run outside it, as
-    PyTorch recommends, and the parameters stay float32. No gradient scaling: bfloat16 has the
-    exponent range of float32. Forward passes outside ``run_step`` (evaluation hooks) are not
-    affected. ``run_step`` itself is detectron2's, whichever version is installed.
-    """
+    """detectron2's ``SimpleTrainer`` (its own ``run_step``, whichever version) whose model call,
+    and only that, runs under CPU autocast in ``precision``: entered by a forward pre-hook, left
+    by the forward hook, so the backward pass and the optimiser step run outside it, as PyTorch
+    recommends, and forward passes outside ``run_step`` (evaluation) are not affected. The
+    parameters stay float32; no gradient scaling (bfloat16 has float32's exponent range)."""
 
     def __init__(self, model, data_loader, optimizer, *args, precision: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(model, data_loader, optimizer, *args, **kwargs)
@@ -61,10 +54,8 @@ class CPUAutocastTrainer(SimpleTrainer):
 
 
 def build_step_trainer(cfg, model, data_loader, optimizer):
-    """The trainer of one step that ``Trainer`` composes, logged once: detectron2's
-    ``SimpleTrainer`` (float32), or with ``SOLVER.AMP.ENABLED`` detectron2's ``AMPTrainer``
-    (float16 autocast and a ``GradScaler``) for a model on CUDA and :class:`CPUAutocastTrainer`
-    (bfloat16 autocast, no scaling) for a model on the CPU."""
+    """The step trainer that ``Trainer`` composes, logged: detectron2's ``SimpleTrainer``, or with
+    ``SOLVER.AMP.ENABLED`` its ``AMPTrainer`` on CUDA and :class:`CPUAutocastTrainer` on the CPU."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if not cfg.SOLVER.AMP.ENABLED:

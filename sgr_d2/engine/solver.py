@@ -31,16 +31,11 @@ def _is_norm(module) -> bool:
 
 
 def param_groups(cfg, model):
-    """One group per parameter with its LR and weight decay.
-
-    * backbone parameters: ``BASE_LR × SOLVER.BACKBONE_MULTIPLIER``;
-    * everything else, the SGR (or GloRe) component included (``backbone.sgr.*``,
-      ``backbone.glore.*``): ``BASE_LR ×
-      SOLVER.HEAD_LR_MULTIPLIER`` (×10 for ResNet backbones in the paper's recipe);
-    * norm weights/biases: ``SOLVER.WEIGHT_DECAY_NORM``; other biases: ``WEIGHT_DECAY_BIAS``
-      (when set); ``nn.Embedding`` weights and names in ``NO_DECAY_NAMES``: no decay.
-    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the norm of all gradients together.
-    """
+    """One group per parameter with its LR and weight decay: ``BASE_LR × SOLVER.BACKBONE_MULTIPLIER``
+    for the backbone, ``× SOLVER.HEAD_LR_MULTIPLIER`` for everything else, the SGR (GloRe) component
+    ``backbone.sgr.*`` included (×10 for ResNets in the paper's recipe); ``SOLVER.WEIGHT_DECAY_NORM``
+    on norms, ``WEIGHT_DECAY_BIAS`` (when set) on other biases, no decay on ``nn.Embedding`` weights
+    and names in ``NO_DECAY_NAMES``."""
     s = cfg.SOLVER
     wd_bias = s.WEIGHT_DECAY if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
     groups, seen = [], set()
@@ -55,9 +50,7 @@ def param_groups(cfg, model):
             lr = s.BASE_LR * (s.BACKBONE_MULTIPLIER if in_backbone else s.HEAD_LR_MULTIPLIER)
             if _is_norm(module):
                 wd = s.WEIGHT_DECAY_NORM
-            elif isinstance(module, torch.nn.Embedding):
-                wd = 0.0  # learned queries / level embeddings (DETR, Mask2Former recipes)
-            elif any(n in pname for n in NO_DECAY_NAMES):
+            elif isinstance(module, torch.nn.Embedding) or any(n in pname for n in NO_DECAY_NAMES):
                 wd = 0.0
             elif pname == "bias":
                 wd = wd_bias
