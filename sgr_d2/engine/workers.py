@@ -27,6 +27,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import List, Mapping, Optional
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from detectron2.engine import default_argument_parser, launch as d2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+
 from .. import compat
 from .preemption import EXIT_CODE, SIGNALS, Preempted
 
@@ -41,8 +49,7 @@ def _watch(launcher_pid: int, period_s: float) -> None:
     while os.getppid() == launcher_pid:
         time.sleep(period_s)
     try:
-        print(f"sgr_d2 worker {os.getpid()}: its launcher (pid {launcher_pid}) is gone; exiting", file=sys.stderr,
-              flush=True)
+        print(f"sgr_d2 worker {os.getpid()}: its launcher (pid {launcher_pid}) is gone", file=sys.stderr, flush=True)
     finally:
         os._exit(1)
 
@@ -57,7 +64,6 @@ def stop_with_launcher(period_s: float = 1.0) -> bool:
         return False
     if _started:
         return True
-    launcher_pid = parent.pid
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -65,28 +71,20 @@ def stop_with_launcher(period_s: float = 1.0) -> bool:
         except (OSError, AttributeError):  # no prctl: the thread below still works
             pass
     # its first check catches a launcher that died before prctl took effect
-    threading.Thread(target=_watch, args=(launcher_pid, period_s), daemon=True,
-                     name="sgr_d2-launcher-watch").start()
+    threading.Thread(target=_watch, args=(parent.pid, period_s), daemon=True, name="sgr_d2-launcher-watch").start()
     _started = True
     return True
 
 
 def release_process_groups() -> bool:
-    """Destroy every process group and let their gloo threads end while Python is still alive.
-
-    A gloo thread that drops its last collective while the interpreter shuts down cannot take
-    the GIL, and the worker aborts (SIGABRT) after its work is done (``bench/worker_exit.py``).
-    ``destroy_process_group`` alone does not end those threads while detectron2 still holds the
-    groups (``comm._LOCAL_PROCESS_GROUP``, the cached gloo group) or a reference cycle does (a
-    finished trainer's DDP model), so this drops those handles too and collects garbage: the
-    groups' destructors join their threads here. Returns False when no group is initialised."""
-    import torch.distributed as dist
-
+    """Destroy every process group and let their gloo threads end while Python is alive: one that
+    drops its last collective during the interpreter's shutdown cannot take the GIL, and the worker
+    aborts (SIGABRT) after its work is done (``bench/worker_exit.py``). detectron2's handles and
+    reference cycles (a finished trainer's DDP model) keep groups alive, so this drops those and
+    collects garbage: the groups' destructors join their threads here. False: no group initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
     dist.destroy_process_group()
-    from detectron2.utils import comm
-
     comm._LOCAL_PROCESS_GROUP = None
     for cached in ("_get_global_gloo_group", "create_local_process_group"):
         clear = getattr(getattr(comm, cached, None), "cache_clear", None)
@@ -97,11 +95,9 @@ def release_process_groups() -> bool:
 
 
 def run_then_release(main_func, *args):
-    """``main_func(*args)``, then :func:`release_process_groups`, also after a preemption
-    (:class:`~sgr_d2.engine.preemption.Preempted`: every worker has left its collectives behind a
-    barrier). Not after any other error: a failing worker may leave a collective in flight (DDP's
-    all-reduce), which joining the threads would wait for until the timeout; the launcher reports
-    the worker's error even if an abort follows."""
+    """``main_func(*args)``, then :func:`release_process_groups`, also after a preemption (every
+    worker has left its collectives behind a barrier), not after another error: a collective may be
+    in flight (DDP's all-reduce), which joining the threads would wait for until the timeout."""
     try:
         result = main_func(*args)
     except Preempted:
@@ -129,9 +125,6 @@ class World:
     master_port: int
 
 
-_D2_DEFAULTS = {"--num-gpus": 1, "--num-machines": 1, "--machine-rank": 0}
-
-
 def _int(environ: Mapping[str, str], name: str) -> int:
     try:
         return int(environ[name])
@@ -140,9 +133,8 @@ def _int(environ: Mapping[str, str], name: str) -> int:
 
 
 def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> List[str]:
-    """The host names of a SLURM node list (``"gpu[01-03,07],login1"``): ``scontrol show
-    hostnames`` when it is on PATH (and ``use_scontrol``), else sgr_d2's own reading of the
-    forms with one bracket group per host name (``prefix[1-3,07]suffix``, zero-padded)."""
+    """The host names of a SLURM node list (``"gpu[01-03,07],login1"``): ``scontrol show hostnames``
+    where it is on PATH, else sgr_d2's reading of one bracket group per host name, zero-padded."""
     scontrol = shutil.which("scontrol") if use_scontrol else None
     if scontrol:
         out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
@@ -181,14 +173,11 @@ def _slurm_tasks_per_node(env: Mapping[str, str], ntasks: int) -> int:
 
 
 def _d2_flags(num_gpus_per_machine, num_machines, machine_rank, dist_url) -> dict:
-    """detectron2's launcher arguments that differ from its defaults."""
-    from detectron2.engine import default_argument_parser
-
-    given = {k: v for k, v in zip(_D2_DEFAULTS, (num_gpus_per_machine, num_machines, machine_rank))
-             if v != _D2_DEFAULTS[k]}
-    if dist_url not in (None, default_argument_parser().get_default("dist_url")):
-        given["--dist-url"] = dist_url
-    return given
+    """detectron2's launcher arguments that differ from its parser's defaults."""
+    parser = default_argument_parser()
+    given = {"--num-gpus": num_gpus_per_machine, "--num-machines": num_machines, "--machine-rank": machine_rank,
+             "--dist-url": dist_url}
+    return {k: v for k, v in given.items() if v not in (None, parser.get_default(k[2:].replace("-", "_")))}
 
 
 def _fmt(items: Mapping) -> str:
@@ -243,8 +232,7 @@ def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_u
         return None
     ntasks, procid, localid = (_int(env, k) for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
     if flags:
-        if set(flags) <= {"--num-gpus", "--num-machines", "--machine-rank", "--dist-url"} \
-                and num_machines == ntasks and machine_rank == procid and "--dist-url" in flags:
+        if num_machines == ntasks and machine_rank == procid and "--dist-url" in flags:
             return None  # one task per machine; detectron2's launcher starts each machine's workers
         raise LaunchConflict(
             f"srun started this process as task {procid} of SLURM_NTASKS={ntasks} ({_fmt(slurm)}), and "
@@ -275,9 +263,6 @@ def cluster_world(num_gpus_per_machine=1, num_machines=1, machine_rank=0, dist_u
 def _join(backend, init_method, world_size, rank, local_size, timeout):
     """This worker's default process group and detectron2's local group of its machine's workers,
     as detectron2's ``_distributed_worker`` creates them."""
-    import torch.distributed as dist
-    from detectron2.utils import comm
-
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout)
     for i in range(world_size // local_size):
         group = dist.new_group(list(range(i * local_size, (i + 1) * local_size)))
@@ -287,8 +272,6 @@ def _join(backend, init_method, world_size, rank, local_size, timeout):
 
 
 def _run_in_world(main_func, world: World, args, timeout):
-    import torch
-
     if world.size == 1:
         return main_func(*args)
     if torch.cuda.is_available():
@@ -300,8 +283,7 @@ def _run_in_world(main_func, world: World, args, timeout):
         torch.cuda.set_device(world.local_rank if count > 1 else 0)
     os.environ.setdefault("MASTER_ADDR", world.master_addr)
     os.environ.setdefault("MASTER_PORT", str(world.master_port))
-    _join("nccl" if torch.cuda.is_available() else "gloo", "env://", world.size, world.rank, world.local_size,
-          timeout)
+    _join("nccl" if torch.cuda.is_available() else "gloo", "env://", world.size, world.rank, world.local_size, timeout)
     return run_then_release(main_func, *args)
 
 
@@ -309,8 +291,6 @@ def _run_in_world(main_func, world: World, args, timeout):
 def _forwarding_signals():
     """In the launcher of spawned workers: pass the preemption signals on to the workers; a
     worker's exit code 75 becomes the launcher's."""
-    import torch.multiprocessing as mp
-
     def forward(signum, frame):
         for child in multiprocessing.active_children():
             with contextlib.suppress(ProcessLookupError):
@@ -334,9 +314,6 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
            timeout=timedelta(minutes=30)):
     """detectron2's ``launch`` (same arguments), as the module docstring says; under torchrun or
     srun, this process joins the launcher's group (gloo on the CPU, NCCL with CUDA)."""
-    import torch
-    from detectron2.engine import launch as d2_launch
-
     world = cluster_world(num_gpus_per_machine, num_machines, machine_rank, dist_url)
     if world is not None:
         return _run_in_world(main_func, world, args, timeout)
@@ -348,13 +325,9 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         if torch.cuda.is_available() or not compat.launch_needs_cuda():
             return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
                              machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
-        import torch.multiprocessing as mp
-
         if dist_url == "auto":
             if num_machines != 1:
                 raise ValueError("dist_url=auto is not supported for several machines")
-            from detectron2.engine.launch import _find_free_port
-
             dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
         mp.start_processes(_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
                            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout))
