@@ -1,24 +1,17 @@
 """A DetectionCheckpointer whose files are never left half-written, and whose loads are checked.
 
 Every load (``MODEL.WEIGHTS``, ``--eval-only``, ``--resume``, the demo, the tools) goes through
-:meth:`AtomicCheckpointer.load`, which
-
-1. reads the file safely (:func:`sgr_d2.files.read_weights`), in detectron2's formats
-   (:func:`read_checkpoint_file`);
-2. sets aside the tensors that official MaskFormer / Mask2Former files carry but sgr_d2 computes
-   itself (:data:`OFFICIAL_ONLY`; sgr_d2's modules carry the official names, and a file of the
-   older MaskFormerHead layout is read as the official code reads it);
-3. matches files with ``matching_heuristics`` (converted ImageNet pickles, Caffe2 ``R-50.pkl``)
-   by detectron2's ``align_and_update_state_dicts``, and puts a checkpoint of a model without
-   SGR (``backbone.*``) under the SGR wrapper (``backbone.backbone.*``);
-4. refuses, before anything is loaded, a file that leaves tensors of the model without a value
-   (:func:`check_fit`, the rules of docs/published_models.md#the-fit-check: a full-model
-   checkpoint must fill every tensor but an SGR / GloRe component it has none of and, with
-   ``MODEL.WEIGHTS_NEW_CLASSES``, the class layers; a backbone checkpoint the whole backbone
-   network). Pixel mean/std and ``num_batches_tracked`` are not weights and never counted.
+:meth:`AtomicCheckpointer.load`: the file is read safely (:func:`sgr_d2.files.read_weights`) in
+detectron2's formats; tensors that official MaskFormer / Mask2Former files carry but sgr_d2 computes
+are set aside (:data:`OFFICIAL_ONLY`; the modules carry the official names, and the older
+MaskFormerHead layout is read as the official code reads it); converted ImageNet and Caffe2 files are
+matched by detectron2's ``align_and_update_state_dicts``, and a checkpoint of the model without SGR
+goes under the SGR wrapper; then :func:`check_fit` refuses, before anything is loaded, a file that
+leaves tensors of the model without a value (docs/published_models.md#the-fit-check).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -31,9 +24,12 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 from ..files import atomic_torch_save, atomic_write_text, read_weights
+from ..modeling.backbone.stage_hook import StageHookBackbone
+from ..modeling.maskformer.head import upgrade_head_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +38,10 @@ __all__ = ["AtomicCheckpointer", "CheckpointMismatchError", "LoadSummary", "OFFI
            "CLASS_LAYERS", "FitReport", "ModelParts", "check_fit", "format_groups", "is_weight", "mismatch_message",
            "model_parts"]
 
-WEIGHTS_HELP = (
-    "MODEL.WEIGHTS must be a local file: sgr_d2 never downloads weights. Convert an ImageNet "
-    "ResNet (torchvision) or Swin-T (timm) state dict you have on disk with "
-    "`python tools/convert_pretrained.py --input <file> --output <file.pkl>`, or give a "
-    "checkpoint written by train_net.py (MODEL.WEIGHTS \"\" trains from scratch)."
-)
+WEIGHTS_HELP = ("MODEL.WEIGHTS must be a local file: sgr_d2 never downloads weights. Convert an ImageNet "
+                "ResNet (torchvision) or Swin-T (timm) state dict you have on disk with "
+                "`python tools/convert_pretrained.py --input <file> --output <file.pkl>`, or give a "
+                "checkpoint written by train_net.py (MODEL.WEIGHTS \"\" trains from scratch).")
 
 # Tensors of official MaskFormer / Mask2Former files that sgr_d2 computes itself: the loss's class
 # weights (from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT) and Swin's relative position index (timm's, by the
@@ -58,9 +52,9 @@ OFFICIAL_ONLY = ("criterion.empty_weight", "*.relative_position_index")
 _TEMPORARY = re.compile(r"^\.(?:.+\.pth|last_checkpoint)\.[A-Za-z0-9_]+\.tmp$")
 
 
-def read_checkpoint_file(path: str, *, mmap: bool = False) -> Dict:
+def read_checkpoint_file(path: str) -> Dict:
     """``{"model": state, ...}`` of a weights file in any of detectron2's formats, read safely."""
-    data = read_weights(path, mmap=mmap)
+    data = read_weights(path)
     if path.endswith(".pkl"):
         if "model" in data and "__author__" in data:
             return data  # a model-zoo file
@@ -69,11 +63,6 @@ def read_checkpoint_file(path: str, *, mmap: bool = False) -> Dict:
         return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
                 "__author__": "Caffe2", "matching_heuristics": True}
     return data if "model" in data else {"model": data}
-
-
-def _is_official_only(key: str, model_keys) -> bool:
-    return (any(fnmatch.fnmatchcase(key, pattern) for pattern in OFFICIAL_ONLY)
-            or (key.endswith(".num_batches_tracked") and key not in model_keys))
 
 
 @dataclass
@@ -89,13 +78,11 @@ class LoadSummary:
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``save`` writes a temporary file and renames it, and tags ``last_checkpoint`` only after
-    the rename, so a crash at any moment leaves the previous checkpoint and tag intact. ``load``
-    follows the module docstring; a file that does not fit raises :class:`CheckpointMismatchError`
-    (detectron2 only warns). ``new_classes``: ``MODEL.WEIGHTS_NEW_CLASSES`` (never when resuming).
-    ``resume_or_load(resume=True)`` resumes from the file ``last_checkpoint`` names or, when that
-    is missing or unreadable, from the newest readable checkpoint of the folder, with a warning.
-    Records: ``last_load`` (:class:`LoadSummary`), ``saved`` (the files it wrote), ``resumed_from``."""
+    """``save`` writes a temporary file, renames it, and only then tags ``last_checkpoint``: a crash
+    at any moment leaves the previous checkpoint and tag intact. ``load`` refuses a file that does
+    not fit (detectron2 only warns); ``new_classes``: ``MODEL.WEIGHTS_NEW_CLASSES`` (not when
+    resuming). Resuming falls back from an unreadable ``last_checkpoint`` file to the newest readable
+    checkpoint, with a warning. Records ``last_load`` (:class:`LoadSummary`), ``saved``, ``resumed_from``."""
 
     def __init__(self, model, save_dir: str = "", *, new_classes: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
@@ -104,24 +91,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.saved = []
         self.resumed_from = None
 
-    # ------------------------------------------------------------------ saving
     def save(self, name: str, **kwargs) -> None:
         """detectron2's ``save`` (the model, every checkpointable's ``state_dict()``, then
         ``kwargs``, which may replace a checkpointable's state), written atomically."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            if key not in kwargs:
-                data[key] = obj.state_dict()
-        data.update(kwargs)
+        data = {"model": self.model.state_dict(),
+                **{key: obj.state_dict() for key, obj in self.checkpointables.items() if key not in kwargs}, **kwargs}
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(f"{name}.pth")
-        if save_file in self.saved:
-            self.saved.remove(save_file)
-        self.saved.append(save_file)
+        self.saved = [p for p in self.saved if p != save_file] + [save_file]
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
@@ -131,21 +112,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         only); returns their paths."""
         if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
             return []
-        removed = []
-        for name in sorted(os.listdir(self.save_dir)):
-            path = os.path.join(self.save_dir, name)
-            if _TEMPORARY.match(name) and os.path.isfile(path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-                removed.append(path)
+        removed = [os.path.join(self.save_dir, n) for n in sorted(os.listdir(self.save_dir)) if _TEMPORARY.match(n)]
+        removed = [p for p in removed if os.path.isfile(p)]
+        for path in removed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if removed:
             logger.warning("Removed %d temporary file(s) left by interrupted checkpoint writes: %s",
                            len(removed), ", ".join(removed))
         return removed
 
-    # ------------------------------------------------------------------ loading
     def _load_file(self, filename: str):
         return read_checkpoint_file(filename)
 
@@ -213,8 +189,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         log = self.logger
         model_state = self.model.state_dict()
         if checkpoint.get("matching_heuristics", False):
-            from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
-
             caffe2 = checkpoint.get("__author__", None) == "Caffe2"
             state = align_and_update_state_dicts(model_state, state, c2_conversion=caffe2)
             if caffe2:
@@ -227,23 +201,21 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if summary.wrapped:
                 log.info(f"{path}: a model without SGR: its {summary.wrapped} backbone tensors go under the "
                          "SGR wrapper (backbone.* -> backbone.backbone.*)")
-            from ..modeling.maskformer.head import upgrade_head_layouts
-
             summary.head_layout = upgrade_head_layouts(state, self.model)
             if summary.head_layout:
                 log.info(f"{path}: the older MaskFormerHead layout: its {summary.head_layout} pixel-decoder tensors "
                          "go under sem_seg_head.pixel_decoder.")
-        aside = [k for k in state if _is_official_only(k, model_state)]
+        aside = [k for k in state if any(fnmatch.fnmatchcase(k, p) for p in OFFICIAL_ONLY)
+                 or (k.endswith(".num_batches_tracked") and k not in model_state)]
         summary.set_aside = {k: tuple(state.pop(k).shape) for k in aside}
         if aside:
-            log.info(f"{path}: set aside {len(aside)} tensors that sgr_d2 computes itself: "
-                     f"{format_groups(aside)}")
+            log.info(f"{path}: set aside {len(aside)} tensors that sgr_d2 computes itself: {format_groups(aside)}")
         parts = model_parts(self.model)
         report = check_fit(parts, {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")},
                            new_classes=new_classes)
         summary.fit = report
         self.last_load = summary
-        if not report.ok:
+        if report.missing:
             raise CheckpointMismatchError(mismatch_message(report, path, type(self.model).__name__,
                                                            new_classes=new_classes))
         for key in report.new_class_layers:
@@ -268,9 +240,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
 
 def newest_checkpoint(paths, problem=lambda checkpoint: None):
-    """``(path, iteration)`` of the newest (highest ``iteration``) of the checkpoint files ``paths``
-    that can be read and in which ``problem(checkpoint)`` finds nothing (it returns why not), or
-    None; the others are skipped with a warning."""
+    """``(path, iteration)`` of the highest-iteration file of ``paths`` that can be read and in which
+    ``problem(checkpoint)`` finds nothing (else it says why), or None; the others skipped with a warning."""
     found = []
     for path in dict.fromkeys(paths):
         try:
@@ -302,9 +273,7 @@ def _fill_folded_norm_statistics(state, model_state) -> int:
     statistics folded into them: give such norms running mean 0 and variance 1, the values
     detectron2's FrozenBatchNorm2d gives them."""
     n = 0
-    for key in model_state:
-        if not key.endswith(".running_mean"):
-            continue
+    for key in (k for k in model_state if k.endswith(".running_mean")):
         prefix = key[: -len("running_mean")]
         var = prefix + "running_var"
         if prefix + "weight" in state and key not in state and var not in state and var in model_state:
@@ -377,13 +346,8 @@ class ModelParts:
     def in_backbone(self, key: str) -> bool:
         return key.startswith(self.body) or self.component_of(key) is not None
 
-    def is_head(self, key: str) -> bool:
-        return key.startswith(self.heads) and not self.in_backbone(key)
-
 
 def model_parts(model: nn.Module) -> ModelParts:
-    from ..modeling.backbone.stage_hook import StageHookBackbone
-
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if is_weight(k)}
     components: Dict[str, str] = {}
     for name, module in model.named_modules():
@@ -426,10 +390,6 @@ class FitReport:
     new_class_layers: List[str] = field(default_factory=list)  # not loaded: MODEL.WEIGHTS_NEW_CLASSES
     unused: List[str] = field(default_factory=list)  # file tensors the model does not have
 
-    @property
-    def ok(self) -> bool:
-        return not self.missing
-
 
 def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
               new_classes: bool = False) -> FitReport:
@@ -439,7 +399,7 @@ def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
     file_shapes = {k: tuple(v) for k, v in file_shapes.items() if is_weight(k)}
     named = [k for k in file_shapes if k in weights]
     full = (not parts.body or any(not parts.in_backbone(k) for k in named)
-            or any(parts.is_head(k) for k in file_shapes))
+            or any(k.startswith(parts.heads) and not parts.in_backbone(k) for k in file_shapes))
     report = FitReport(kind="full model" if full else "backbone")
     report.unused = [k for k in file_shapes if k not in weights]
     components_in_file = {parts.component_of(k) for k in named} - {None}
@@ -466,9 +426,8 @@ def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
 
 
 def format_groups(keys, limit: int = 12) -> str:
-    """``group (n tensors), ...``, at most ``limit`` groups in first-seen order: tensor names grouped
-    by module, a layer index and what follows it collapsed to ``*`` (``sem_seg_head.ffn_layers.*``).
-    (fvcore's ``get_missing_parameters_message`` colours one line per group for a terminal.)"""
+    """``group (n tensors), ...``, at most ``limit`` groups: names grouped by module, a layer index and
+    what follows collapsed to ``*`` (fvcore's ``get_missing_parameters_message`` colours lines for a terminal)."""
     groups = Counter(re.sub(r"(^|\.)\d+(\.|$).*", r"\1*", k.rsplit(".", 1)[0]) for k in keys)
     shown = [f"{name} ({n} tensor{'s' if n != 1 else ''})" for name, n in list(groups.items())[:limit]]
     more = f", ... and {len(groups) - limit} more groups" if len(groups) > limit else ""
@@ -477,12 +436,10 @@ def format_groups(keys, limit: int = 12) -> str:
 
 def mismatch_message(report: FitReport, path: str, model_name: str, *, new_classes: bool) -> str:
     """The refusal: the missing groups first, then what else was found."""
-    lines = [
-        f"weights file {path} does not fit the {model_name} model: it is a {report.kind} checkpoint "
-        f"that leaves {len(report.missing)} of the model's {len(report.missing) + len(report.loaded)} "
-        f"required tensors without a value.",
-        f"  missing groups: {format_groups(report.missing)}",
-    ]
+    lines = [f"weights file {path} does not fit the {model_name} model: it is a {report.kind} checkpoint "
+             f"that leaves {len(report.missing)} of the model's {len(report.missing) + len(report.loaded)} "
+             "required tensors without a value.",
+             f"  missing groups: {format_groups(report.missing)}"]
     if report.wrong_shape:
         shown = [f"{k} {list(a)} (model: {list(b)})" for k, a, b in report.wrong_shape[:6]]
         more = f" ... and {len(report.wrong_shape) - 6} more" if len(report.wrong_shape) > 6 else ""
