@@ -16,8 +16,7 @@ from detectron2.utils import comm
 from . import preemption
 from .checkpoint import newest_checkpoint
 
-__all__ = ["NonFiniteLossGuard", "FinalCheckpoint", "UnlabelledImagesMonitor", "state_problem",
-           "MAX_NORM_GROWTH"]
+__all__ = ["NonFiniteLossGuard", "FinalCheckpoint", "UnlabelledImagesMonitor", "state_problem", "MAX_NORM_GROWTH"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +27,12 @@ MAX_NORM_GROWTH = 10.0
 
 
 def _param_norm(named_tensors, param_names) -> float:
-    total = 0.0
-    for name, t in named_tensors:
-        if name in param_names:
-            total += float(t.detach().double().pow(2).sum())
-    return math.sqrt(total)
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for n, t in named_tensors if n in param_names))
 
 
 def state_problem(state: Mapping[str, torch.Tensor], param_names, reference_norm: float):
-    """Why ``state`` (a model state dict) is not a sane state to resume from, or None when it is:
-    every tensor (parameters and buffers) finite, and the parameters' joint L2 norm at most
-    ``MAX_NORM_GROWTH`` times ``reference_norm``."""
+    """Why ``state`` (a model state dict) is not sane to resume from, or None: every tensor finite and
+    the parameters' joint L2 norm at most ``MAX_NORM_GROWTH`` times ``reference_norm``."""
     for name, t in state.items():
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"{name} holds NaN or infinite values"
@@ -51,22 +45,13 @@ def state_problem(state: Mapping[str, torch.Tensor], param_names, reference_norm
 
 class NonFiniteLossGuard:
     """Stops training at the first NaN or infinite loss, *before* that step changes anything
-    (docs/reliability.md#nan-or-infinite-losses).
-
-    detectron2's ``SimpleTrainer`` notices a non-finite loss only after ``backward`` (newer
-    versions possibly after ``optimizer.step``), and raises without saving. This guard is a
-    forward hook on the trainer's model (so it works with DDP and any ``run_step``): it copies
-    the buffers before each training forward pass (which updates BatchNorm's statistics with the
-    bad batch), records the parameters' norm at the first one (the reference of
-    :func:`state_problem`), and at a non-finite loss term on any worker puts the buffers back,
-    keeps a sane state to resume from (the state after the last iteration, saved as
-    ``<filename>.pth``; else the newest sane checkpoint of this run, tagged; else no tag) and
-    raises ``FloatingPointError`` naming the iteration, every loss term and what was kept.
-
-    With several workers, its per-iteration gather also carries whether the worker received a
-    preemption signal (``stop_requested``: any worker did, at iteration ``agreed_at``), so that
-    :class:`~sgr_d2.engine.preemption.PreemptionHook` needs no collective of its own.
-    """
+    (docs/reliability.md#nan-or-infinite-losses; detectron2 notices it after ``backward``, and saves
+    nothing). A forward hook on the trainer's model (DDP or not, any ``run_step``): it copies the
+    buffers before each training forward pass (which updates BatchNorm's statistics with the bad
+    batch); at a non-finite term on any worker it puts them back, keeps a sane state
+    (:func:`state_problem`) to resume from, and raises ``FloatingPointError`` naming the iteration,
+    the terms and what was kept. Its per-iteration gather also carries whether any worker received a
+    preemption signal (``stop_requested`` at iteration ``agreed_at``): ``PreemptionHook``'s agreement."""
 
     def __init__(self, trainer, filename: str = "model_last_good"):
         self._trainer = weakref.ref(trainer)
@@ -85,12 +70,6 @@ class NonFiniteLossGuard:
             if self.reference_norm is None:
                 self.reference_norm = _param_norm(self._module.named_parameters(), self._param_names)
             self._buffers = {n: b.detach().clone() for n, b in self._module.named_buffers()}
-
-    def _restore_buffers(self) -> None:
-        with torch.no_grad():
-            for name, buf in self._module.named_buffers():
-                if name in self._buffers:
-                    buf.copy_(self._buffers[name])
 
     def _check(self, module, args, output) -> None:
         if not module.training or not isinstance(output, Mapping):
@@ -119,7 +98,10 @@ class NonFiniteLossGuard:
         per_worker = comm.all_gather(local)
         terms = "; ".join(("" if len(per_worker) == 1 else f"worker {r}: ")
                           + ", ".join(f"{k}={v:.6g}" for k, v in d.items()) for r, d in enumerate(per_worker))
-        self._restore_buffers()
+        with torch.no_grad():  # the buffers as they were before this forward pass
+            for name, buf in self._module.named_buffers():
+                if name in self._buffers:
+                    buf.copy_(self._buffers[name])
         saved = ("no checkpoint was written (the trainer is gone)" if trainer is None
                  else self._save_last_good(trainer, iteration))
         bad_terms = sorted({k for d in per_worker for k, v in d.items() if not math.isfinite(v)})
@@ -154,16 +136,12 @@ class NonFiniteLossGuard:
                     f"parameter norm within {MAX_NORM_GROWTH:g}x the start's) and was saved to "
                     f"{path} and tagged in last_checkpoint, so `--resume` continues from it")
         msg = f"the state after iteration {iteration - 1} was not kept: {problem}"
+        # the checkpoints this run saved or resumed from (all before this iteration) that the tag can
+        # name (files of save_dir)
         save_dir = os.path.abspath(checkpointer.save_dir)
-        ours = [p for p in [*checkpointer.saved, checkpointer.resumed_from]  # (the tag names a file of save_dir)
+        ours = [p for p in [*checkpointer.saved, checkpointer.resumed_from]
                 if p and os.path.dirname(os.path.abspath(p)) == save_dir]
-
-        def problem_of(ckpt):
-            if int(ckpt.get("iteration", -1)) >= iteration:
-                return f"its iteration {ckpt.get('iteration')} is not before {iteration}"
-            return state_problem(ckpt["model"], self._param_names, reference)
-
-        older = newest_checkpoint(ours, problem_of)
+        older = newest_checkpoint(ours, lambda ckpt: state_problem(ckpt["model"], self._param_names, reference))
         if older is not None:
             name, it = os.path.basename(older[0]), older[1]
             checkpointer.tag_last_checkpoint(name)
@@ -177,28 +155,25 @@ class NonFiniteLossGuard:
 
 
 class FinalCheckpoint(HookBase):
-    """Writes ``model_final.pth`` after a successful run that had no iteration left to do: a run
-    killed while ``PeriodicCheckpointer`` wrote it at the last iteration (``MAX_ITER`` a multiple
-    of ``CHECKPOINT_PERIOD``) leaves ``last_checkpoint`` naming ``model_<MAX_ITER - 1>.pth``, and
-    ``--resume`` then runs no iteration and would never write ``model_final.pth``."""
+    """Writes ``model_final.pth`` after a successful run that had no iteration left: a run killed
+    while ``PeriodicCheckpointer`` wrote it (``MAX_ITER`` a multiple of ``CHECKPOINT_PERIOD``) leaves
+    ``last_checkpoint`` naming ``model_<MAX_ITER - 1>.pth``, and ``--resume`` runs no iteration."""
 
     def __init__(self, name: str = "model_final"):
         self.name = name
 
     def after_train(self):
         t = self.trainer
-        # Only when no iteration ran (start_iter == max_iter), and the loop ended without an
-        # exception (after_train runs then too): TrainerBase.train sets iter = start_iter and adds
-        # 1 after an empty loop.
+        # Only when no iteration ran and the loop ended without an exception (after_train runs then
+        # too): TrainerBase.train sets iter = start_iter and adds 1 after an empty loop.
         if t.start_iter == t.max_iter and t.iter == t.max_iter + 1:
             t.save_checkpoint(self.name, t.max_iter - 1)
 
 
 class UnlabelledImagesMonitor:
-    """Warns once when no training crop of the first ``window`` iterations (or of a shorter run)
-    has a labelled pixel, summed over workers: such a run trains at loss 0 (the heads give an
-    all-ignore batch a zero loss, not NaN) and looks healthy but learns nothing. A forward
-    pre-hook on the trainer's model counts the crops whose ``sem_seg`` holds only the ignore label."""
+    """Warns once when no training crop of the first ``window`` iterations (or of a shorter run) has
+    a labelled pixel, summed over workers: such a run trains at loss 0 (not NaN) and learns nothing.
+    A forward pre-hook on the trainer's model counts the crops whose ``sem_seg`` is all ignore."""
 
     def __init__(self, trainer, window: int = 20):
         self._trainer = weakref.ref(trainer)
@@ -217,23 +192,20 @@ class UnlabelledImagesMonitor:
             self.done = True  # detection: no semantic labels to check
             return
         for x in batch:
-            name = x.get("file_name", id(x))
             self.images += 1
             if not bool((x["sem_seg"] != self.ignore).any()):
                 self.unlabelled += 1
-                self.unlabelled_files.add(name)
+                self.unlabelled_files.add(x.get("file_name", id(x)))
         self.iterations += 1
         trainer = self._trainer()
-        last = trainer is not None and trainer.iter >= trainer.max_iter - 1
-        if self.iterations >= self.window or last:
+        if self.iterations >= self.window or (trainer is not None and trainer.iter >= trainer.max_iter - 1):
             self.done = True
             self._decide()
 
     def _decide(self) -> None:
         # host-side counts: an object collective (detectron2's gloo group), never a tensor one
         counts = comm.all_gather((self.images, self.unlabelled, self.unlabelled_files))
-        images = sum(c[0] for c in counts)
-        unlabelled = sum(c[1] for c in counts)
+        images, unlabelled = (sum(c[i] for c in counts) for i in (0, 1))
         unlabelled_files = len(set().union(*(c[2] for c in counts)))
         if images and unlabelled == images and comm.is_main_process():
             logger.warning(
