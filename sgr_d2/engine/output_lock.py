@@ -1,16 +1,12 @@
 """One run per output folder: a second run on an ``OUTPUT_DIR`` that a live run holds is refused
-(docs/multi_gpu.md#one-run-per-output-folder: when the lock is taken, what it records, which
-locks are stale, NFS).
+(docs/multi_gpu.md#one-run-per-output-folder).
 
-A run checks ``OUTPUT_DIR/.sgr_d2.lock`` first thing (:meth:`OutputLock.check`, which only
-reads) and takes it just before its first write (:meth:`OutputLock.acquire`: from
-``RunFiles.commit`` after the first iteration, or before an ``--eval-only`` evaluation), so a
-refused run writes nothing, not even the lock. The main process decides, and every worker raises
-the same error (an object gather on detectron2's gloo group). The file is held with ``flock``
-and records its holder; a daemon thread touches it every :data:`HEARTBEAT_S` seconds. A record
-left by a dead holder is stale and taken over with a warning; a fresh record of another host is
-honoured even where ``flock`` said the file was free (some network filesystems lock only within
-one machine), and where ``flock`` fails the record alone decides.
+A run checks ``OUTPUT_DIR/.sgr_d2.lock`` first thing (:meth:`OutputLock.check`, reading only) and
+takes it just before its first write (:meth:`OutputLock.acquire`), so a refused run writes nothing,
+not even the lock. The main process decides; every worker raises the same error. The file is held
+with ``flock`` and records its holder, whose thread touches it every :data:`HEARTBEAT_S` seconds.
+A stale record is taken over with a warning; a fresh one of another host is honoured even where
+``flock`` said the file was free (some network filesystems lock only within one machine).
 """
 from __future__ import annotations
 
@@ -65,13 +61,11 @@ def _describe(record: dict, age: float) -> str:
         parts.append("started " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"])))
     if record.get("slurm_job"):
         parts.append(f"SLURM job {record['slurm_job']}")
-    parts.append(f"heartbeat {age:.0f} s ago")
-    return ", ".join(parts)
+    return ", ".join(parts + [f"heartbeat {age:.0f} s ago"])
 
 
-class OutputLock:
-    """The lock of ``output_dir`` (the module docstring); a context manager that releases it.
-    ``output_dir`` empty: no lock (nothing is written)."""
+class OutputLock(contextlib.AbstractContextManager):
+    """The lock of ``output_dir`` (none where it is empty); a context manager that releases it."""
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
@@ -79,9 +73,7 @@ class OutputLock:
         self.held = False  # on every worker, once the main process holds the lock
         self._fd = None
         self._created_dir = False
-        self._stop = threading.Event()
 
-    # ------------------------------------------------------------------ decisions
     def _record(self):
         """(record, heartbeat age in seconds) of the lock file, or (None, 0) without one."""
         try:
@@ -140,7 +132,6 @@ class OutputLock:
         if msg:
             raise OutputDirInUse(msg)
 
-    # ------------------------------------------------------------------ the public steps
     def check(self) -> None:
         """Refuse (:class:`OutputDirInUse`) if a live run holds the folder; reads only."""
         if self.path:
@@ -152,18 +143,16 @@ class OutputLock:
         except FileNotFoundError:
             return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                locked = False
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            except BlockingIOError:
-                locked = True
-            except OSError:  # no flock on this filesystem: the record decides
-                locked = False
-            record, age = self._record()
-            holder = self._live_holder(record, age, locked, announce=False)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            locked = False
+        except BlockingIOError:
+            locked = True
+        except OSError:  # no flock on this filesystem: the record decides
+            locked = False
         finally:
             os.close(fd)
+        holder = self._live_holder(*self._record(), locked, announce=False)
         if holder:
             raise self._refusal(holder)
 
@@ -195,8 +184,7 @@ class OutputLock:
             if same or locked:
                 break
             os.close(fd)
-        record, age = self._record()
-        holder = self._live_holder(record, age, locked)
+        holder = self._live_holder(*self._record(), locked)
         if holder:
             os.close(fd)
             self._remove_created_dir()
@@ -235,9 +223,5 @@ class OutputLock:
         self._fd = None
         self._remove_created_dir()
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
         self.release()
-        return False

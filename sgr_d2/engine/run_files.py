@@ -1,15 +1,14 @@
 """The files a run writes into ``OUTPUT_DIR`` (``config.yaml``, ``log.txt``, ``metrics.json``, the
 TensorBoard events), written only once the run has done something (docs/reliability.md §3).
 
-detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt`` first thing, and its
-trainer creates ``metrics.json`` and an events file when it is built: a run refused a moment
-later has already overwritten the earlier run's config and added to its logs. :class:`RunFiles`
-does what ``default_setup`` does but keeps the log in memory and writes nothing until
-:meth:`RunFiles.commit` (after the first training iteration, or an ``--eval-only`` evaluation),
-which first takes the run's :class:`~sgr_d2.engine.output_lock.OutputLock`.
+detectron2's ``default_setup`` and trainer write them first thing, so a run refused a moment later
+has overwritten the earlier run's. :class:`RunFiles` does what ``default_setup`` does but keeps the
+log in memory until :meth:`RunFiles.commit` (after the first iteration, or an ``--eval-only``
+evaluation), which first takes the run's :class:`~sgr_d2.engine.output_lock.OutputLock`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from logging.handlers import MemoryHandler
@@ -31,10 +30,9 @@ __all__ = ["RunFiles", "DeferredWriters"]
 LOGGERS = ("detectron2", "fvcore", "sgr_d2")
 
 
-class RunFiles:
-    """``default_setup(cfg, args)`` for ``train_net.py``, its files deferred to :meth:`commit`.
-    A context manager: on exit the run's log handlers are detached (the log of a run that never
-    committed is dropped; the console had it)."""
+class RunFiles(contextlib.AbstractContextManager):
+    """``default_setup(cfg, args)`` with its files deferred to :meth:`commit`; on exit its log handlers
+    are detached (the log of a run that never committed is dropped: the console had it)."""
 
     def __init__(self, cfg, args, lock=None):
         self.cfg = cfg
@@ -89,17 +87,12 @@ class RunFiles:
         logging.getLogger("sgr_d2").info("Full config saved to %s; the log goes to %s",
                                          os.path.join(out, "config.yaml"), handler.baseFilename)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
-        for name in LOGGERS:
+        for name in LOGGERS:  # (removing a handler a logger does not have does nothing)
             logging.getLogger(name).removeHandler(self._buffer)
-            if self._handler is not None:
-                logging.getLogger(name).removeHandler(self._handler)
+            logging.getLogger(name).removeHandler(self._handler)
         if self._handler is not None:
             self._handler.close()
-        return False
 
 
 class DeferredWriters(EventWriter):
