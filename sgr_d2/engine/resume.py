@@ -1,9 +1,7 @@
 """What a training checkpoint holds besides the weights, and how ``--resume`` puts it back
-(docs/reliability.md#what-a-checkpoint-holds): ``Trainer.state_dict`` saves the optimizer (and
-AMP's gradient scaler) under ``_trainer``, the sampler's seed and stream position under ``data``
-(:class:`ResumableSampler`), and the random states under ``rng`` (with several workers, a list of
-every worker's by rank; a resumed run of as many workers puts back each its own). On resume the
-config's optimizer hyperparameters replace the checkpoint's (:func:`apply_config_hyperparameters`).
+(docs/reliability.md#what-a-checkpoint-holds): the sampler's stream position (:class:`ResumableSampler`),
+the random states (by rank with several workers), and the config's optimizer hyperparameters over
+the checkpoint's (:func:`apply_config_hyperparameters`).
 """
 from __future__ import annotations
 
@@ -63,9 +61,8 @@ class ResumableSampler(Sampler):
 
 
 def resumable_train_loader(cfg, mapper=None):
-    """detectron2's ``build_detection_train_loader(cfg, mapper)`` with its sampler wrapped in a
-    :class:`ResumableSampler`, which the returned loader carries as ``resumable_sampler``
-    (``mapper=None``: detectron2's ``DatasetMapper``)."""
+    """detectron2's ``build_detection_train_loader(cfg, mapper)`` whose sampler, a
+    :class:`ResumableSampler`, the loader carries as ``resumable_sampler``."""
     kwargs = build_detection_train_loader.from_config(cfg, mapper)
     sampler = kwargs.get("sampler")
     if sampler is not None:
@@ -79,11 +76,8 @@ def restart_data_loader(simple_trainer) -> None:
     """Make detectron2's ``SimpleTrainer`` read its data loader from the start, now (v0.6 keeps
     the iterator in ``_data_loader_iter``, upstream main in ``_data_loader_iter_obj``), so that
     the iterator's draw of its base seed happens before the random states are restored."""
-    it = iter(simple_trainer.data_loader)
-    if isinstance(getattr(type(simple_trainer), "_data_loader_iter", None), property):
-        simple_trainer._data_loader_iter_obj = it
-    else:
-        simple_trainer._data_loader_iter = it
+    lazy = isinstance(getattr(type(simple_trainer), "_data_loader_iter", None), property)
+    setattr(simple_trainer, "_data_loader_iter_obj" if lazy else "_data_loader_iter", iter(simple_trainer.data_loader))
 
 
 def rng_state() -> Dict:
@@ -124,32 +118,24 @@ def own_rng_state(saved) -> Optional[Dict]:
     return None
 
 
-_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
-
-
 def configured_hyperparameters(optimizer, scheduler):
     """The optimizer's per-group hyperparameters and the scheduler's base LRs as the config built
     them: call before a checkpoint overwrites them."""
-    groups = [{k: v for k, v in g.items() if k not in _NOT_HYPERPARAMETERS} for g in optimizer.param_groups]
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
     return groups, list(getattr(scheduler, "base_lrs", []))
 
 
-def _group_name(group: Dict, i: int) -> str:
-    return str(group.get("name", f"group {i}"))
-
-
 def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: int) -> None:
-    """After ``optimizer.load_state_dict`` and ``scheduler.load_state_dict`` (which bring back the
-    checkpoint's LRs, momentum, weight decay ...), put the config's values back, with a warning;
-    keep the checkpoint's *state* (momentum buffers, moments, the iteration). A changed base LR
-    rescales each group's current LR by new base / old base, so the schedule continues at
-    ``iteration`` from the new base."""
+    """After the optimizer's and scheduler's ``load_state_dict`` (the checkpoint's LRs, momentum,
+    weight decay ...), put the config's values back, with a warning, keeping the checkpoint's state
+    (momentum buffers, moments). A changed base LR rescales each group's current LR by new / old
+    base, so the schedule continues at ``iteration`` from the new base."""
     groups, base_lrs = configured
     changed = {}
     for i, (g, c) in enumerate(zip(optimizer.param_groups, groups)):
         for k, v in c.items():
             if k in g and g[k] != v:
-                changed.setdefault(k, []).append((_group_name(g, i), g[k], v))
+                changed.setdefault(k, []).append((g.get("name", f"group {i}"), g[k], v))
                 g[k] = v
     for k, items in changed.items():
         logger.warning("resume: %s of %d parameter group(s) set from the config, not the checkpoint "
@@ -163,7 +149,7 @@ def apply_config_hyperparameters(optimizer, scheduler, configured, iteration: in
             before = g["lr"]
             g["lr"] = before * new / old if old else new
             g["initial_lr"] = new
-            moved.append((_group_name(g, i), old, new, before, g["lr"]))
+            moved.append((g.get("name", f"group {i}"), old, new, before, g["lr"]))
         scheduler.base_lrs = list(base_lrs)
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         name, old, new, before, after = moved[0]

@@ -12,11 +12,13 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, create_ddp_model, default_argument_parser, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import verify_results
+from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import is_detection, setup_cfg
 from ..data import build_mapper
+from ..data.datasets import datasets_root
 from ..evaluation import build_evaluators, check_test_time_augmentation
 from ..modeling import SemanticSegmentorWithTTA
 from .amp import build_step_trainer
@@ -51,8 +53,6 @@ def _clear_dataset_errors(key: str, names):
         m = re.match(r"Dataset '(.*)' is empty!", str(e))
         if not m:
             raise
-        from ..data.datasets import datasets_root
-
         raise ValueError(
             f"dataset {m.group(1)!r} (in {key} = {tuple(names)}) is empty: its registered loader "
             "returned no images; expected at least one dataset dict. Check the dataset's files "
@@ -68,14 +68,9 @@ def _gather_worker_rng_at_saves(t) -> None:
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR and atomic checkpoints.
-
-    ``__init__`` composes what ``DefaultTrainer.__init__`` composes, with sgr_d2's pieces:
-    :meth:`build_ddp_model` (DDP on the CPU too), ``engine/amp.py``'s step trainer and the checked
-    checkpointer; and the guards of docs/reliability.md: the NaN guard, the unlabelled-images
-    monitor, preemption, and with ``run_files`` (``train_net.py``) nothing written into
-    ``OUTPUT_DIR`` before the first iteration has finished.
-    """
+    """DefaultTrainer with sgr_d2's mapper, evaluators, optimiser, poly LR, DDP (on the CPU too), step
+    trainer (``amp.py``), checked atomic checkpoints and the guards of docs/reliability.md; with
+    ``run_files`` (``train_net.py``), nothing is written into ``OUTPUT_DIR`` before the first iteration."""
 
     def __init__(self, cfg, run_files: RunFiles = None):
         TrainerBase.__init__(self)
@@ -104,21 +99,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_ddp_model(cls, cfg, model):
-        """detectron2's ``create_ddp_model`` (the model itself in a one-process run); a CPU model
-        (gloo workers) gets ``device_ids=None``, where detectron2 passes ``[local_rank]``, which
-        DistributedDataParallel refuses on the CPU."""
+        """detectron2's ``create_ddp_model``, with ``device_ids=None`` for a CPU model (gloo workers)
+        where detectron2 passes ``[local_rank]``, which DistributedDataParallel refuses on the CPU."""
         kwargs = {"device_ids": None} if all(p.device.type == "cpu" for p in model.parameters()) else {}
         return create_ddp_model(model, broadcast_buffers=False, **kwargs)
 
     def build_hooks(self):
         ret = super().build_hooks()
-        for i, h in enumerate(ret):  # the main process's (the others do not save)
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                ret.insert(i + 1, FinalCheckpoint())
-                break
-        # where the main process's PeriodicCheckpointer is (the first hook that saves or evaluates)
+        # the main process's PeriodicCheckpointer (the others do not save), else the first hook after it
         i = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook,
                                                                  hooks.PeriodicWriter))), len(ret))
+        if i < len(ret) and isinstance(ret[i], hooks.PeriodicCheckpointer):
+            ret.insert(i + 1, FinalCheckpoint())
         ret.insert(i, hooks.CallbackHook(after_step=_gather_worker_rng_at_saves))
         ret.append(PreemptionHook())  # last: after the evaluation and the writers of its iteration
         if self.run_files is not None:  # the run's files, once its first iteration has finished
@@ -127,16 +119,13 @@ class Trainer(DefaultTrainer):
 
     def build_writers(self):
         writers = super().build_writers
-        if self.run_files is None:
-            return writers()
-        return [DeferredWriters(writers, self.run_files)]
+        return writers() if self.run_files is None else [DeferredWriters(writers, self.run_files)]
 
     def save_checkpoint(self, name: str, iteration: int) -> None:
         """Save ``<name>.pth`` recording ``iteration`` as the one that finished (sgr_d2's hooks'
         saves; detectron2's ``PeriodicCheckpointer`` saves the iteration that just finished)."""
         self.checkpointer.save(name, iteration=iteration, trainer=self.state_dict(iteration))
 
-    # ------------------------------------------------------------------ resume (resume.py)
     def gather_worker_rng(self, iteration: int) -> None:
         """Every worker's random states after ``iteration``, for the main process's next save of
         that iteration: an object gather on detectron2's gloo group, called by every worker."""
@@ -144,16 +133,13 @@ class Trainer(DefaultTrainer):
         self._worker_rng = (iteration, states) if comm.is_main_process() else None
 
     def state_dict(self, iteration: int = None):
-        """TrainerBase's (iteration, hooks: the LR scheduler), the optimizer under the key upstream
-        main's DefaultTrainer uses (v0.6's saves none), the data position and the random states
-        (several workers: every worker's, when :meth:`gather_worker_rng` gathered them after this
-        iteration); ``iteration``: the one that finished (default ``self.iter``)."""
+        """TrainerBase's (iteration, the LR scheduler), the optimizer under upstream main's key (v0.6
+        saves none), the data position and the random states (every worker's, once
+        :meth:`gather_worker_rng` gathered them); ``iteration``: the one that finished."""
         iteration = self.iter if iteration is None else iteration
         ret = TrainerBase.state_dict(self)
         ret["iteration"] = iteration
-        inner = self._trainer.state_dict()
-        inner["iteration"] = iteration
-        ret["_trainer"] = inner
+        ret["_trainer"] = dict(self._trainer.state_dict(), iteration=iteration)
         if self._data_stream is not None:
             position = self._data_start + (iteration + 1 - self.start_iter) * self.cfg.SOLVER.IMS_PER_BATCH
             ret["data"] = {"seed": self._data_stream.seed, "position": int(position)}
@@ -186,14 +172,12 @@ class Trainer(DefaultTrainer):
                                              "sampler's stream (seed %s)", self._data_start, stream.seed)
             restart_data_loader(self._trainer)
         rng = None if rng is None else own_rng_state(rng)
-        if rng is None:
-            return
-        if stream is not None and self.cfg.DATALOADER.NUM_WORKERS == 0:
+        if rng is not None and stream is not None and self.cfg.DATALOADER.NUM_WORKERS == 0:
             # The data loader draws from torch's generator when its iterator starts (at the first
             # step); the saved run had done that long before. Restore when the stream yields its
             # first index: then the mapper and the model draw exactly what the saved run drew.
             stream.rng_state = rng
-        else:
+        elif rng is not None:
             set_rng_state(rng)
 
     @classmethod
@@ -227,8 +211,6 @@ class Trainer(DefaultTrainer):
     def test_with_TTA(cls, cfg, model):
         logger = logging.getLogger("sgr_d2")
         if is_detection(cfg):
-            from detectron2.modeling import GeneralizedRCNNWithTTA
-
             logger.info(f"Running multi-scale + flip inference, sizes {list(cfg.TEST.AUG.MIN_SIZES)}")
             tta = GeneralizedRCNNWithTTA(cfg, model)
         else:
