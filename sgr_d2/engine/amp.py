@@ -1,10 +1,9 @@
 """``SOLVER.AMP.ENABLED`` on any device: float16 with gradient scaling on CUDA, bfloat16 on the CPU.
 
-detectron2's ``AMPTrainer`` asserts CUDA (v0.6 and upstream main alike), and its autocast is
-CUDA's, which leaves CPU tensors alone; so :func:`build_step_trainer` gives a model on the CPU a
-:class:`CPUAutocastTrainer`. The parts that must not run in low precision (SGR's region softmax,
+detectron2's ``AMPTrainer`` asserts CUDA and its autocast leaves CPU tensors alone, so a model on
+the CPU gets :class:`CPUAutocastTrainer`. The parts that must stay float32 (SGR's region softmax,
 token average, matching and losses; the MaskFormer criterion; the per-pixel cross-entropy) switch
-autocast off themselves (``sgr_d2.sgr.autocast_off``), whoever runs them.
+autocast off themselves (``sgr_d2.sgr.autocast_off``).
 """
 from __future__ import annotations
 

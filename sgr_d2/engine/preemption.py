@@ -1,27 +1,16 @@
 """Preemption: a signal ends training at an iteration boundary, with a checkpoint to resume from
 (docs/multi_gpu.md#preemption).
 
-While ``Trainer.train`` runs, :class:`PreemptionHook` records SIGTERM, SIGUSR1 and SIGUSR2
-(:data:`SIGNALS`) in every worker. At the first iteration boundary every worker agrees on, it
-saves ``model_<iteration>.pth`` through ``Trainer.save_checkpoint`` (atomic, tagged, every
-worker's random states), waits until the save is complete and raises :class:`Preempted`, a
-``SystemExit`` with :data:`EXIT_CODE` (75, ``EX_TEMPFAIL``): ``--resume`` continues bit for bit.
-
-**Agreement.** The decision must be the same on every worker, or one would wait forever in a
-collective the others never join. It rides on the NaN guard's per-iteration object gather
-(:class:`~sgr_d2.engine.hooks.NonFiniteLossGuard` gathers ``(loss not finite, preemption
-requested)``), so it costs no collective of its own (``bench/preemption_agreement.py``); an
-iteration without that gather falls back to a ``comm.all_gather`` of the flag (detectron2's gloo
-group: the NCCL rule). A signal seen after a worker's forward pass of iteration ``i`` is agreed
-at ``i + 1``, so the boundary is the end of that iteration, after all its hooks (an evaluation
-running then finishes and is written to ``metrics.json``).
-
-Not a boundary: the last iteration (``model_final.pth`` is saved there anyway; the run exits 0),
-nor anything before the first iteration or after training, where no handler is installed and the
-signal's default action ends a process that has nothing to save; nor do the handlers hold in a
-process forked while they are set (a DataLoader worker, panopticapi's process pool). A second
-signal changes nothing: the save is not interrupted, and even a SIGKILL during it leaves the
-previous checkpoint and tag intact (``sgr_d2.files.atomic_write``).
+While ``Trainer.train`` runs, :class:`PreemptionHook` records SIGTERM, SIGUSR1 and SIGUSR2 in
+every worker; at the first iteration boundary all workers agree on, it saves ``model_<iteration>.pth``
+(atomic, tagged, every worker's random states), waits until it is complete and raises
+:class:`Preempted` (exit :data:`EXIT_CODE`): ``--resume`` continues bit for bit. The decision must be
+the same on every worker, or one would wait forever in a collective the others never join: it rides
+on the NaN guard's per-iteration object gather (no collective of its own,
+``bench/preemption_agreement.py``), else a ``comm.all_gather`` of the flag. A signal seen after a
+worker's forward pass of iteration ``i`` is agreed at ``i + 1``, whose end, after all its hooks, is
+the boundary. Not during the last iteration (the run completes), nor outside ``train``, nor in a
+process forked during it (a DataLoader worker, panopticapi's pool): the default action holds there.
 """
 from __future__ import annotations
 
@@ -76,13 +65,10 @@ def _names(signums) -> str:
 
 
 class PreemptionHook(HookBase):
-    """The hook of the module docstring, registered last: its ``after_step`` runs after every
-    other hook's (the checkpointer, the evaluation, the writers).
-
-    After it has stopped training, the signals stay ignored until the process exits: when one
-    worker exits, torchrun and ``torch.multiprocessing`` send SIGTERM to the others, which must
-    still finish their own exit (log, lock, process groups) with code 75. (Ignored, not handled:
-    Python puts the default action back for the signals it handles when it shuts down.)"""
+    """The hook of the module docstring, registered last (after the checkpointer, the evaluation and
+    the writers). Once it has stopped training the signals stay ignored (not handled: Python restores
+    the default action of handled ones at shutdown), so that a worker which torchrun or
+    ``torch.multiprocessing`` sends SIGTERM when another exits still finishes its own exit with 75."""
 
     def __init__(self):
         self._previous: Dict[int, object] = {}

@@ -6,6 +6,7 @@ import itertools
 import torch
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 
@@ -17,6 +18,7 @@ NORM_TYPES = (
     torch.nn.LayerNorm,
     torch.nn.LocalResponseNorm,
     torch.nn.modules.instancenorm._InstanceNorm,
+    FrozenBatchNorm2d,
 )
 # parameters that transformer recipes exclude from weight decay (Swin, DETR-style queries; the
 # queries and the decoder's level embedding are nn.Embedding, which never decays). As in
@@ -25,9 +27,7 @@ NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "query_e
 
 
 def _is_norm(module) -> bool:
-    from detectron2.layers import FrozenBatchNorm2d
-
-    return isinstance(module, NORM_TYPES + (FrozenBatchNorm2d,)) or "norm" in type(module).__name__.lower()
+    return isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
 
 
 def param_groups(cfg, model):
@@ -45,8 +45,7 @@ def param_groups(cfg, model):
                 continue
             seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname
-            in_backbone = full.startswith("backbone.") and not full.startswith(
-                ("backbone.sgr.", "backbone.glore."))
+            in_backbone = full.startswith("backbone.") and not full.startswith(("backbone.sgr.", "backbone.glore."))
             lr = s.BASE_LR * (s.BACKBONE_MULTIPLIER if in_backbone else s.HEAD_LR_MULTIPLIER)
             if _is_norm(module):
                 wd = s.WEIGHT_DECAY_NORM
@@ -95,6 +94,5 @@ def build_poly_lr_scheduler(cfg, optimizer):
     """``(1 - iter / MAX_ITER) ** SOLVER.POLY_LR_POWER`` every iteration, after detectron2's warmup."""
     s = cfg.SOLVER
     sched = PolynomialDecayParamScheduler(base_value=1.0, power=s.POLY_LR_POWER)
-    sched = WarmupParamScheduler(sched, s.WARMUP_FACTOR, min(s.WARMUP_ITERS / s.MAX_ITER, 1.0),
-                                 s.WARMUP_METHOD)
+    sched = WarmupParamScheduler(sched, s.WARMUP_FACTOR, min(s.WARMUP_ITERS / s.MAX_ITER, 1.0), s.WARMUP_METHOD)
     return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)
