@@ -19,11 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 class CPUAutocastTrainer(SimpleTrainer):
-    """detectron2's ``SimpleTrainer`` (its own ``run_step``, whichever version) whose model call,
-    and only that, runs under CPU autocast in ``precision``: entered by a forward pre-hook, left
-    by the forward hook, so the backward pass and the optimiser step run outside it, as PyTorch
-    recommends, and forward passes outside ``run_step`` (evaluation) are not affected. The
-    parameters stay float32; no gradient scaling (bfloat16 has float32's exponent range)."""
+    """detectron2's ``SimpleTrainer`` (its own ``run_step``, whichever version) whose model call, and
+    only that, runs under CPU autocast in ``precision``: entered by a forward pre-hook, left by the
+    forward hook, so backward, the optimiser step and evaluation run outside it, as PyTorch recommends.
+    The parameters stay float32; no gradient scaling (bfloat16 has float32's exponent range)."""
 
     def __init__(self, model, data_loader, optimizer, *args, precision: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(model, data_loader, optimizer, *args, **kwargs)

@@ -108,8 +108,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def remove_stale_temporaries(self):
-        """Delete the temporary files that interrupted saves left in ``save_dir`` (main process
-        only); returns their paths."""
+        """Delete (and return) the temporary files interrupted saves left in ``save_dir`` (main process only)."""
         if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
             return []
         removed = [os.path.join(self.save_dir, n) for n in sorted(os.listdir(self.save_dir)) if _TEMPORARY.match(n)]
@@ -126,9 +125,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return read_checkpoint_file(filename)
 
     def load(self, path: str, checkpointables=None, *, resuming: bool = False):
-        """fvcore's ``load`` with the steps of the module docstring; ``resuming``: the run's own
-        checkpoint, to which ``MODEL.WEIGHTS_NEW_CLASSES`` does not apply. Returns what is left of
-        the checkpoint (``iteration`` ...)."""
+        """fvcore's ``load`` with the steps of the module docstring (``MODEL.WEIGHTS_NEW_CLASSES`` not
+        ``resuming`` the run's own checkpoint); returns what is left of the checkpoint (``iteration`` ...)."""
         if not path:
             self.logger.info("No checkpoint found. Initializing model from scratch")
             return {}
@@ -260,8 +258,7 @@ def newest_checkpoint(paths, problem=lambda checkpoint: None):
 
 
 def _place_under_wrapper(state, model_state):
-    """``backbone.X`` -> ``backbone.backbone.X`` where only the latter is a model tensor: a
-    checkpoint of the model without SGR (or GloRe), loaded into the model with it."""
+    """``backbone.X`` -> ``backbone.backbone.X`` where only the latter is a model tensor (a file without SGR)."""
     if any(k.startswith("backbone.backbone.") for k in state):
         return state, 0
     moved = {k for k in state if k.startswith("backbone.") and k not in model_state and "backbone." + k in model_state}
@@ -269,9 +266,8 @@ def _place_under_wrapper(state, model_state):
 
 
 def _fill_folded_norm_statistics(state, model_state) -> int:
-    """Caffe2 ImageNet files (detectron2's MSRA R-50.pkl) keep a norm as scale and bias only, its
-    statistics folded into them: give such norms running mean 0 and variance 1, the values
-    detectron2's FrozenBatchNorm2d gives them."""
+    """Caffe2 ImageNet files (detectron2's MSRA R-50.pkl) keep a norm as scale and bias only, its statistics
+    folded into them: give such norms running mean 0 and variance 1, as detectron2's FrozenBatchNorm2d does."""
     n = 0
     for key in (k for k in model_state if k.endswith(".running_mean")):
         prefix = key[: -len("running_mean")]
@@ -391,10 +387,8 @@ class FitReport:
     unused: List[str] = field(default_factory=list)  # file tensors the model does not have
 
 
-def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *,
-              new_classes: bool = False) -> FitReport:
-    """Which tensors of the model a file (names already the model's) covers, and whether that is
-    enough (see the module docstring)."""
+def check_fit(parts: ModelParts, file_shapes: Mapping[str, Tuple[int, ...]], *, new_classes: bool = False) -> FitReport:
+    """Which tensors of the model a file (names already the model's) covers, and whether that is enough."""
     weights = parts.weights
     file_shapes = {k: tuple(v) for k, v in file_shapes.items() if is_weight(k)}
     named = [k for k in file_shapes if k in weights]

@@ -80,9 +80,8 @@ class NonFiniteLossGuard:
         values = torch.stack([v.detach().float().sum() for v in terms.values()])
         # The one host sync of the guard: it must decide before this step's backward and update.
         bad = not bool(torch.isfinite(values).all())
-        # every worker learns whether any worker must stop, for a bad loss or a preemption signal:
-        # an object collective on detectron2's gloo group (host-side code never puts a tensor on
-        # the default group, which is NCCL on a cluster and refuses CPU tensors)
+        # every worker learns whether any must stop (a bad loss, a preemption signal): an object collective
+        # on detectron2's gloo group, never a tensor on the default group (NCCL on a cluster: GPU only)
         flags = comm.all_gather((bad, preemption.requested()))
         bad = any(b for b, _ in flags)
         trainer = self._trainer()
@@ -159,15 +158,12 @@ class FinalCheckpoint(HookBase):
     while ``PeriodicCheckpointer`` wrote it (``MAX_ITER`` a multiple of ``CHECKPOINT_PERIOD``) leaves
     ``last_checkpoint`` naming ``model_<MAX_ITER - 1>.pth``, and ``--resume`` runs no iteration."""
 
-    def __init__(self, name: str = "model_final"):
-        self.name = name
-
     def after_train(self):
         t = self.trainer
         # Only when no iteration ran and the loop ended without an exception (after_train runs then
         # too): TrainerBase.train sets iter = start_iter and adds 1 after an empty loop.
         if t.start_iter == t.max_iter and t.iter == t.max_iter + 1:
-            t.save_checkpoint(self.name, t.max_iter - 1)
+            t.save_checkpoint("model_final", t.max_iter - 1)
 
 
 class UnlabelledImagesMonitor:

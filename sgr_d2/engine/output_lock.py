@@ -89,8 +89,7 @@ class OutputLock(contextlib.AbstractContextManager):
         return (record if isinstance(record, dict) else None), age
 
     def _live_holder(self, record: Optional[dict], age: float, kernel_locked: bool, announce=True) -> Optional[str]:
-        """The holder of ``record`` described for the error when it is live, None when there is
-        none or it is stale (``announce``: warn that it is taken over)."""
+        """The live holder of ``record``, described; None when none or stale (``announce``: warn of the takeover)."""
         if kernel_locked:
             return "the file is locked (flock)" if record is None else _describe(record, age)
         if record is None:

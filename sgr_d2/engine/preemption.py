@@ -36,9 +36,8 @@ _owner: List[int] = [0]  # the pid of the training process, which installed the 
 
 def _record(signum, frame) -> None:
     if os.getpid() != _owner[0]:
-        # a process forked while the handler was set (a DataLoader worker, the process pool of
-        # panopticapi's PQ): the signal's default action, as if no handler had been set; else the
-        # SIGTERM its parent ends it with is only recorded, and the parent waits for it forever
+        # a process forked while the handler was set (a DataLoader worker, panopticapi's PQ pool): the
+        # default action, else the SIGTERM its parent ends it with is only recorded and the parent waits
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return

@@ -32,8 +32,7 @@ class ResumableSampler(Sampler):
         super().__init__()
         self.sampler = sampler
         self.start = 0
-        # random states to restore when the stream yields its first index in the main process
-        # (DATALOADER.NUM_WORKERS 0): where the saved run stood, after the data loader's own draws
+        # the saved run's random states, restored when the stream yields its first index (NUM_WORKERS 0)
         self.rng_state: Optional[Dict] = None
 
     @property
@@ -119,8 +118,7 @@ def own_rng_state(saved) -> Optional[Dict]:
 
 
 def configured_hyperparameters(optimizer, scheduler):
-    """The optimizer's per-group hyperparameters and the scheduler's base LRs as the config built
-    them: call before a checkpoint overwrites them."""
+    """The optimizer's per-group hyperparameters and the scheduler's base LRs, before a checkpoint's replace them."""
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
     return groups, list(getattr(scheduler, "base_lrs", []))
 

@@ -58,8 +58,7 @@ class RunFiles(contextlib.AbstractContextManager):
             torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
 
     def commit(self) -> None:
-        """Write ``config.yaml`` (main process), then the log so far to ``log.txt``
-        (``log.txt.rank<r>`` for the other workers), which receives the rest of the run's log."""
+        """Write ``config.yaml`` (main process) and the log so far to ``log.txt`` (``.rank<r>``: the others)."""
         if self.committed:
             return
         if self.lock is not None:

@@ -2,11 +2,10 @@
 
 :func:`launch` starts the workers: detectron2's ``launch`` (each worker's main function through
 :func:`run_then_release`), or, without CUDA under detectron2 v0.6, whose launcher asserts CUDA
-(:func:`sgr_d2.compat.launch_needs_cuda`), ``torch.multiprocessing`` in a gloo group. Under
-``torchrun`` or ``srun`` this process is the worker and joins by torch's ``env://`` rendezvous;
-:func:`cluster_world` refuses, naming the variables and arguments, every mix of launchers that
-would start duplicates (docs/multi_gpu.md#launchers). :func:`stop_with_launcher`, called first
-in each worker, makes it exit with a killed launcher, which nothing else would tell it.
+(:func:`sgr_d2.compat.launch_needs_cuda`), ``torch.multiprocessing`` in a gloo group. Under ``torchrun``
+or ``srun`` this process is the worker and joins by torch's ``env://`` rendezvous; :func:`cluster_world`
+refuses, naming the variables and arguments, every mix of launchers that would start duplicates
+(docs/multi_gpu.md#launchers). :func:`stop_with_launcher` makes a worker exit with a killed launcher.
 """
 from __future__ import annotations
 
