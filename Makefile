@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	$(PY) -m pip install --quiet --no-deps panopticapi-lite==0.2.0
 	touch $(STAMP)
 
-# Everything, slow tests included (what CI runs).
+# Everything, slow tests included (what CI runs), in TEST_WORKERS processes (pytest-xdist), each
+# test file in one of them (the module-scoped fixtures are built once).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow" -q
+	$(PY) -m pytest -m "slow or not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 # The default fast subset.
 test-fast: $(STAMP)

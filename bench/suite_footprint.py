@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Disk footprint of the test suite: peak and left-over size of its temporary files.
+"""Wall time and disk footprint of the test suite: peak and left-over size of its temporary files.
 
-Runs pytest (by default the whole suite, slow tests included, as ``make test`` does) with a
-private ``--basetemp`` and a private TMPDIR, samples their size every ``--every`` seconds and
-prints a table: wall time, pytest's exit status, peak and left-over MiB. Passing tests' ``tmp_path``
+Runs pytest (by default the whole suite, slow tests included, in ``--workers`` pytest-xdist
+processes, each file in one: ``make test``'s command) with a private ``--basetemp`` and a private
+TMPDIR, in which the toy datasets are generated afresh as on a new clone, samples their size every
+``--every`` seconds and prints a table: wall time, pytest's exit status, peak and left-over MiB. Passing tests' ``tmp_path``
 folders are removed as they end (``tmp_path_retention_policy = "failed"`` in pyproject.toml) and
 module fixtures remove theirs, so the peak is the largest single test, not the sum of all.
 
-    python bench/suite_footprint.py                       # the whole suite (about 12 min on 2 cores)
+    python bench/suite_footprint.py                       # the whole suite, as make test runs it
+    python bench/suite_footprint.py --workers 1           # in one process
     python bench/suite_footprint.py -- tests/test_published_models.py   # more pytest arguments after --
 """
 from __future__ import annotations
@@ -38,9 +40,12 @@ def tree_bytes(root: str) -> int:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--every", type=float, default=2.0, help="seconds between samples")
+    p.add_argument("--workers", type=int, default=2, help="pytest-xdist processes (make test's TEST_WORKERS; 1: none)")
     p.add_argument("pytest_args", nargs="*", help="more arguments for pytest (default: the whole suite)")
     args = p.parse_args()
     pytest_args = ["-m", "slow or not slow", *args.pytest_args]  # slow tests too, unless another -m follows
+    if args.workers > 1:
+        pytest_args += ["-n", str(args.workers), "--dist", "loadfile"]
     with tempfile.TemporaryDirectory(prefix="sgr_d2_footprint_") as root:
         basetemp, tmpdir = os.path.join(root, "basetemp"), os.path.join(root, "tmp")
         os.makedirs(tmpdir)
