@@ -118,6 +118,17 @@ def _blank_axis(ax, title: Optional[str] = None, fontsize: int = 9):
         ax.set_title(title, fontsize=fontsize)
 
 
+def _panel_row(panels, output_path: str, panel_inches: float, dpi: int) -> str:
+    """``(image, title)`` panels in one row, ``panel_inches`` square each, saved to ``output_path``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_inches, panel_inches), dpi=dpi,
+                             squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.04)
+    for ax, (img, title) in zip(axes[0], panels):
+        ax.imshow(img)
+        _blank_axis(ax, title, fontsize=10)
+    return _save(fig, output_path, dpi)
+
+
 def draw_sem_seg(image_rgb: np.ndarray, sem_seg: ArrayOrTensor, metadata, alpha: float = 0.6,
                  area_threshold: Optional[int] = None, show_labels: bool = True,
                  scale: float = 1.0) -> np.ndarray:
@@ -188,13 +199,7 @@ def panoptic_figure(image_rgb: np.ndarray, panels: Sequence[tuple], metadata, ou
                           f"{title} ({len(info)} segments)"))
         finally:
             np.random.set_state(state)
-    fig, axes = plt.subplots(1, len(drawn), figsize=(len(drawn) * panel_inches, panel_inches), dpi=dpi,
-                             squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.04)
-    for ax, (img, title) in zip(axes[0], drawn):
-        ax.imshow(img)
-        _blank_axis(ax, title, fontsize=10)
-    return _save(fig, output_path, dpi)
+    return _panel_row(drawn, output_path, panel_inches, dpi)
 
 
 # ----------------------------------------------------------------------------- concept regions
@@ -329,13 +334,7 @@ def components_figure(image_rgb: Optional[np.ndarray], labels: ArrayOrTensor, ou
                    f"ground truth ({len(present)} classes)"))
     panels.append((draw_segments(base, comp, names, alpha=0.7, scale=scale),
                    f"connected components ({len(names)})"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_inches, panel_inches), dpi=dpi,
-                             squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.04)
-    for ax, (img, title) in zip(axes[0], panels):
-        ax.imshow(img)
-        _blank_axis(ax, title, fontsize=10)
-    return _save(fig, output_path, dpi)
+    return _panel_row(panels, output_path, panel_inches, dpi)
 
 
 # ----------------------------------------------------------------------------- Figure 2
