@@ -280,3 +280,7 @@ def test_the_panoptic_demo_prints_the_model_beside_the_trivial_baseline_and_draw
     # with thing colours that differ between panels, 20 against the bare image)
     assert np.abs(pred - truth_panel).mean() < 1.0 < 10.0 < np.abs(image - truth_panel).mean()
     assert not (tmp_path / "concept_regions.png").exists()  # no sgr_regions: no concept figure
+    # README's `make demo DEMO_TASK=panoptic` reaches this report with the SGR panoptic config
+    with open(os.path.join(REPO, "Makefile")) as f:
+        assert "tools/demo_toy.py --task $(DEMO_TASK)" in f.read()
+    assert demo.CONFIGS["panoptic"] == "configs/toy/mask2former_r18_panoptic_sgr.yaml"
