@@ -141,6 +141,11 @@ PANOPTIC_KEYS = {"PQ": "panoptic_seg/PQ", "PQ_th": "panoptic_seg/PQ_th", "PQ_st"
                  "SQ": "panoptic_seg/SQ", "RQ": "panoptic_seg/RQ", "AP": "segm/AP"}
 
 
+def main_metric(task):
+    """The run-record key a task's pairs are judged by (mIoU, or PQ)."""
+    return COLUMNS[task][0][1]
+
+
 def resolve_pair(name, instances=False):
     """(configs, test dataset, class names, task "semantic" or "panoptic") of pair ``name``;
     with ``instances`` also ``configs/toy/<name>_sgr_instances.yaml``."""
@@ -291,7 +296,7 @@ def plot(results, budget, path):
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), dpi=100, squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         variants = results[pair]["budgets"][str(budget)]
-        metric = COLUMNS[results[pair]["task"]][0][1]
+        metric = main_metric(results[pair]["task"])
         for i, (v, data) in enumerate(variants.items()):
             seeds = [r["seed"] for r in data["runs"]]
             offset = (i - (len(variants) - 1) / 2) * 0.06
@@ -315,7 +320,7 @@ def plot_curve(pair, result, path):
 
     budgets = [int(b) for b in result["budgets"]]
     classes = result["context_classes"]
-    metric = COLUMNS[result["task"]][0][1]
+    metric = main_metric(result["task"])
     panels = [(metric, f"{metric}, single-scale", result["miou_ceiling"] if metric == "mIoU" else None)]
     panels += [(f"ACC-{c}", f"pixel accuracy of {c} (%)", result["accuracy_ceiling"]) for c in classes]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100, squeeze=False)
@@ -388,13 +393,15 @@ def main(argv=None):
         budgets = sorted({info["max_iter"] for info in pairs.values()})
         if len(budgets) > 1:
             raise ValueError(f"the pairs' configs have different SOLVER.MAX_ITER {budgets}; give --iters")
-    variants = ["baseline", "sgr"] + (list(INSTANCES) if args.instances else []) + (list(CONTROL) if args.control else []) + (list(ABLATIONS) if args.ablate else [])
+    variants = ["baseline", "sgr"] + (list(INSTANCES) if args.instances else []) \
+        + (list(CONTROL) if args.control else []) + (list(ABLATIONS) if args.ablate else [])
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // args.threads)
 
     def one(run):
         budget, seed, pair, v, config, opts, run_dir = run
         tta = pairs[pair]["task"] == "semantic"
-        metric, logged = ("PQ", PANOPTIC_KEYS["PQ"]) if not tta else ("mIoU", "sem_seg/mIoU")
+        metric = main_metric(pairs[pair]["task"])
+        logged = PANOPTIC_KEYS.get(metric, "sem_seg/mIoU")
         if args.skip_existing:
             try:
                 found = read_run(run_dir, tta=tta)
@@ -447,7 +454,7 @@ def main(argv=None):
                       if res["accuracy_ceiling"] is not None else "") + " (docs/method.md).", ""]
         if len(budgets) > 1:
             md += [curve_tables(pair, budgets, {b: res["budgets"][str(b)] for b in budgets},
-                                res["context_classes"], COLUMNS[res["task"]][0][1]), ""]
+                                res["context_classes"], main_metric(res["task"])), ""]
     text = "\n".join(md)
     print(text)
     out_root = os.path.abspath(args.output)

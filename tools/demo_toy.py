@@ -100,15 +100,14 @@ def main(argv=None):
     chance = majority_class_miou(train_name, val_name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
 
     fig = out / "concept_regions.png"
-    figure_ok = _concept_region_figure(predictor, val_name, fig)
+    _, rgb, _, _ = dataset_item(val_name, 0)
+    figure_ok = _concept_region_figure(rgb, predict(predictor, rgb), fig)
 
     print("\n==== sgr_d2 demo: sgr_toy_sem_seg_val ====")
     print(f"mIoU single-scale           : {single['sem_seg/mIoU']:.2f}")
     print(f"mIoU multi-scale + flip     : {multi['sem_seg_TTA/mIoU']:.2f}")
     print(f"mIoU majority-class baseline: {chance:.2f}")
-    ts = {k: single[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in single}
-    if ts:
-        print("token semantics             : " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
+    _print_token_semantics(single, "token semantics             : ")
     if figure_ok:
         print(f"concept-region figure       : {fig}")
     return single, multi, chance
@@ -127,28 +126,32 @@ def _panoptic_report(predictor, metrics, train_name, val_name, out):
     print(f"{'':10} {'model':>8} {'trivial':>8}")
     for label, key, base_key in PANOPTIC_ROWS:
         print(f"{label:10} {metrics[key]:8.2f} {base[base_key] if base_key else 0.0:8.2f}")
-    ts = {k: metrics[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in metrics}
-    if ts:
-        print("token semantics: " + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
+    _print_token_semantics(metrics, "token semantics: ")
     d, rgb, _, _ = dataset_item(val_name, 0)
-    pred_seg, pred_info = predict(predictor, rgb, require=["panoptic_seg"])["panoptic_seg"]
+    prediction = predict(predictor, rgb, require=["panoptic_seg"])
+    pred_seg, pred_info = prediction["panoptic_seg"]
     # detectron2's panoptic loader gives contiguous category ids and isthing, as the model does
     fig = panoptic_figure(rgb, [("ground truth", read_panoptic(d), d["segments_info"]),
                                 ("prediction", pred_seg, pred_info)],
                           MetadataCatalog.get(val_name), str(out / "panoptic.png"))
     print(f"panoptic figure: {fig}")
-    if _concept_region_figure(predictor, val_name, out / "concept_regions.png"):
+    if _concept_region_figure(rgb, prediction, out / "concept_regions.png"):
         print(f"concept-region figure: {out / 'concept_regions.png'}")
     return metrics, base
 
 
-def _concept_region_figure(predictor, dataset_name, path) -> bool:
-    """The concept regions of the dataset's first image; False for a model without SGR."""
-    _, rgb, _, _ = dataset_item(dataset_name, 0)
-    out = predict(predictor, rgb)
-    if "sgr_regions" not in out:
+def _print_token_semantics(metrics, label):
+    ts = {k: metrics[f"token_semantics/{k}"] for k in METRIC_KEYS if f"token_semantics/{k}" in metrics}
+    if ts:
+        print(label + "  ".join(f"{k}={v:.3f}" for k, v in ts.items()))
+
+
+def _concept_region_figure(rgb, prediction, path) -> bool:
+    """The concept regions of ``prediction`` (the model's output on ``rgb``); False for a model
+    without SGR."""
+    if "sgr_regions" not in prediction:
         return False
-    concept_region_figure(rgb, out["sgr_regions"], str(path))
+    concept_region_figure(rgb, prediction["sgr_regions"], str(path))
     return True
 
 
