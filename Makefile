@@ -26,10 +26,11 @@ $(STAMP): pyproject.toml tools/install_detectron2.py
 	touch $(STAMP)
 
 # Everything, slow tests included (what CI runs), in TEST_WORKERS processes (pytest-xdist), each
-# test file in one of them (the module-scoped fixtures are built once).
+# test file in one of them (the module-scoped fixtures are built once), the longest files first
+# (tests/conftest.py: LONGEST_FIRST).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow" -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -m "slow or not slow" -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The default fast subset.
 test-fast: $(STAMP)

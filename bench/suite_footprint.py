@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Wall time and disk footprint of the test suite: peak and left-over size of its temporary files.
+"""Wall time, CPU time and disk footprint of the test suite: peak and left-over size of its temporary files.
 
 Runs pytest (by default the whole suite, slow tests included, in ``--workers`` pytest-xdist
 processes, each file in one: ``make test``'s command) with a private ``--basetemp`` and a private
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ def main():
     args = p.parse_args()
     pytest_args = ["-m", "slow or not slow", *args.pytest_args]  # slow tests too, unless another -m follows
     if args.workers > 1:
-        pytest_args += ["-n", str(args.workers), "--dist", "loadfile"]
+        pytest_args += ["-n", str(args.workers), "--dist", "loadfile", "--no-loadscope-reorder"]
     with tempfile.TemporaryDirectory(prefix="sgr_d2_footprint_") as root:
         basetemp, tmpdir = os.path.join(root, "basetemp"), os.path.join(root, "tmp")
         os.makedirs(tmpdir)
@@ -61,6 +62,7 @@ def main():
                 peak = max(peak, tree_bytes(root))
                 time.sleep(args.every)
             wall = time.perf_counter() - t0
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # pytest, its workers and their children
             left = tree_bytes(root)
             peak = max(peak, left)
             if proc.returncode:
@@ -68,9 +70,9 @@ def main():
                 print("".join(log.readlines()[-30:]), file=sys.stderr)
     mib = 1 << 20
     print(f"\n### Test-suite disk footprint: pytest {' '.join(pytest_args)}\n")
-    print("| wall (s) | pytest exit | peak temporary files (MiB) | left over at the end (MiB) |")
-    print("|---|---|---|---|")
-    print(f"| {wall:.0f} | {proc.returncode} | {peak / mib:.0f} | {left / mib:.1f} |")
+    print("| wall (s) | CPU (s) | pytest exit | peak temporary files (MiB) | left over at the end (MiB) |")
+    print("|---|---|---|---|---|")
+    print(f"| {wall:.0f} | {usage.ru_utime + usage.ru_stime:.0f} | {proc.returncode} | {peak / mib:.0f} | {left / mib:.1f} |")
     return proc.returncode
 
 

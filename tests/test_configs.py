@@ -20,6 +20,7 @@ ResNet norm (BN / FrozenBN) and SGR (an ``_sgr`` config is its baseline plus SGR
 so that each inference setting (all outputs; instance only) runs one step, on an ``_sgr`` config;
 the steps of those backbones under Mask2Former's head run in the semantic configs.
 """
+import functools
 import glob
 import math
 import os
@@ -91,12 +92,32 @@ def _is_sgr(rel) -> bool:
     return re.search(r"_sgr(_|$)", os.path.splitext(os.path.basename(rel))[0]) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _shrunk(rel):
+    """The config ``rel`` loaded with :data:`SHRINK` (once per process: collection groups the
+    configs, the tests read them again; callers clone before changing it)."""
+    return load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel))
+
+
+def _flat(node, prefix=""):
+    """A CfgNode as a sorted tuple of (full key, value): equal for equal nodes, and much cheaper
+    than comparing their YAML dumps."""
+    items = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            items += _flat(v, f"{prefix}{k}.")
+        else:
+            items.append((prefix + k, repr(v)))
+    return tuple(sorted(items))
+
+
+@functools.lru_cache(maxsize=None)
 def _model_key(rel):
     """The config's MODEL node without NUM_CLASSES and WEIGHTS (configs that fail to load get a
     key of their own, so the test reports the error); :data:`FOLDED` ones also without the
     backbone, its norm and SGR."""
     try:
-        cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel))
+        cfg = _shrunk(rel)
     except Exception:  # noqa: BLE001 - reported by the test itself
         return rel
     model = cfg.MODEL.clone()
@@ -107,7 +128,7 @@ def _model_key(rel):
     if FOLDED.match(rel):
         model.BACKBONE.NAME = model.RESNETS.NORM = ""
         del model["SGR"], model["SWIN"]
-    return model.dump()
+    return _flat(model)
 
 
 def _without_sgr(cfg):
@@ -289,7 +310,9 @@ def test_config_builds_trains_and_infers(rel, device):
     requested size, and the region maps with SGR."""
     from sgr_d2.modeling import find_sgr_backbone
 
-    cfg = load_config(os.path.join(CONFIG_DIR, rel), SHRINK + folder_opts(rel) + ["MODEL.DEVICE", str(device)])
+    cfg = _shrunk(rel).clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = str(device)
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch in NOT_SEMANTIC:
         pytest.skip(f"{rel}: META_ARCHITECTURE {arch} is not one of sgr_d2's semantic segmentors "
@@ -300,8 +323,7 @@ def test_config_builds_trains_and_infers(rel, device):
     baseline_rel = re.sub(r"_sgr(_\w+)?\.yaml$", ".yaml", rel)
     if with_sgr and baseline_rel in CONFIGS:
         # the SGR config is its baseline with SGR: the backbone wrapper and MODEL.SGR, nothing else
-        assert _without_sgr(cfg) == _without_sgr(load_config(os.path.join(CONFIG_DIR, baseline_rel),
-                                                              SHRINK + folder_opts(baseline_rel))), rel
+        assert _without_sgr(cfg) == _without_sgr(_shrunk(baseline_rel)), rel
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     torch.manual_seed(0)
     model = build_model(cfg)

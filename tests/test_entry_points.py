@@ -1,6 +1,6 @@
 """What a user meets at the real entry points (``train_net.py``, ``tools/export_onnx.py``,
-``demo/demo.py``, ``tools/convert_checkpoint.py``), each run as a user runs it, in a process of
-its own: a bad weights file is one error naming it everywhere, a refused run leaves the earlier
+``demo/demo.py``), each run as a user runs it, in a process of its own, and at
+``tools/convert_checkpoint.py``'s ``main``: a bad weights file is one error naming it everywhere, a refused run leaves the earlier
 run's files byte-identical, the precision of a mixed-precision run is logged once, and a weights
 file cannot run code."""
 from __future__ import annotations
@@ -8,15 +8,17 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLI, TOY_SGR, WritesAFile, child_env, folder_bytes, run_all
+from conftest import CLI, REPO, TOY_SGR, WritesAFile, child_env, folder_bytes, run_all
 from PIL import Image
 
 pytestmark = pytest.mark.slow
+sys.path.insert(0, os.path.join(REPO, "tools"))  # convert_checkpoint
 
 
 def _train(out, *opts, flags=()):
@@ -39,7 +41,7 @@ def _crafted(tmp_path, marker):
 
 def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
     """An earlier mixed-precision run leaves its files; then runs refused for a truncated weights
-    file (training and --eval-only), for a crafted one and for bad labels (the first batch) must
+    file (training and --eval-only), for a crafted one (--eval-only) and for bad labels (the first batch) must
     leave every file of OUTPUT_DIR byte-identical and add none (detectron2's default_setup would
     rewrite config.yaml and append to log.txt; its writers would add events files). The truncated
     file is one error naming it at every entry point: training, --eval-only, the ONNX export and
@@ -70,37 +72,40 @@ def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):
         ["tools/export_onnx.py", "--config-file", TOY_SGR, "--weights", str(bad), "--output", str(tmp_path / "m.onnx")],
         ["demo/demo.py", "--config-file", TOY_SGR, "--input", str(image), "--output", str(tmp_path / "demo"),
          "--opts", "MODEL.WEIGHTS", str(bad), "MODEL.DEVICE", "cpu"],
-        _train(out, "MODEL.WEIGHTS", str(crafted)),
+        _train(out, "MODEL.WEIGHTS", str(crafted), flags=["--eval-only"]),
         _train(out),
     ], envs=[child_env()] * 5 + [child_env(DETECTRON2_DATASETS=str(data))])
     truncated = f"weights file {bad} cannot be read: it is truncated or not a checkpoint (RuntimeError: PytorchStreamReader"
     reasons = (truncated, truncated, truncated, truncated,
                f"weights file {crafted}: reading it would need `io.open`", "holds values [9] outside the class range")
-    entries = ("train", "eval-only", "export", "demo", "crafted", "bad labels")
+    entries = ("train", "eval-only", "export", "demo", "crafted (eval-only)", "bad labels")
     for (code, output), reason, entry in zip(refused, reasons, entries):
         assert code != 0 and reason in output, (entry, reason, output[-2000:])
+    # the refusal of a crafted file says how to trust it
+    assert f"SGR_D2_TRUSTED_WEIGHTS={crafted} python tools/convert_checkpoint.py --input {crafted}" in refused[4][1]
     assert folder_bytes(out) == before
     assert not marker.exists() and not (tmp_path / "m.onnx").exists()
 
 
-def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path):
-    """A crafted .pkl or .pth is refused at --eval-only and by convert_checkpoint.py, whose error
-    says how to trust a file; listed in SGR_D2_TRUSTED_WEIGHTS it is read with the full
-    unpickler (and runs: the marker appears), and its plain conversion then loads untrusted."""
+def test_a_weights_file_cannot_run_code_unless_the_user_trusts_it(tmp_path, capsys, monkeypatch):
+    """A crafted .pkl or .pth is refused by convert_checkpoint.py (as by ``--eval-only``: the test
+    above), whose error says how to trust a file; listed in SGR_D2_TRUSTED_WEIGHTS it is read with
+    the full unpickler (and runs: the marker appears), and its plain conversion then loads
+    untrusted."""
+    import convert_checkpoint
+
     marker = tmp_path / "written_by_the_pickle"
     pkl, pth = _crafted(tmp_path, marker)
-    results = run_all([
-        _train(tmp_path / "eval", "MODEL.WEIGHTS", str(pkl), flags=["--eval-only"]),
-        ["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")],
-        ["tools/convert_checkpoint.py", "--input", str(pth), "--output", str(tmp_path / "b.pth")],
-    ])
-    for (code, output), path in zip(results, (pkl, pkl, pth)):
+    for path, name in ((pkl, "a.pth"), (pth, "b.pth")):
+        code = convert_checkpoint.main(["--input", str(path), "--output", str(tmp_path / name)])
+        output = "".join(capsys.readouterr())
         assert code != 0 and f"weights file {path}: reading it would need `io.open`" in output, output[-2000:]
         assert f"SGR_D2_TRUSTED_WEIGHTS={path} python tools/convert_checkpoint.py --input {path}" in output
-    assert not marker.exists() and not (tmp_path / "a.pth").exists()
-    (code, output), = run_all([["tools/convert_checkpoint.py", "--input", str(pkl), "--output", str(tmp_path / "a.pth")]],
-                               env=child_env(SGR_D2_TRUSTED_WEIGHTS=str(pkl)))
-    assert code == 0 and marker.exists(), output
+    assert not marker.exists() and not (tmp_path / "a.pth").exists() and not (tmp_path / "b.pth").exists()
+    monkeypatch.setenv("SGR_D2_TRUSTED_WEIGHTS", str(pkl))
+    assert convert_checkpoint.main(["--input", str(pkl), "--output", str(tmp_path / "a.pth")]) == 0
+    assert marker.exists(), capsys.readouterr()
+    monkeypatch.delenv("SGR_D2_TRUSTED_WEIGHTS")
     from sgr_d2.files import read_weights
 
     assert torch.equal(read_weights(str(tmp_path / "a.pth"))["model"]["w"], torch.zeros(3))
