@@ -45,12 +45,15 @@ checkpoints, resumes, evaluates and stops on a NaN loss on the device. Prints Ma
     ``FloatingPointError`` after saving ``model_last_good.pth`` (iteration 1) and tagging it.
 
 ``--tiny`` runs all four on the CPU, small and in float32 (the CPU's AMP, bfloat16 autocast, is
-many times slower on a CPU without bfloat16 instructions; tests/test_amp.py checks it): (a) for two
-configs at 64x64, batch 2, 3 iterations, judged on the first and the last iteration; (b) the device
-tests of ``tests/test_sgr_core.py`` with ``--device cpu``; (c) one pair at 64x64, batch 1, 2 timed
-steps, where the memory column is the growth of the process's peak resident memory over the
-model's build and steps (the CPU has no allocator statistics); (d) with dil_fcn_r50_sgr at 64x64.
-The exit status is 1 when any check failed, 2 without CUDA and without ``--tiny``.
+many times slower on a CPU without bfloat16 instructions; tests/test_amp.py checks it): (a) for the
+two toy configs ``configs/toy/dil_fcn_r18_sgr.yaml`` and ``mask2former_r18_sgr.yaml`` (the same
+code at about a tenth of the ADE20K models' parameters) at 64x64, batch 2, 3 iterations, judged on the
+first and the last iteration; (b) the device tests of ``tests/test_sgr_core.py`` with ``--device
+cpu``; (c) the Mask2Former R-50 pair at 64x64, batch 1, 1 timed step without warm-up and 1
+evaluation image, where the memory column is the growth of the process's peak resident memory
+over the model's build and steps (the CPU has no allocator statistics); (d) with the toy
+dil_fcn_r18_sgr at 64x64. The exit status is 1 when any check failed, 2 without CUDA and without
+``--tiny``.
 """
 import argparse
 import contextlib
@@ -76,7 +79,7 @@ sys.path.insert(0, str(REPO / "tools"))  # experiments.py
 
 CONFIG_DIR = REPO / "configs" / "ade20k"
 BENCH_PAIRS = ["mask2former_r50", "mask2former_swin_t"]
-TINY_CONFIGS = ["dil_fcn_r50_sgr", "mask2former_r50_sgr"]
+TINY_CONFIGS = ["toy/dil_fcn_r18_sgr", "toy/mask2former_r18_sgr"]  # configs/toy: CPU-sized models
 TINY_PAIRS = ["mask2former_r50"]
 
 # what each mode runs; the command line overrides any of these
@@ -85,18 +88,21 @@ SETTINGS = {
                 bench_size=512, bench_batch=4, warmup=3, steps=10, infer_iters=20,
                 trainer_config="mask2former_r50_sgr", trainer_size=256, amp=True),
     "tiny": dict(device="cpu", size=64, batch=2, iters=3, window=1, tests=["tests/test_sgr_core.py"],
-                 bench_size=64, bench_batch=1, warmup=1, steps=2, infer_iters=2,
-                 trainer_config="dil_fcn_r50_sgr", trainer_size=64, amp=False),
+                 bench_size=64, bench_batch=1, warmup=0, steps=1, infer_iters=1,
+                 trainer_config="toy/dil_fcn_r18_sgr", trainer_size=64, amp=False),
 }
 
 
 # ----------------------------------------------------------------------------- configs
 def config_file(name: str) -> Path:
-    """``name`` as given (a path), or ``configs/ade20k/<name>[.yaml]``."""
-    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    """``name`` as given (a path), or ``configs/ade20k/<name>[.yaml]``, or ``configs/<name>[.yaml]``
+    (e.g. ``toy/dil_fcn_r18_sgr``)."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml",
+                      CONFIG_DIR.parent / name, CONFIG_DIR.parent / f"{name}.yaml"):
         if candidate.is_file():
             return candidate.resolve()
-    raise SystemExit(f"gpu_check: no config {name!r} (neither a file nor configs/ade20k/{name}.yaml)")
+    raise SystemExit(f"gpu_check: no config {name!r} (neither a file nor configs/ade20k/{name}.yaml "
+                     f"nor configs/{name}.yaml)")
 
 
 def ade20k_configs():
@@ -635,7 +641,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a small run on the CPU (CI)")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     p.add_argument("--configs", nargs="+",
-                   help="(a): config names of configs/ade20k (e.g. dil_fcn_r50_sgr) or files "
+                   help="(a): config names of configs/ade20k (e.g. dil_fcn_r50_sgr) or of configs/ "
+                        "(e.g. toy/dil_fcn_r18_sgr) or files "
                         "(default: every ADE20K semantic config; --tiny: " + " ".join(TINY_CONFIGS) + ")")
     p.add_argument("--pairs", nargs="+", help="(c): baseline names whose _sgr config exists "
                                               f"(default {' '.join(BENCH_PAIRS)}; --tiny {' '.join(TINY_PAIRS)})")
@@ -651,7 +658,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-tests", action="store_true", help="skip (b)")
     p.add_argument("--skip-bench", action="store_true", help="skip (c)")
     p.add_argument("--trainer-config", help="(d): the config the Trainer runs (default mask2former_r50_sgr; "
-                                            "--tiny dil_fcn_r50_sgr)")
+                                            "--tiny toy/dil_fcn_r18_sgr)")
     p.add_argument("--skip-trainer", action="store_true", help="skip (d)")
     p.add_argument("--tests-timeout", type=int, default=None, help="(b): seconds (default 3600; --tiny 120)")
     return p.parse_args(argv)

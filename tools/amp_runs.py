@@ -6,7 +6,7 @@ tabulate (a module, not a script: the tests and the benches import it, with ``to
 * :func:`float32_and_bf16_losses` — one training forward of a batch in both precisions, and the
   tolerance (:data:`REL_TOL`, :data:`ABS_TOL`) within which the test wants the SGR terms;
 * :func:`train_evaluate_export` — a toy run on one thread: train, evaluate, export to ONNX and
-  evaluate that with onnxruntime;
+  evaluate that with onnxruntime (``export=False``, as tests/test_toy_training.py: no export);
 * :func:`train_steps` and :func:`step_differences` — a few training steps from given weights, in
   float32 or bfloat16, and how far two such runs are apart (their losses and parameter updates).
 """
@@ -59,11 +59,13 @@ def float32_and_bf16_losses(model, batch):
     return ref, got
 
 
-def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Optional[int] = None) -> dict:
-    """One toy run on one thread (a worker process): train ``config`` for ``iters`` iterations
-    (``SOLVER.AMP.ENABLED amp``; ``seed``: the config's ``SEED`` overridden), evaluate, and
-    export the trained model to ONNX and evaluate that with onnxruntime. Returns
-    ``{"miou", "onnx_miou", "losses", "seconds"}``."""
+def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Optional[int] = None,
+                          export: bool = True) -> dict:
+    """One toy run on one thread (a worker process, or the caller's: the thread count is left at
+    1): train ``config`` for ``iters`` iterations (``SOLVER.AMP.ENABLED amp``; ``seed``: the
+    config's ``SEED`` overridden), evaluate, and (``export``) export the trained model to ONNX
+    and evaluate that with onnxruntime. Returns ``{"miou", "onnx_miou", "losses", "seconds"}``
+    (``onnx_miou`` None without ``export``)."""
     import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
     import torch
 
@@ -92,6 +94,8 @@ def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Op
     model = trainer.model.eval()
     miou = inference_on_dataset(model, Trainer.build_test_loader(cfg, val),
                                 Trainer.build_evaluator(cfg, val, os.path.join(out, "eval")))["sem_seg"]["mIoU"]
+    if not export:
+        return {"miou": miou, "onnx_miou": None, "losses": losses, "seconds": seconds}
     from sgr_d2.export import export_onnx, onnxruntime_session, run_onnxruntime
 
     path = os.path.join(out, "model.onnx")
