@@ -14,6 +14,10 @@ _DATASETS = None
 if "DETECTRON2_DATASETS" not in os.environ:
     _DATASETS = os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="sgr_d2_tests_datasets_")
 
+# Threads waiting for work sleep instead of spinning (OpenMP reads this when torch loads it): on
+# shared cores a spinning thread takes CPU from the other test processes. Children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import sgr_d2  # noqa: E402,F401  (before any detectron2 import)
 import torch  # noqa: E402
 
