@@ -5,16 +5,21 @@ both layouts of MaskFormerHead, SGR goes on top, and conversion is bit-exact.
 The official checkpoints are built from the facts in tests/data/interop/*.tsv (every tensor name,
 shape and dtype of official models; see the README there) with random values. The full-size
 models are built once per config: the tests that take a config (``rel``) run grouped by it
-(``scope="module"``), so the small cache of :func:`model_of` serves them all.
+(``scope="module"``), so the small cache of :func:`model_of` serves them all; the models only one
+test uses (the SGR configs, the other datasets) are built by :func:`build` and not kept.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import math
 import os
 import pickle
 import sys
+import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -78,10 +83,33 @@ def read_tsv(name, res4_blocks=6, num_classes=None):
     return spec
 
 
+POOL = 1 << 23  # random numbers drawn once per kind (32 MiB), more than any one tensor has (4.7M)
+
+
+@functools.lru_cache(maxsize=None)
+def random_pool(kind):
+    """POOL random numbers drawn once: standard normal ("normal", for the official files, see
+    :func:`official_state`; "init normal") or uniform in [-1, 1) ("init uniform"; :func:`cheap_init`)."""
+    g = torch.Generator().manual_seed(("normal", "init normal", "init uniform").index(kind))
+    return torch.randn(POOL, generator=g) if kind != "init uniform" else torch.rand(POOL, generator=g) * 2 - 1
+
+
 def official_state(spec, seed=0):
-    """Random values of the right shapes, scaled so a forward pass stays finite; all distinct."""
+    """Random values of the right shapes, scaled so a forward pass stays finite; all distinct. The
+    normal values of a tensor are a window of ``random_pool("normal")`` starting where no other
+    tensor's does, at a place drawn from ``seed`` (fresh draws, 40-60M numbers a file, cost more
+    than the rest of a test); each tensor has memory of its own."""
     g = torch.Generator().manual_seed(seed)
-    state = {}
+    normals, starts, state = random_pool("normal"), set(), {}
+
+    def normal(shape):
+        n = math.prod(shape)
+        start = int(torch.randint(0, POOL - n + 1, (), generator=g))
+        while start in starts:
+            start = int(torch.randint(0, POOL - n + 1, (), generator=g))
+        starts.add(start)
+        return normals[start:start + n].view(shape)
+
     for key, (shape, dtype) in spec.items():
         if dtype == "int64":
             state[key] = torch.randint(0, 100, shape, generator=g)
@@ -89,11 +117,11 @@ def official_state(spec, seed=0):
             state[key] = torch.rand(shape, generator=g) + 0.5
         elif len(shape) >= 2:
             fan_in = math.prod(shape[1:])
-            state[key] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+            state[key] = normal(shape) / math.sqrt(fan_in)
         elif "norm" in key and key.endswith("weight"):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+            state[key] = 1 + 0.1 * normal(shape)
         else:
-            state[key] = 0.1 * torch.randn(shape, generator=g)
+            state[key] = 0.1 * normal(shape)
         assert str(state[key].dtype) == f"torch.{dtype}"
     return state
 
@@ -117,19 +145,66 @@ def write_official(state, path):
     return str(path)
 
 
-_MODELS = {}
+@contextlib.contextmanager
+def cheap_init(start=0):
+    """Models built in the block draw their random initial values (``Tensor.uniform_`` and
+    ``normal_``: torch.nn.init's, detectron2's and timm's initialisers all go through them) from
+    consecutive windows of the "init" pools, the first at ``start``, instead of fresh draws, which
+    were most of the cost of building a full-size model: the same distributions, each tensor its
+    own values; zeros, ones and constants untouched. Two blocks with one ``start`` draw the same
+    values (as two builds after one ``torch.manual_seed``): a reference model that others are
+    compared with is built without it."""
+    cursor = start
+
+    def window(kind, tensor):
+        nonlocal cursor
+        n = tensor.numel()
+        first = cursor % (POOL - n + 1)
+        cursor += n + 1
+        return random_pool(kind)[first:first + n].view(tensor.shape)
+
+    def uniform_(tensor, a=0.0, b=1.0, *, generator=None):
+        torch.mul(window("init uniform", tensor), (b - a) / 2, out=tensor)
+        return tensor.add_((a + b) / 2) if a + b else tensor
+
+    def normal_(tensor, mean=0.0, std=1.0, *, generator=None):
+        torch.mul(window("init normal", tensor), std, out=tensor)
+        return tensor.add_(mean) if mean else tensor
+
+    with mock.patch.object(torch.Tensor, "uniform_", uniform_), mock.patch.object(torch.Tensor, "normal_", normal_):
+        yield
+
+
+def build(rel, *opts):
+    """A new model of a config (eval mode; :func:`cheap_init` at a place of the config's own, so
+    that a base model and its _sgr model, say, start from different values)."""
+    torch.manual_seed(0)
+    with cheap_init(start=zlib.crc32(repr((rel,) + opts).encode())):
+        return build_model(load_config(os.path.join(REPO, "configs", rel), CPU + list(opts))).eval()
+
+
+_MODELS = collections.OrderedDict()
 
 
 def model_of(rel, *opts):
-    """One model per config (built once; eval mode)."""
+    """One model per config (built once; eval mode), kept while it is one of the three used last:
+    the full-size models are large."""
     key = (rel,) + opts
-    if key not in _MODELS:
-        if len(_MODELS) >= 3:  # keep memory bounded: the full-size models are large
-            _MODELS.pop(next(iter(_MODELS)))
-        torch.manual_seed(0)
-        cfg = load_config(os.path.join(REPO, "configs", rel), CPU + list(opts))
-        _MODELS[key] = build_model(cfg).eval()
+    if key in _MODELS:
+        _MODELS.move_to_end(key)
+    else:
+        if len(_MODELS) >= 3:
+            _MODELS.popitem(last=False)
+        _MODELS[key] = build(rel, *opts)
     return _MODELS[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_the_models():
+    """The kept models and the pools go with this module (the suite runs on in the same process)."""
+    yield
+    _MODELS.clear()
+    random_pool.cache_clear()
 
 
 def _weights(state):
@@ -239,7 +314,7 @@ def test_r101_and_other_datasets_load_exactly(rel, tsv, res4, classes, opts, tmp
         spec = with_sync_bn_counters(spec)
     official = official_state(spec, seed=2)
     path = write_official(official, tmp_path / "model_final.pkl")
-    model = model_of(rel, *opts)
+    model = build(rel, *opts)  # the only test of these configs
     before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     checkpointer = AtomicCheckpointer(model)
     checkpointer.load(path)
@@ -249,10 +324,11 @@ def test_r101_and_other_datasets_load_exactly(rel, tsv, res4, classes, opts, tmp
     assert bool(counters) == rel.startswith("cityscapes")
     # the counters load into the model's own BatchNorm counters (they are not weights: no fit check)
     assert counters.isdisjoint(checkpointer.last_load.set_aside) and counters <= set(before)
-    assert all(torch.equal(model.state_dict()[k], official[k]) for k in counters)
-    assert len(fit.loaded) == len(_weights(model.state_dict()))
-    assert torch.equal(model.state_dict()[PRED + "class_embed.weight"], official[PRED + "class_embed.weight"])
-    assert torch.equal(model.state_dict()["backbone.res4.22.conv3.weight" if res4 == 23 else "backbone.res4.5.conv3.weight"],
+    state = model.state_dict()
+    assert all(torch.equal(state[k], official[k]) for k in counters)
+    assert len(fit.loaded) == len(_weights(state))
+    assert torch.equal(state[PRED + "class_embed.weight"], official[PRED + "class_embed.weight"])
+    assert torch.equal(state["backbone.res4.22.conv3.weight" if res4 == 23 else "backbone.res4.5.conv3.weight"],
                        official[f"backbone.res4.{res4 - 1}.conv3.weight"])
 
 
@@ -320,7 +396,7 @@ def test_sgr_on_a_published_model_starts_as_the_published_model(rel, tmp_path):
     checkpointer = AtomicCheckpointer(base)
     checkpointer.load(path)
     assert checkpointer.last_load.head_layout == 0
-    sgr = model_of(rel.replace(".yaml", "_sgr.yaml"))
+    sgr = build(rel.replace(".yaml", "_sgr.yaml"))  # the only test of the _sgr configs
     checkpointer = AtomicCheckpointer(sgr)
     with _load_log(checkpointer) as messages:
         checkpointer.load(old_path)
@@ -332,9 +408,10 @@ def test_sgr_on_a_published_model_starts_as_the_published_model(rel, tmp_path):
     fit = checkpointer.last_load.fit
     assert fit.missing == [] and fit.unused == []
     (why, left), = fit.at_init.items()
+    state = sgr.state_dict()
     assert why.startswith("SGR component") and sorted(left) == sorted(
-        k for k in _weights(sgr.state_dict()) if k.startswith("backbone.sgr."))
-    assert all(torch.equal(sgr.state_dict()[k], v) for k, v in official.items() if k.startswith(PD))
+        k for k in _weights(state) if k.startswith("backbone.sgr."))
+    assert all(torch.equal(state[k], v) for k, v in official.items() if k.startswith(PD))
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     with torch.no_grad(), _every_segment_kept(base, sgr):
         a = base([{"image": image, "height": 48, "width": 80}])[0]
@@ -362,6 +439,13 @@ def test_sgr_on_a_published_model_starts_as_the_published_model(rel, tmp_path):
 
 
 # ----------------------------------------------------------------------------- conversion
+def _same_bytes(a, b):
+    """``a.tobytes() == b.tobytes()`` for two arrays of one dtype and shape, without copying them."""
+    def as_ints(x):
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(f"i{x.itemsize}"))
+    return torch.equal(as_ints(a), as_ints(b))
+
+
 @pytest.mark.parametrize("tsv, fmt, mid, sync_bn, old", [(OFFICIAL[r], ".pkl", ".pth", False, False) for r in SEMANTIC]
                          + [("mask2former_ade20k_semantic_swin_tiny.tsv", ".pth", ".pkl", False, False),
                             ("mask2former_ade20k_semantic_R50.tsv", ".pkl", ".pth", True, False),
@@ -379,7 +463,7 @@ def test_official_file_converts_to_the_other_format_and_back_bit_for_bit(tsv, fm
         assert list(out) == list(official), name
         for k, v in official.items():
             b = out[k].numpy() if isinstance(out[k], torch.Tensor) else out[k]
-            assert b.dtype == v.numpy().dtype and b.shape == v.numpy().shape and b.tobytes() == v.numpy().tobytes(), k
+            assert b.dtype == v.numpy().dtype and b.shape == v.numpy().shape and _same_bytes(b, v.numpy()), k
 
 
 def _official_reading(key):
@@ -409,8 +493,8 @@ def test_a_model_trained_here_converts_for_the_official_code(rel, tmp_path):
     state = model_of(rel).state_dict()
     AtomicCheckpointer(model_of(rel), str(tmp_path)).save("model_final", iteration=7)
     # the checkpoint itself records MaskFormerHead's version 2: the official code reads it as it is
-    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]._metadata["sem_seg_head"] == \
-        {"version": 2}
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True, mmap=True)["model"]._metadata[
+        "sem_seg_head"] == {"version": 2}
     assert convert_checkpoint.main(["--input", str(tmp_path / "model_final.pth"),
                                     "--output", str(tmp_path / "official.pkl"), "--official"]) == 0
     written = convert_checkpoint.read_state(str(tmp_path / "official.pkl"))
@@ -579,7 +663,8 @@ def test_detectron2_torchvision_pkl_loads_into_the_plain_and_the_dilated_resnet(
                       (f"ade20k/dil_fcn_r{depth}.yaml", ())):  # dilated, output stride 8
         cfg = load_config(os.path.join(REPO, "configs", rel), CPU + ["MODEL.RESNETS.OUT_FEATURES", "['res5']", *opts])
         assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
-        backbone = build_backbone(cfg).eval()
+        with cheap_init():
+            backbone = build_backbone(cfg).eval()
         checkpointer = AtomicCheckpointer(backbone)
         with _load_log(checkpointer) as messages:
             checkpointer.load(str(pkl))
@@ -651,8 +736,8 @@ def test_detectron2_msra_r50_pkl_loads_with_stride_in_1x1(tmp_path):
                       ("ade20k/dil_fcn_r50.yaml", ())):
         c = load_config(os.path.join(REPO, "configs", rel), CPU + ["MODEL.RESNETS.STRIDE_IN_1X1", "True",
                                                                    "MODEL.RESNETS.OUT_FEATURES", "['res5']", *opts])
-        torch.manual_seed(8)
-        backbone = build_backbone(c).eval()
+        with cheap_init():
+            backbone = build_backbone(c).eval()
         checkpointer = AtomicCheckpointer(backbone)
         checkpointer.load(str(tmp_path / "R-50.pkl"))
         summary = checkpointer.last_load
@@ -686,7 +771,8 @@ def test_detectron2_msra_r101_pkl_loads_into_the_r101_configs(tmp_path):
     with open(tmp_path / "R-101.pkl", "wb") as f:
         pickle.dump(blobs, f)
     for rel in ("ade20k/maskformer_r101.yaml", "ade20k/dil_fcn_r101.yaml"):
-        backbone = build_backbone(load_config(os.path.join(REPO, "configs", rel), opts))
+        with cheap_init():
+            backbone = build_backbone(load_config(os.path.join(REPO, "configs", rel), opts))
         checkpointer = AtomicCheckpointer(backbone)
         checkpointer.load(str(tmp_path / "R-101.pkl"))
         summary = checkpointer.last_load
