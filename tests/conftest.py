@@ -62,7 +62,7 @@ def pytest_addoption(parser):
                           "with --device cuda -m uses_device)")
 
 
-# The test files that take longest, longest first (as bench/suite_footprint.py measured them):
+# The test files that take longest, longest first (as `pytest --durations=0` measured them):
 # `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder) hands the files to its
 # workers in collection order, so the long ones start at once and the short ones fill the gaps,
 # and the workers finish together. The other files follow in their usual order.
