@@ -66,10 +66,10 @@ def pytest_addoption(parser):
 # `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder) hands the files to its
 # workers in collection order, so the long ones start at once and the short ones fill the gaps,
 # and the workers finish together. The other files follow in their usual order.
-LONGEST_FIRST = ("test_cluster.py", "test_gpu_check.py", "test_entry_points.py", "test_published_models.py",
-                 "test_toy_training.py", "test_compare_sgr.py", "test_reliability.py", "test_nccl_rules.py",
-                 "test_reliability_faults.py", "test_configs.py", "test_folder_dataset.py", "test_transfer.py",
-                 "test_deploy.py", "test_amp.py")
+LONGEST_FIRST = ("test_cluster.py", "test_toy_training.py", "test_published_models.py", "test_reliability.py",
+                 "test_reliability_faults.py", "test_gpu_check.py", "test_configs.py", "test_compare_sgr.py",
+                 "test_transfer.py", "test_amp.py", "test_nccl_rules.py", "test_entry_points.py", "test_deploy.py",
+                 "test_folder_dataset.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -237,16 +237,131 @@ def image_label_pair(folder, stem, img_hw=(40, 40), lbl_hw=(40, 40), values=(0, 
             "height": img_hw[0], "width": img_hw[1]}
 
 
-def run_all(commands, env=None, envs=None):
-    """Run the Python commands (argument lists after the interpreter) concurrently from the
-    repository root (``envs``: one environment each, default :func:`child_env`); returns
-    (returncode, output) of each."""
+# ----------------------------------------------------------------------------- child processes
+# What train_net.py, tools/*.py and demo/demo.py import before they read their arguments.
+CHILD_PRELOAD = ["sgr_d2", "sgr_d2.engine.trainer", "sgr_d2.engine.workers"]
+_SESSION_ENV = dict(os.environ)  # (DETECTRON2_DATASETS and OMP_WAIT_POLICY set above)
+# read when those modules are imported (detectron2's builtin datasets, OpenMP): a command whose
+# environment differs in one of them starts a fresh interpreter
+_IMPORT_TIME_ENV = ("DETECTRON2_DATASETS", "OMP_WAIT_POLICY")
+
+
+def preloaded_context():
+    """multiprocessing's forkserver context, whose server imported :data:`CHILD_PRELOAD` once
+    (with the session's environment). A child forked from it starts in a fraction of a second;
+    a fresh interpreter spends 8-10 CPU-s importing torch, torchvision (which imports
+    torch._dynamo) and detectron2. The launchers' tests (test_cluster.py, the workers of
+    test_reliability*.py) still start fresh interpreters: train_net.py's own start-up stays tested.
+    (tests/test_entry_points.py checks that a forked child runs a script as ``python`` would.)"""
+    import multiprocessing
+    from multiprocessing import forkserver
+    from unittest import mock
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(CHILD_PRELOAD + ["conftest"])  # conftest: the children's entry
+    with mock.patch.dict(os.environ, _SESSION_ENV, clear=True):  # not a test's monkeypatched one
+        forkserver.ensure_running()
+    return ctx
+
+
+def _run_as_main(argv, env, cwd, log):
+    """In a forked child: ``python argv...`` from ``cwd`` with ``env`` (its PYTHONPATH on sys.path),
+    stdout and stderr appended to ``log``, the interpreter's exit handlers run at the end
+    (multiprocessing's children skip them)."""
+    import atexit
+    import runpy
+    from multiprocessing import process
+
+    # no multiprocessing parent, as in a fresh interpreter (sgr_d2's workers would otherwise watch
+    # for their "launcher", the test, and exit once it is gone)
+    process._parent_process = None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    if env.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    script = os.path.abspath(argv[0])
+    sys.argv = [script, *argv[1:]]
+    sys.path[:0] = [os.path.dirname(script), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+
+
+class _Forked:
+    """A :func:`preloaded_context` child behind ``subprocess.Popen``'s interface."""
+
+    def __init__(self, process):
+        self.process, self.pid = process, process.pid
+
+    @property
+    def returncode(self):
+        return self.process.exitcode
+
+    def poll(self):
+        return self.process.exitcode
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(f"forked child {self.pid}", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def kill(self):
+        self.process.kill()
+
+
+def start_script(argv, env, log, cwd=REPO):
+    """``python argv...`` from ``cwd`` with ``env``, its output appended to the file ``log``: a forked child
+    of :func:`preloaded_context` where ``env`` agrees with the session's on
+    :data:`_IMPORT_TIME_ENV`, else a fresh interpreter. Either way a ``subprocess.Popen`` to the
+    caller (pid, poll, wait, send_signal, kill, returncode)."""
     import subprocess
 
+    if all(env.get(k) == _SESSION_ENV.get(k) for k in _IMPORT_TIME_ENV):
+        proc = preloaded_context().Process(target=_run_as_main, args=(list(argv), dict(env), str(cwd), str(log)))
+        proc.start()
+        return _Forked(proc)
+    with open(log, "a") as f:
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def forked_run(cmd, stdout=None, stderr=None, cwd=None, env=None):
+    """``subprocess.run`` for ``[sys.executable, script, ...]`` with ``stdout`` an open file (stderr
+    with it), through :func:`start_script`: what a test gives a tool that runs such commands."""
+    assert cmd[0] == sys.executable and stdout is not None and stderr in (None, -2), cmd  # -2: STDOUT
+    import subprocess
+
+    stdout.flush()
+    proc = start_script(cmd[1:], dict(os.environ if env is None else env), stdout.name, cwd or os.getcwd())
+    return subprocess.CompletedProcess(cmd, proc.wait(timeout=900))
+
+
+def run_all(commands, env=None, envs=None):
+    """Run the Python commands (argument lists after the interpreter) concurrently from the
+    repository root (``envs``: one environment each, default :func:`child_env`), through
+    :func:`start_script`; returns (returncode, output) of each."""
     envs = envs or [env or child_env()] * len(commands)
-    procs = [subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for cmd, e in zip(commands, envs)]
-    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+    logs = [tempfile.mktemp(prefix="sgr_d2_child_", suffix=".log") for _ in commands]
+    procs = [start_script(cmd, e, log) for cmd, e, log in zip(commands, envs, logs)]
+    try:
+        return [(p.wait(timeout=600), open(log).read()) for p, log in zip(procs, logs)]
+    finally:
+        for log in logs:
+            if os.path.exists(log):
+                os.remove(log)
 
 
 def folder_bytes(folder):

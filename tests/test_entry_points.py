@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLI, REPO, TOY_SGR, WritesAFile, child_env, folder_bytes, run_all
+from conftest import CLI, REPO, TOY_SGR, WritesAFile, child_env, folder_bytes, run_all, start_script
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,28 @@ def _crafted(tmp_path, marker):
         pickle.dump({"model": {"w": np.zeros(3, np.float32)}, "__author__": "x", "payload": WritesAFile(marker)}, f)
     torch.save({"model": {"w": torch.zeros(3)}, "payload": WritesAFile(marker)}, tmp_path / "crafted.pth")
     return tmp_path / "crafted.pkl", tmp_path / "crafted.pth"
+
+
+def test_a_forked_child_runs_a_script_as_a_fresh_interpreter_would(tmp_path):
+    """conftest.start_script's forked children (what run_all starts): the script as ``__main__``
+    with its arguments, its folder first on sys.path, the given environment and working folder,
+    no multiprocessing parent, its exit handlers run, its exit status kept (bugs caught: a
+    dropped env or cwd, an inherited parent that sgr_d2's launcher watch would follow, skipped
+    atexit handlers, where the output lock is given back, a lost exit code)."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import atexit, multiprocessing, os, sys\n"
+        "atexit.register(print, 'exit handlers ran')\n"
+        "print(__name__, sys.argv[1:], sys.path[0], os.getcwd(), os.environ['PROBE'], "
+        "multiprocessing.parent_process())\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    (tmp_path / "cwd").mkdir()
+    log = tmp_path / "probe.log"
+    proc = start_script([str(script), "75", "x"], child_env(PROBE="given"), log, cwd=tmp_path / "cwd")
+    assert hasattr(proc, "process")  # forked, not a fresh interpreter (the session's environment)
+    assert proc.wait(timeout=60) == 75
+    assert log.read_text().splitlines() == [
+        f"__main__ ['75', 'x'] {tmp_path} {tmp_path / 'cwd'} given None", "exit handlers ran"]
 
 
 def test_a_refused_run_leaves_the_earlier_run_byte_identical(tmp_path):

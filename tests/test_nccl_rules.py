@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TOY_SGR, tiny_toy_cfg, toy_batch
+from conftest import REPO, TOY_SGR, preloaded_context, tiny_toy_cfg, toy_batch
 from torch.overrides import TorchFunctionMode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -366,7 +366,9 @@ def test_the_trainer_obeys_ncclS_rule_on_two_workers(tmp_path):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"{stem}.jpg")
         Image.fromarray(label.astype(np.uint8)).save(data / f"{stem}.png")
     out = tmp_path / "run"
-    mp.spawn(_nccl_rule_worker, args=(2, str(tmp_path / "init"), str(out), str(data)), nprocs=2)
+    preloaded_context()  # its workers: forked from a server that imported sgr_d2 once (conftest.py)
+    mp.start_processes(_nccl_rule_worker, args=(2, str(tmp_path / "init"), str(out), str(data)), nprocs=2,
+                       start_method="forkserver")
     reports = [(out / f"rank{r}.txt").read_text().split("\n", 3) for r in (0, 1)]
     msg = reports[0][3]
     assert [r[0] for r in reports] == ["trained to 3"] * 2

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (CLI, REPO, TOY_BASE, TOY_SGR, assert_unchanged, child_env, earlier_outputs, image_label_pair,
-                      seeded_trainer, thread_count, tiny_run_cfg, tiny_toy_cfg)
+                      run_all, seeded_trainer, start_script, thread_count, tiny_run_cfg, tiny_toy_cfg)
 
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.modeling import build_model
@@ -41,12 +40,10 @@ def _metrics(path):
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_iterations_and_lr_schedule(tmp_path):
     out, max_iter, base_lr = tmp_path / "run", 60, 0.01
-    script = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR]
+    script = [os.path.join(REPO, "train_net.py"), "--config-file", TOY_SGR]
     opts = [*CLI, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "10",
             "SOLVER.BASE_LR", str(base_lr), "SOLVER.HEAD_LR_MULTIPLIER", "1.0", "OUTPUT_DIR", str(out)]
-    cmd = script + opts
-    log1 = open(tmp_path / "run1.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log1, stderr=subprocess.STDOUT)
+    proc = start_script(script + opts, child_env(), tmp_path / "run1.log")
     tag = out / "last_checkpoint"
     deadline = time.time() + 600
     try:
@@ -63,7 +60,6 @@ def test_resume_after_sigkill_continues_iterations_and_lr_schedule(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        log1.close()
     assert not (out / "model_final.pth").exists(), "the first run finished before it was killed"
     saved = tag.read_text().strip()
     saved_iter = int(saved[6:13])
@@ -72,10 +68,8 @@ def test_resume_after_sigkill_continues_iterations_and_lr_schedule(tmp_path):
     assert ckpt["iteration"] == saved_iter  # the tagged file is complete
     lines_before = len(_metrics(out / "metrics.json")) if (out / "metrics.json").exists() else 0
 
-    run2 = subprocess.run(script + ["--resume"] + opts, cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=900)
-    assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
-    text = run2.stdout + run2.stderr
+    (code, text), = run_all([script + ["--resume"] + opts])
+    assert code == 0, text[-3000:]
     assert f"Starting training from iteration {saved_iter + 1}" in text
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert final["iteration"] == max_iter - 1
