@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))  # amp_runs.py
 
 from amp_runs import (DIL_FCN_SGR, OTHER_SEED, STEP_LOSS_REL_TOL, STEP_OPTS, STEP_UPDATE_MAX_DIST,  # noqa: E402
-                      STEP_UPDATE_MIN_COS, step_differences, train_evaluate_export, train_steps)
+                      STEP_UPDATE_MIN_COS, step_differences, train_evaluate, train_steps)
 
 
 def main():
@@ -53,7 +53,7 @@ def _measure(args, out):
         weights = args.weights
         if not weights:
             start = os.path.join(out, "start")
-            run = pool.submit(train_evaluate_export, DIL_FCN_SGR, False, args.start_iters, start).result()
+            run = pool.submit(train_evaluate, DIL_FCN_SGR, False, args.start_iters, start).result()
             weights = os.path.join(start, "model_final.pth")
             print(f"start: {args.start_iters} float32 iterations, mIoU {run['miou']:.2f}", flush=True)
         rows = []

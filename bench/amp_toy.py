@@ -4,8 +4,8 @@
     python bench/amp_toy.py --model dil_fcn --iters 300 --seed 43
     python bench/amp_toy.py --model mask2former --iters 60 --seed 42
 
-Runs ``tools/amp_runs.py::train_evaluate_export`` (the routine ``tests/test_toy_training.py``
-trains its float32 models with) twice, side by side in two processes of one thread each: same
+Runs ``tools/amp_runs.py::train_evaluate_export`` (``train_evaluate``, the routine
+``tests/test_toy_training.py`` trains its float32 model with, then the ONNX export) twice, side by side in two processes of one thread each: same
 seed, weights and data order, float32 and bfloat16 autocast; prints one JSON line with both
 mIoUs (and the onnxruntime mIoU of each trained model). ``--seed`` and ``--iters`` override the
 config's ``SEED`` (42) and ``SOLVER.MAX_ITER`` (300). Whole schedules in bfloat16 take hours on a

@@ -1,5 +1,6 @@
 """Shared test set-up: sgr_d2 first (compat shims), a private DETECTRON2_DATASETS, small configs."""
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -174,6 +175,62 @@ def load_reporting_incompatible(model, path):
     checkpointer = Recording(model)
     checkpointer.load(str(path), checkpointables=[])
     return checkpointer.incompatible
+
+
+# ----------------------------------------------------------------------------- model initialisation
+POOL = 1 << 23  # random numbers drawn once per kind (32 MiB), more than an official file's largest tensor (4.7M)
+
+
+@functools.lru_cache(maxsize=None)
+def random_pool(kind):
+    """POOL random numbers drawn once: standard normal ("normal", for the official files of
+    tests/test_published_models.py; "init normal") or uniform in [-1, 1) ("init uniform";
+    :func:`cheap_init`)."""
+    g = torch.Generator().manual_seed(("normal", "init normal", "init uniform").index(kind))
+    return torch.randn(POOL, generator=g) if kind != "init uniform" else torch.rand(POOL, generator=g) * 2 - 1
+
+
+@contextlib.contextmanager
+def cheap_init(start=0, values=True):
+    """Models built in the block draw their random initial values (``Tensor.uniform_`` and
+    ``normal_``: torch.nn.init's, detectron2's and timm's initialisers all go through them) from
+    consecutive windows of the "init" pools, the first at ``start``, instead of fresh draws, which
+    were most of the cost of building a full-size model: the same distributions, each tensor its
+    own values; zeros, ones and constants untouched; a tensor larger than a pool drawn afresh. Two
+    blocks with one ``start`` draw the same values (as two builds after one ``torch.manual_seed``):
+    a reference model that others are compared with is built without it. ``values=False``: the
+    fills are skipped (the tensors keep the memory they were given), for checks of tensor names and
+    shapes only."""
+    cursor = start
+    fresh_uniform, fresh_normal = torch.Tensor.uniform_, torch.Tensor.normal_
+
+    def window(kind, tensor):
+        nonlocal cursor
+        n = tensor.numel()
+        first = cursor % (POOL - n + 1)
+        cursor += n + 1
+        return random_pool(kind)[first:first + n].view(tensor.shape)
+
+    def uniform_(tensor, a=0.0, b=1.0, *, generator=None):
+        if not values:
+            return tensor
+        if tensor.numel() > POOL:
+            return fresh_uniform(tensor, a, b, generator=generator)
+        torch.mul(window("init uniform", tensor), (b - a) / 2, out=tensor)
+        return tensor.add_((a + b) / 2) if a + b else tensor
+
+    def normal_(tensor, mean=0.0, std=1.0, *, generator=None):
+        if not values:
+            return tensor
+        if tensor.numel() > POOL:
+            return fresh_normal(tensor, mean, std, generator=generator)
+        torch.mul(window("init normal", tensor), std, out=tensor)
+        return tensor.add_(mean) if mean else tensor
+
+    from unittest import mock
+
+    with mock.patch.object(torch.Tensor, "uniform_", uniform_), mock.patch.object(torch.Tensor, "normal_", normal_):
+        yield
 
 
 # ----------------------------------------------------------------------------- reliability tests
@@ -379,6 +436,11 @@ def thread_count():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from multiprocessing import forkserver
+
+    # stop and reap this process's forkserver (preloaded_context), if it started one: its CPU time
+    # and its children's then count as this process's children's (bench/suite_footprint.py)
+    getattr(forkserver._forkserver, "_stop", lambda: None)()
     if _DATASETS:
         shutil.rmtree(_DATASETS, ignore_errors=True)  # the session's generated toy data
 

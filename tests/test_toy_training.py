@@ -3,7 +3,7 @@
 ``tools/amp_runs.py``'s routines, one after the other in this process, on one thread (worker
 processes would each pay the imports again; pytest-xdist already runs one test process per core):
 
-* ``train_evaluate_export`` without its export (train, evaluate on ``sgr_toy_sem_seg_val``),
+* ``train_evaluate`` (train, evaluate on ``sgr_toy_sem_seg_val``),
   float32: Dilated-FCN R-18 + SGR for 60 iterations (34.7 mIoU here; 25.2 after 50 and 24.3
   after 30, each a run of its own), far above the majority class (7.3). That onnxruntime
   segments as PyTorch does is tests/test_deploy.py's (every toy meta-architecture, this one
@@ -25,7 +25,7 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 from amp_runs import (DIL_FCN_SGR, OTHER_SEED, STEP_LOSS_REL_TOL, STEP_UPDATE_MAX_DIST, STEP_UPDATE_MIN_COS,  # noqa: E402
-                      step_differences, train_evaluate_export, train_steps)
+                      step_differences, train_evaluate, train_steps)
 from demo_toy import majority_class_miou  # noqa: E402
 
 ITERS = 60  # float32 training iterations of the Dilated-FCN run (the steps start from its weights)
@@ -34,7 +34,7 @@ SEED = 42  # the steps' images, augmentation and dropout (the toy config's SEED)
 
 @pytest.mark.slow
 def test_toy_models_learn_and_bf16_training_steps_follow_float32(tmp_path, one_thread):
-    run = train_evaluate_export(DIL_FCN_SGR, False, ITERS, str(tmp_path / "dil_fcn"), export=False)
+    run = train_evaluate(DIL_FCN_SGR, False, ITERS, str(tmp_path / "dil_fcn"))
     start = str(tmp_path / "dil_fcn" / "model_final.pth")
     steps = {name: train_steps(DIL_FCN_SGR, start, amp, str(tmp_path / name), seed)
              for name, amp, seed in (("bf16", True, SEED), ("fp32", False, SEED), ("other", False, SEED + OTHER_SEED))}

@@ -1,16 +1,14 @@
 """Transfer to detection (docs/method.md#transfer-to-detection): GloRe, the toy instance dataset, tools/export_backbone.py,
 the Mask R-CNN configs and the trainer's detection path."""
-import contextlib
 import importlib.util
 import math
 import os
-from unittest import mock
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from conftest import REPO, TOY_BASE, TOY_SGR, load_reporting_incompatible, tiny_toy_cfg
+from conftest import REPO, TOY_BASE, TOY_SGR, cheap_init, load_reporting_incompatible, tiny_toy_cfg
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -452,27 +450,12 @@ def test_segmentation_backbone_transfers_to_mask_rcnn_c4_and_fpn(tmp_path):
         _check_ap(res)
 
 
-@contextlib.contextmanager
-def _without_weight_init():
-    """Models built inside skip torch.nn.init's random fills (their tensors keep the memory they
-    were given): for checks of tensor names and shapes only, where initialising an R-101 model
-    would be most of the time."""
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    with contextlib.ExitStack() as stack:
-        for name in ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-                     "xavier_uniform_", "xavier_normal_"):
-            stack.enter_context(mock.patch.object(torch.nn.init, name, keep))
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fpn", "c4"])
 def test_coco_stuff_segmentation_exports_fit_the_coco_mask_rcnn_configs(tmp_path, layout):
     """The R-101 segmentation configs' checkpoints export into every COCO config. The fit is one of
     tensor names and shapes, so the models here (the checkpoint's and export_backbone's two,
-    segmentation and detection) are neither trained nor initialised."""
+    segmentation and detection) are neither trained nor initialised (conftest.cheap_init)."""
     seg_dir = os.path.join(REPO, "configs", "coco_stuff_10k")
     in_feature = "res5" if layout == "fpn" else "res4"
     cases = [
@@ -486,7 +469,7 @@ def test_coco_stuff_segmentation_exports_fit_the_coco_mask_rcnn_configs(tmp_path
         seg_cfg = load_config(os.path.join(seg_dir, seg_name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
         ck = tmp_path / "seg.pth"
         det_cfg = load_config(os.path.join(COCO, det_name))
-        with _without_weight_init():
+        with cheap_init(values=False):
             torch.save({"model": build_model(seg_cfg).state_dict()}, ck)
             out, rows, target = eb.export_backbone(seg_cfg, str(ck), det_cfg=det_cfg)  # raises if it does not fit
         assert target == layout

@@ -5,8 +5,8 @@ tabulate (a module, not a script: the tests and the benches import it, with ``to
 
 * :func:`float32_and_bf16_losses` — one training forward of a batch in both precisions, and the
   tolerance (:data:`REL_TOL`, :data:`ABS_TOL`) within which the test wants the SGR terms;
-* :func:`train_evaluate_export` — a toy run on one thread: train, evaluate, export to ONNX and
-  evaluate that with onnxruntime (``export=False``, as tests/test_toy_training.py: no export);
+* :func:`train_evaluate` — a toy run on one thread: train, evaluate (tests/test_toy_training.py);
+  :func:`train_evaluate_export` also exports it to ONNX and evaluates that with onnxruntime;
 * :func:`train_steps` and :func:`step_differences` — a few training steps from given weights, in
   float32 or bfloat16, and how far two such runs are apart (their losses and parameter updates).
 """
@@ -59,13 +59,42 @@ def float32_and_bf16_losses(model, batch):
     return ref, got
 
 
-def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Optional[int] = None,
-                          export: bool = True) -> dict:
+def train_evaluate(config: str, amp: bool, iters: int, out: str, seed: Optional[int] = None) -> dict:
     """One toy run on one thread (a worker process, or the caller's: the thread count is left at
     1): train ``config`` for ``iters`` iterations (``SOLVER.AMP.ENABLED amp``; ``seed``: the
-    config's ``SEED`` overridden), evaluate, and (``export``) export the trained model to ONNX
-    and evaluate that with onnxruntime. Returns ``{"miou", "onnx_miou", "losses", "seconds"}``
-    (``onnx_miou`` None without ``export``)."""
+    config's ``SEED`` overridden) and evaluate it. Returns ``{"miou", "losses", "seconds"}``."""
+    return _train_evaluate(config, amp, iters, out, seed)[0]
+
+
+def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Optional[int] = None) -> dict:
+    """:func:`train_evaluate`, then the trained model exported to ONNX and evaluated with
+    onnxruntime: ``{"miou", "onnx_miou", "losses", "seconds"}``."""
+    import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
+    import torch
+
+    from detectron2.evaluation import inference_on_dataset
+
+    from sgr_d2.engine import Trainer
+    from sgr_d2.export import export_onnx, onnxruntime_session, run_onnxruntime
+
+    run, cfg, model = _train_evaluate(config, amp, iters, out, seed)
+    val = "sgr_toy_sem_seg_val"
+    path = os.path.join(out, "model.onnx")
+    size = cfg.INPUT.MIN_SIZE_TEST  # the toy scenes are 128x128: the test mapper keeps them as they are
+    export_onnx(model, path, size, size)
+    session = onnxruntime_session(path, num_threads=1)
+
+    def onnx_model(inputs):
+        return [{"sem_seg": torch.from_numpy(run_onnxruntime(session, x["image"].float()[None].numpy())["sem_seg"][0])}
+                for x in inputs]
+
+    onnx_miou = inference_on_dataset(onnx_model, Trainer.build_test_loader(cfg, val),
+                                     Trainer.build_evaluator(cfg, val, os.path.join(out, "eval_onnx")))["sem_seg"]["mIoU"]
+    return {**run, "onnx_miou": onnx_miou}
+
+
+def _train_evaluate(config, amp, iters, out, seed):
+    """:func:`train_evaluate`'s figures, its config and its trained model (eval mode)."""
     import sgr_d2  # noqa: F401  (compat shims before any detectron2 import)
     import torch
 
@@ -94,22 +123,7 @@ def train_evaluate_export(config: str, amp: bool, iters: int, out: str, seed: Op
     model = trainer.model.eval()
     miou = inference_on_dataset(model, Trainer.build_test_loader(cfg, val),
                                 Trainer.build_evaluator(cfg, val, os.path.join(out, "eval")))["sem_seg"]["mIoU"]
-    if not export:
-        return {"miou": miou, "onnx_miou": None, "losses": losses, "seconds": seconds}
-    from sgr_d2.export import export_onnx, onnxruntime_session, run_onnxruntime
-
-    path = os.path.join(out, "model.onnx")
-    size = cfg.INPUT.MIN_SIZE_TEST  # the toy scenes are 128x128: the test mapper keeps them as they are
-    export_onnx(model, path, size, size)
-    session = onnxruntime_session(path, num_threads=1)
-
-    def onnx_model(inputs):
-        return [{"sem_seg": torch.from_numpy(run_onnxruntime(session, x["image"].float()[None].numpy())["sem_seg"][0])}
-                for x in inputs]
-
-    onnx_miou = inference_on_dataset(onnx_model, Trainer.build_test_loader(cfg, val),
-                                     Trainer.build_evaluator(cfg, val, os.path.join(out, "eval_onnx")))["sem_seg"]["mIoU"]
-    return {"miou": miou, "onnx_miou": onnx_miou, "losses": losses, "seconds": seconds}
+    return {"miou": miou, "losses": losses, "seconds": seconds}, cfg, model
 
 
 def train_steps(config: str, weights: str, amp: bool, out: str, seed: int, opts=STEP_OPTS) -> dict:
