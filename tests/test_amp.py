@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, folder_opts, log_records, tiny_toy_cfg, toy_batch
+from conftest import REPO, folder_opts, libyaml, log_records, tiny_toy_cfg, toy_batch
 
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
@@ -269,22 +269,18 @@ def test_a_failing_forward_leaves_autocast_off():
     assert not _cpu_autocast_on()
 
 
-def test_maskformer_and_mask2former_configs_enable_amp(monkeypatch):
+def test_maskformer_and_mask2former_configs_enable_amp():
     """The MaskFormer / Mask2Former configs train with AMP (the official Mask2Former configs do;
     ours enable it for MaskFormer too); the per-pixel baselines (mmseg recipes) and the toy
     configs (CPU float32; also the CPU-sized R-18 folder configs, which inherit from them) do not.
-    (The 132 configs and their bases, 426 YAML reads, are parsed by libyaml where PyYAML has it:
-    the same documents as PyYAML's pure-Python parser, which took two thirds of this test's time.)"""
-    import yaml
-
-    if getattr(yaml, "__with_libyaml__", False):  # fvcore's load_yaml_with_base calls yaml.safe_load
-        monkeypatch.setattr(yaml, "safe_load", lambda stream: yaml.load(stream, Loader=yaml.CSafeLoader))
+    (The configs are parsed by libyaml: conftest.libyaml.)"""
     checked = 0
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))):
         name = os.path.basename(path)
         if name.startswith("Base-"):
             continue
-        cfg = load_config(path, folder_opts(path))
+        with libyaml():
+            cfg = load_config(path, folder_opts(path))
         is_mask_cls = cfg.MODEL.META_ARCHITECTURE == "MaskFormer"
         is_toy = os.path.basename(os.path.dirname(path)) == "toy" or "_r18" in name
         assert cfg.SOLVER.AMP.ENABLED == (is_mask_cls and not is_toy), path

@@ -34,7 +34,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from conftest import folder_opts
+from conftest import folder_opts, libyaml
 
 from sgr_d2.engine import build_optimizer
 from sgr_d2.config import load_config
@@ -152,7 +152,22 @@ def _representatives():
     return {rel: members[0] for members in groups.values() for rel in members}
 
 
-REPRESENTATIVE = _representatives()
+with libyaml():
+    REPRESENTATIVE = _representatives()  # loads every config once (_shrunk)
+
+
+def test_libyaml_reads_every_config_as_pyyaml_does():
+    """conftest.libyaml's promise, on every YAML file under configs/ (bug caught: a loader that
+    resolves a value differently, e.g. a scientific-notation float, a tuple or a bool, which
+    would change what the tests of this module check)."""
+    import yaml
+
+    if not getattr(yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML without libyaml: the tests use its pure-Python parser")
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)):
+        with open(path) as f:
+            text = f.read()
+        assert yaml.load(text, Loader=yaml.CSafeLoader) == yaml.safe_load(text), path
 
 
 def _params():
