@@ -324,8 +324,9 @@ def preloaded_context():
     """multiprocessing's forkserver context, whose server imported :data:`CHILD_PRELOAD` once
     (with the session's environment). A child forked from it starts in a fraction of a second;
     a fresh interpreter spends 8-10 CPU-s importing torch, torchvision (which imports
-    torch._dynamo) and detectron2. The launchers' tests (test_cluster.py, the workers of
-    test_reliability*.py) still start fresh interpreters: train_net.py's own start-up stays tested.
+    torch._dynamo) and detectron2. The launchers' tests (torchrun, the --num-gpus launcher and
+    submitit in test_cluster.py, the workers of test_reliability*.py) still start fresh
+    interpreters: train_net.py's own start-up stays tested.
     (tests/test_entry_points.py checks that a forked child runs a script as ``python`` would.)"""
     import multiprocessing
     from multiprocessing import forkserver
@@ -338,10 +339,11 @@ def preloaded_context():
     return ctx
 
 
-def _run_as_main(argv, env, cwd, log):
-    """In a forked child: ``python argv...`` from ``cwd`` with ``env`` (its PYTHONPATH on sys.path),
-    stdout and stderr appended to ``log``, the interpreter's exit handlers run at the end
-    (multiprocessing's children skip them)."""
+def _run_as_main(argv, env, cwd, log, err_log=None):
+    """In a forked child: ``python argv...`` (a script, or ``-m module``) from ``cwd`` with ``env``
+    (its PYTHONPATH on sys.path), stdout appended to ``log`` and stderr to ``err_log`` (default:
+    ``log`` too), the interpreter's exit handlers run at the end (multiprocessing's children skip
+    them)."""
     import atexit
     import runpy
     from multiprocessing import process
@@ -351,20 +353,24 @@ def _run_as_main(argv, env, cwd, log):
     process._parent_process = None
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    for target, path in ((1, log), (2, err_log or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     if env.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    script = os.path.abspath(argv[0])
-    sys.argv = [script, *argv[1:]]
-    sys.path[:0] = [os.path.dirname(script), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    paths = [*filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-m":  # python -m: the working folder first on sys.path
+            sys.argv, sys.path[:0] = list(argv[1:]), [os.getcwd(), *paths]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(argv[0])
+            sys.argv, sys.path[:0] = [script, *argv[1:]], [os.path.dirname(script), *paths]
+            runpy.run_path(script, run_name="__main__")
     finally:
         atexit._run_exitfuncs()
 
@@ -397,30 +403,48 @@ class _Forked:
         self.process.kill()
 
 
-def start_script(argv, env, log, cwd=REPO):
-    """``python argv...`` from ``cwd`` with ``env``, its output appended to the file ``log``: a forked child
-    of :func:`preloaded_context` where ``env`` agrees with the session's on
-    :data:`_IMPORT_TIME_ENV`, else a fresh interpreter. Either way a ``subprocess.Popen`` to the
-    caller (pid, poll, wait, send_signal, kill, returncode)."""
+def start_script(argv, env, log, cwd=REPO, err_log=None):
+    """``python argv...`` from ``cwd`` with ``env``, its output appended to the file ``log`` (stderr
+    to ``err_log`` if given): a forked child of :func:`preloaded_context` where ``env`` agrees
+    with the session's on :data:`_IMPORT_TIME_ENV`, else a fresh interpreter. Either way a
+    ``subprocess.Popen`` to the caller (pid, poll, wait, send_signal, kill, returncode)."""
     import subprocess
 
     if all(env.get(k) == _SESSION_ENV.get(k) for k in _IMPORT_TIME_ENV):
-        proc = preloaded_context().Process(target=_run_as_main, args=(list(argv), dict(env), str(cwd), str(log)))
+        proc = preloaded_context().Process(target=_run_as_main, args=(
+            list(argv), dict(env), str(cwd), str(log), err_log and str(err_log)))
         proc.start()
         return _Forked(proc)
-    with open(log, "a") as f:
-        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "a") as out, open(err_log or log, "a") as err:
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=out,
+                                stderr=err if err_log else subprocess.STDOUT)
 
 
-def forked_run(cmd, stdout=None, stderr=None, cwd=None, env=None):
-    """``subprocess.run`` for ``[sys.executable, script, ...]`` with ``stdout`` an open file (stderr
-    with it), through :func:`start_script`: what a test gives a tool that runs such commands."""
-    assert cmd[0] == sys.executable and stdout is not None and stderr in (None, -2), cmd  # -2: STDOUT
+def forked_run(cmd, stdout=None, stderr=None, cwd=None, env=None, capture_output=False, text=False, timeout=900):
+    """``subprocess.run`` for ``[sys.executable, script or -m module, ...]`` through
+    :func:`start_script`: output to the open file ``stdout`` (stderr with it), or captured
+    (``capture_output``, as text): what a test gives a tool that runs such commands."""
     import subprocess
 
-    stdout.flush()
-    proc = start_script(cmd[1:], dict(os.environ if env is None else env), stdout.name, cwd or os.getcwd())
-    return subprocess.CompletedProcess(cmd, proc.wait(timeout=900))
+    assert cmd[0] == sys.executable and (capture_output or stdout is not None and stderr in (None, -2)), cmd
+    env = dict(os.environ if env is None else env)
+    if not capture_output:
+        stdout.flush()
+        proc = start_script(cmd[1:], env, stdout.name, cwd or os.getcwd())
+        return subprocess.CompletedProcess(cmd, proc.wait(timeout=timeout))
+    with tempfile.TemporaryDirectory(prefix="sgr_d2_child_") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = start_script(cmd[1:], env, out, cwd or os.getcwd(), err_log=err)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(cmd, timeout) from None
+        texts = [open(f, "rb").read() if os.path.exists(f) else b"" for f in (out, err)]
+        if text:
+            texts = [t.decode() for t in texts]
+        return subprocess.CompletedProcess(cmd, code, texts[0], texts[1])
 
 
 def run_all(commands, env=None, envs=None):

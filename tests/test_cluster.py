@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TOY_SGR
+from conftest import REPO, TOY_SGR, start_script
 
 from sgr_d2.engine.output_lock import LOCK_NAME, STALE_AFTER_S, OutputDirInUse, OutputLock
 from sgr_d2.engine.workers import LaunchConflict, World, cluster_world, expand_nodelist
@@ -429,15 +429,16 @@ def test_torchrun_then_num_gpus_then_srun_continue_one_run_through_two_preemptio
     assert second["iteration"] > stopped and len(second["trainer"]["rng"]) == 2
     assert f"Starting training from iteration {stopped + 1}" in (out / "log.txt").read_text()
 
+    # (srun's tasks: forked from a server that imported sgr_d2, conftest.start_script; torchrun's
+    # and the launcher's workers above are fresh interpreters)
     port, end = _free_port(), second["iteration"] + 2
-    tasks = [subprocess.Popen([sys.executable, *_train_net(out, end, "--resume")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=_env(SLURM_JOB_ID="42", SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_PROCID=str(r),
-                                       SLURM_LOCALID=str(r), SLURM_NODEID="0", SLURM_STEP_TASKS_PER_NODE="2",
-                                       SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(port)))
+    tasks = [start_script(_train_net(out, end, "--resume"),
+                          _env(SLURM_JOB_ID="42", SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_PROCID=str(r),
+                               SLURM_LOCALID=str(r), SLURM_NODEID="0", SLURM_STEP_TASKS_PER_NODE="2",
+                               SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(port)), tmp_path / f"task{r}.log")
              for r in (0, 1)]
-    outputs = [t.communicate(timeout=300)[0] for t in tasks]
-    assert [t.returncode for t in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    codes = [t.wait(timeout=300) for t in tasks]
+    assert codes == [0, 0], "".join((tmp_path / f"task{r}.log").read_text()[-2000:] for r in (0, 1))
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == end - 1
     log = (out / "log.txt").read_text()
