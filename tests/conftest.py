@@ -406,11 +406,14 @@ class _Forked:
 def start_script(argv, env, log, cwd=REPO, err_log=None):
     """``python argv...`` from ``cwd`` with ``env``, its output appended to the file ``log`` (stderr
     to ``err_log`` if given): a forked child of :func:`preloaded_context` where ``env`` agrees
-    with the session's on :data:`_IMPORT_TIME_ENV`, else a fresh interpreter. Either way a
-    ``subprocess.Popen`` to the caller (pid, poll, wait, send_signal, kill, returncode)."""
+    with the session's on :data:`_IMPORT_TIME_ENV`, else (or without a forkserver: Windows) a
+    fresh interpreter. Either way a ``subprocess.Popen`` to the caller (pid, poll, wait,
+    send_signal, kill, returncode)."""
+    import multiprocessing
     import subprocess
 
-    if all(env.get(k) == _SESSION_ENV.get(k) for k in _IMPORT_TIME_ENV):
+    if "forkserver" in multiprocessing.get_all_start_methods() and all(
+            env.get(k) == _SESSION_ENV.get(k) for k in _IMPORT_TIME_ENV):
         proc = preloaded_context().Process(target=_run_as_main, args=(
             list(argv), dict(env), str(cwd), str(log), err_log and str(err_log)))
         proc.start()
