@@ -450,19 +450,24 @@ def forked_run(cmd, stdout=None, stderr=None, cwd=None, env=None, capture_output
         return subprocess.CompletedProcess(cmd, code, texts[0], texts[1])
 
 
+def forked_subprocess():
+    """The ``subprocess`` module with :func:`forked_run` as its ``run``: what a test puts in place
+    of a tool's ``subprocess`` (``monkeypatch.setattr(tool, "subprocess", forked_subprocess())``)."""
+    import subprocess
+    import types
+
+    return types.SimpleNamespace(**{**{k: getattr(subprocess, k) for k in subprocess.__all__}, "run": forked_run})
+
+
 def run_all(commands, env=None, envs=None):
     """Run the Python commands (argument lists after the interpreter) concurrently from the
     repository root (``envs``: one environment each, default :func:`child_env`), through
     :func:`start_script`; returns (returncode, output) of each."""
     envs = envs or [env or child_env()] * len(commands)
-    logs = [tempfile.mktemp(prefix="sgr_d2_child_", suffix=".log") for _ in commands]
-    procs = [start_script(cmd, e, log) for cmd, e, log in zip(commands, envs, logs)]
-    try:
+    with tempfile.TemporaryDirectory(prefix="sgr_d2_child_") as tmp:
+        logs = [os.path.join(tmp, f"{i}.log") for i in range(len(commands))]
+        procs = [start_script(cmd, e, log) for cmd, e, log in zip(commands, envs, logs)]
         return [(p.wait(timeout=600), open(log).read()) for p, log in zip(procs, logs)]
-    finally:
-        for log in logs:
-            if os.path.exists(log):
-                os.remove(log)
 
 
 def folder_bytes(folder):

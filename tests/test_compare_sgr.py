@@ -5,12 +5,10 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
-import types
 
 import pytest
-from conftest import REPO, forked_run
+from conftest import REPO, forked_subprocess
 from PIL import Image
 
 from sgr_d2.data.toy import TOY_CLASSES
@@ -148,9 +146,9 @@ def test_compare_trains_a_pair_at_two_budgets(tmp_path, monkeypatch):
     from results_TTA.json). Each budget is a complete run of its own (its final checkpoint records
     that budget's last iteration) and each run's figures are those its folder holds. (The control's
     config: test_each_variant_changes_only_its_own_keys.) The runner's children are forked from a
-    server that imported sgr_d2 once (conftest.forked_run), with the commands it builds."""
+    server that imported sgr_d2 once (conftest.forked_subprocess), with the commands it builds."""
     tool = _tool()
-    monkeypatch.setattr(experiments, "subprocess", types.SimpleNamespace(run=forked_run, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(experiments, "subprocess", forked_subprocess())
     opts = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
             "INPUT.MIN_SIZE_TEST", "32", "TEST.AUG.SCALES", "[1.0]", "TEST.AUG.FLIP", "False",
             "SOLVER.CHECKPOINT_PERIOD", "1000"]

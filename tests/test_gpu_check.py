@@ -13,15 +13,13 @@ import io
 import math
 import os
 import re
-import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 import torch
 
-from conftest import REPO, forked_run
+from conftest import REPO, forked_subprocess
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
 TINY_CONFIGS = ("dil_fcn_r18_sgr", "mask2former_r18_sgr")  # gpu_check's TINY_CONFIGS (configs/toy)
@@ -75,7 +73,7 @@ def tiny_run(module_tmp):
     """``bench/gpu_check.py --tiny --out FILE`` run in this process on one thread: (exit status,
     what it printed, the file). The pytest process of part (b) gets one thread and no plugin
     autoload (nothing of xdist is needed to run the device tests of one file), and is forked from
-    a server that imported sgr_d2 once (conftest.forked_run)."""
+    a server that imported sgr_d2 once (conftest.forked_subprocess)."""
     g = _load()
     out = module_tmp / "gpu_check.md"
     tee, threads = _Tee(sys.stdout), torch.get_num_threads()
@@ -85,7 +83,7 @@ def tiny_run(module_tmp):
             for key, value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
                                ("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")):
                 mp.setenv(key, value)
-            mp.setattr(g, "subprocess", types.SimpleNamespace(run=forked_run, TimeoutExpired=subprocess.TimeoutExpired))
+            mp.setattr(g, "subprocess", forked_subprocess())
             torch.set_num_threads(1)
             returncode = g.main(["--tiny", "--out", str(out)])
     finally:
